@@ -1,0 +1,5 @@
+import sys
+
+from difftune.cli import main
+
+sys.exit(main())

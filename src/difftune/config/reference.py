@@ -1,0 +1,75 @@
+"""Documentation generated from the schema: the README's config reference and ``difftune init``."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+
+from difftune.config.loader import _toml_value, _type_name
+from difftune.config.schema import CONFIG_VERSION, SECTIONS
+
+STARTER_VALUES = {
+    "model.path": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    "data.path": "my_images",
+    "data.instance_prompt": "a photo of sks dog",
+    "train.max_steps": 1000,
+    "train.mixed_precision": "bf16",
+    "validation.prompts": ["a photo of sks dog on the beach"],
+    "validation.every": 250,
+    "output.dir": "runs/my-lora",
+}
+
+
+def _choices(meta: dict) -> tuple[str, ...] | None:
+    choices = meta.get("choices")
+    return choices() if callable(choices) else choices
+
+
+def _constraint(meta: dict) -> str:
+    parts = []
+    choices = _choices(meta)
+    if choices:
+        parts.append("one of " + ", ".join(f"`{c}`" for c in choices))
+    if meta.get("min") is not None:
+        parts.append(f"{'>' if meta.get('min_exclusive') else '≥'} {meta['min']:g}")
+    if meta.get("max") is not None:
+        parts.append(f"≤ {meta['max']:g}")
+    return "; ".join(parts)
+
+
+def markdown_reference() -> str:
+    """Every key with its type, default, constraint and documentation, as Markdown."""
+    lines = [f"Config version: `version = {CONFIG_VERSION}`.", ""]
+    for name, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        lines += [f"### `[{name}]`", "", (cls.__doc__ or "").strip(), "",
+                  "| key | type | default | allowed | description |", "|---|---|---|---|---|"]
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            shown = "unset" if default is None else f"`{_toml_value(default)}`"
+            doc = f.metadata["doc"].replace("|", "\\|")
+            lines.append(f"| `{name}.{f.name}` | {_type_name(hints[f.name])} | {shown} | {_constraint(f.metadata)} | {doc} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def starter_config() -> str:
+    """A commented TOML config with every key, ready to edit."""
+    out = ["# difftune run config. Check it with: difftune validate run.toml",
+           "# Train with:                        difftune train run.toml",
+           "# Every key is documented below; commented keys show their defaults.", "",
+           f"version = {CONFIG_VERSION}"]
+    for name, cls in SECTIONS.items():
+        out += ["", f"[{name}]"]
+        for f in dataclasses.fields(cls):
+            key = f"{name}.{f.name}"
+            out.append(f"# {f.metadata['doc']}")
+            extra = _constraint(f.metadata)
+            if extra:
+                out.append(f"# ({extra})")
+            if key in STARTER_VALUES:
+                out.append(f"{f.name} = {_toml_value(STARTER_VALUES[key])}")
+            else:
+                default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                out.append(f"# {f.name} = {'(unset)' if default is None else _toml_value(default)}")
+    return "\n".join(out) + "\n"

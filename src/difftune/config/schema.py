@@ -1,0 +1,249 @@
+"""The config schema. Each dataclass field carries its own documentation, choices and bounds.
+
+The reference in the README and ``difftune init`` are generated from these definitions, so
+they cannot drift from what the validator accepts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+CONFIG_VERSION = 1
+
+
+def _family_names() -> tuple[str, ...]:
+    from difftune.models import FAMILIES
+
+    return FAMILIES.names()
+
+
+def _method_names() -> tuple[str, ...]:
+    from difftune.methods import METHODS
+
+    return METHODS.names()
+
+
+def opt(
+    default: Any,
+    doc: str,
+    *,
+    choices: tuple[str, ...] | Callable[[], tuple[str, ...]] | None = None,
+    min: float | None = None,  # noqa: A002 - reads naturally at the call site
+    max: float | None = None,  # noqa: A002
+    path: str | None = None,
+    min_exclusive: bool = False,
+) -> Any:
+    """Declare a config field with its documentation and constraints.
+
+    ``path`` is ``"file"``, ``"dir"``, ``"any"`` (must exist) or ``"model"`` / ``"data"`` (a local
+    path that must exist, or a Hub id) for fields naming something on disk.
+    """
+    meta = {"doc": doc, "choices": choices, "min": min, "max": max, "path": path, "min_exclusive": min_exclusive}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    """The base model to fine-tune."""
+
+    path: str = opt(
+        "",
+        "Base model: a diffusers folder (with `model_index.json`), a single-file `.safetensors` "
+        "checkpoint, or a Hugging Face Hub id such as `stable-diffusion-v1-5/stable-diffusion-v1-5`.",
+        path="model",
+    )
+    family: str = opt(
+        "auto",
+        "Model family. `auto` detects it from the model's files; set it to override detection.",
+        choices=lambda: ("auto", *_family_names()),
+    )
+    revision: str | None = opt(None, "Hub revision (branch, tag or commit) when `path` is a Hub id.")
+    variant: str | None = opt(None, "Weight variant to load, e.g. `fp16` for `*.fp16.safetensors` files.")
+    config: str | None = opt(
+        None,
+        "For a single-file checkpoint: a diffusers folder or Hub id holding the component configs "
+        "(needed offline; online, diffusers finds them from the checkpoint).",
+    )
+    dtype: str = opt(
+        "auto",
+        "Dtype of the frozen weights. `auto` follows `train.mixed_precision` (bf16/fp16 weights when "
+        "mixed precision is on, fp32 otherwise). Trainable parameters always stay in fp32.",
+        choices=("auto", "fp32", "bf16", "fp16"),
+    )
+
+
+@dataclass
+class MethodConfig:
+    """What is trained."""
+
+    type: str = opt("lora", "Fine-tuning method.", choices=lambda: _method_names())
+    rank: int = opt(16, "LoRA rank (dimension of the low-rank update).", min=1, max=4096)
+    alpha: float | None = opt(
+        None, "LoRA alpha; the update is scaled by alpha/rank. Defaults to the rank (scale 1).", min=0
+    )
+    dropout: float = opt(0.0, "Dropout on the LoRA branch during training.", min=0.0, max=1.0)
+    targets: list[str] = opt(
+        [],
+        "Module names (suffixes) that get LoRA layers in the denoiser. Empty means the family's "
+        "default: the attention projections (`to_q`, `to_k`, `to_v`, `to_out.0` for SD).",
+    )
+    train_text_encoder: bool = opt(False, "Also train LoRA layers on the text encoder(s).")
+    text_encoder_targets: list[str] = opt(
+        [],
+        "Text-encoder modules that get LoRA layers when `train_text_encoder` is on. Empty means "
+        "`q_proj`, `k_proj`, `v_proj`, `out_proj`.",
+    )
+    init: str = opt(
+        "default",
+        "LoRA initialisation: `default` (B=0, so training starts at the base model) or `gaussian`.",
+        choices=("default", "gaussian"),
+    )
+
+
+@dataclass
+class DataConfig:
+    """Training images and their captions."""
+
+    path: str = opt(
+        "",
+        "Image folder (captions from `metadata.jsonl` or `.txt` files beside the images), a local "
+        "dataset saved by `datasets`, or a Hugging Face dataset id.",
+        path="data",
+    )
+    caption_column: str = opt("text", "Caption column in `metadata.jsonl` or the dataset.")
+    image_column: str = opt("image", "Image column of a Hugging Face dataset.")
+    instance_prompt: str | None = opt(
+        None,
+        "One prompt for every image (DreamBooth style, e.g. `a photo of sks dog`). Used for "
+        "images that have no caption; with `caption_source = \"instance_prompt\"` it replaces all captions.",
+    )
+    caption_source: str = opt(
+        "auto",
+        "Where captions come from: `auto` (metadata/.txt captions, else `instance_prompt`), "
+        "`captions` (every image must have one) or `instance_prompt` (ignore captions).",
+        choices=("auto", "captions", "instance_prompt"),
+    )
+    caption_extension: str = opt(".txt", "Extension of caption files beside images.")
+    resolution: int = opt(512, "Training resolution in pixels (images are resized and cropped to it).", min=8, max=8192)
+    center_crop: bool = opt(False, "Centre-crop to the resolution; otherwise crop at a random position.")
+    random_flip: bool = opt(False, "Flip images horizontally at random (not for subjects with asymmetric text or logos).")
+    num_workers: int = opt(0, "Data-loader worker processes (0 loads in the training process).", min=0, max=64)
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation."""
+
+    batch_size: int = opt(1, "Images per step per process.", min=1, max=4096)
+    gradient_accumulation: int = opt(1, "Micro-batches accumulated before each optimizer step.", min=1, max=4096)
+    max_steps: int | None = opt(
+        None, "Optimizer steps to train. When unset, derived from `epochs`.", min=1
+    )
+    epochs: int = opt(1, "Passes over the data, used when `max_steps` is unset.", min=1)
+    learning_rate: float = opt(1e-4, "Peak learning rate.", min=0, min_exclusive=True, max=1.0)
+    scale_lr: bool = opt(
+        False, "Multiply the learning rate by batch size × gradient accumulation × number of processes."
+    )
+    lr_scheduler: str = opt(
+        "constant",
+        "Learning-rate schedule.",
+        choices=("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"),
+    )
+    warmup_steps: int = opt(0, "Linear warm-up steps at the start of the schedule.", min=0)
+    lr_cycles: int = opt(1, "Number of restarts for `cosine_with_restarts`.", min=1)
+    lr_power: float = opt(1.0, "Power of the `polynomial` schedule.", min=0)
+    optimizer: str = opt(
+        "adamw",
+        "Optimizer: `adamw` (torch), `adamw8bit` (bitsandbytes, CUDA only, extra `difftune[bnb]`) or "
+        "`prodigy` (extra `difftune[prodigy]`; use learning_rate = 1.0).",
+        choices=("adamw", "adamw8bit", "prodigy"),
+    )
+    adam_beta1: float = opt(0.9, "Adam β1.", min=0.0, max=1.0)
+    adam_beta2: float = opt(0.999, "Adam β2.", min=0.0, max=1.0)
+    weight_decay: float = opt(1e-2, "Decoupled weight decay.", min=0.0)
+    adam_epsilon: float = opt(1e-8, "Adam ε.", min=0.0, min_exclusive=True)
+    mixed_precision: str = opt(
+        "no",
+        "Autocast precision: `no` (fp32), `bf16` (fast on GPUs and on CPUs with AVX-512 BF16) or "
+        "`fp16` (CUDA only, with gradient scaling).",
+        choices=("no", "fp16", "bf16"),
+    )
+    gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass to save memory.")
+    max_grad_norm: float | None = opt(1.0, "Clip the gradient norm to this value; unset to disable.", min=0)
+    snr_gamma: float | None = opt(
+        None, "Min-SNR-γ loss weighting (5.0 is the paper's recommendation); unset for plain MSE.", min=0,
+        min_exclusive=True,
+    )
+    noise_offset: float = opt(0.0, "Noise offset (e.g. 0.05–0.1) to learn very dark or bright images.", min=0.0, max=1.0)
+    seed: int = opt(42, "Seed for everything random: data order, augmentation, noise, timesteps, dropout.", min=0)
+    checkpoint_every: int = opt(500, "Write a full training-state checkpoint every N steps (0 disables).", min=0)
+    checkpoints_keep: int = opt(3, "Keep only the newest N checkpoints (0 keeps all).", min=0)
+    resume: str | None = opt(
+        None, "Resume from `latest` (newest checkpoint in `output.dir`) or from a checkpoint folder.",
+    )
+    log_every: int = opt(10, "Log the loss and learning rate every N steps.", min=1)
+
+
+@dataclass
+class ValidationConfig:
+    """Sample images during training."""
+
+    prompts: list[str] = opt([], "Prompts to sample at each validation. Empty disables sampling.")
+    negative_prompt: str = opt("", "Negative prompt for validation samples.")
+    every: int = opt(0, "Sample every N steps (0: only at the end of training).", min=0)
+    images_per_prompt: int = opt(1, "Images per prompt; image i of a prompt uses seed `seed + i`.", min=1, max=64)
+    seed: int = opt(0, "Seed of the first image of each prompt.", min=0)
+    steps: int = opt(25, "Inference steps per validation image.", min=1, max=1000)
+    guidance_scale: float = opt(7.0, "Classifier-free guidance scale for validation images.", min=0.0)
+    resolution: int | None = opt(None, "Sample size in pixels; defaults to `data.resolution`.", min=8)
+
+
+@dataclass
+class LoggingConfig:
+    """Where metrics go."""
+
+    report_to: str = opt(
+        "tensorboard",
+        "Tracker: `tensorboard`, `wandb` (extra `difftune[wandb]`; set WANDB_MODE=offline to log "
+        "without a network) or `none`.",
+        choices=("tensorboard", "wandb", "none"),
+    )
+    project: str = opt("difftune", "Project name in the tracker.")
+    run_name: str | None = opt(None, "Run name in the tracker; defaults to the output folder's name.")
+
+
+@dataclass
+class OutputConfig:
+    """Where results go."""
+
+    dir: str = opt("runs/difftune", "Output folder for the adapter, model card, samples, logs and checkpoints.")
+    license: str = opt("openrail++", "License written into the model card's metadata.")
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "method": MethodConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "validation": ValidationConfig,
+    "logging": LoggingConfig,
+    "output": OutputConfig,
+}
+
+
+@dataclass
+class Config:
+    """A complete, validated run configuration."""
+
+    version: int = CONFIG_VERSION
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)

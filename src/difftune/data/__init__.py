@@ -1,0 +1,1 @@
+"""The data stage: examples, transforms and batch order. Replaceable as a whole."""

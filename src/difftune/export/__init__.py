@@ -1,0 +1,1 @@
+"""Writing results: model cards and adapter metadata."""

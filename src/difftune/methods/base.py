@@ -1,0 +1,70 @@
+"""The method seam: which parameters train, how they are grouped, and what gets saved."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from difftune.config.schema import Config
+from difftune.models.base import Components, ModelFamily
+
+
+class Method(ABC):
+    """A fine-tuning method. Subclasses are registered in ``difftune.methods.METHODS``."""
+
+    name: str = ""
+
+    def __init__(self, config: Config, family: ModelFamily) -> None:
+        self.config = config
+        self.family = family
+
+    @abstractmethod
+    def prepare(self, components: Components) -> None:
+        """Freeze what stays fixed and make the trainable parameters (in fp32)."""
+
+    @abstractmethod
+    def trainable_modules(self, components: Components) -> dict[str, nn.Module]:
+        """Modules that hold trainable parameters, by role: ``denoiser``, ``text_encoder``, ``text_encoder_2``.
+
+        The loop wraps exactly these for distributed training and mixed precision.
+        """
+
+    def param_groups(self, components: Components, learning_rate: float) -> list[dict[str, Any]]:
+        params = [p for m in self.trainable_modules(components).values() for p in m.parameters() if p.requires_grad]
+        return [{"params": params, "lr": learning_rate}]
+
+    def trainable_state_dict(self, components: Components) -> dict[str, torch.Tensor]:
+        """Every trainable tensor, keyed ``role.parameter_name``: what a checkpoint must restore."""
+        state = {}
+        for role, module in self.trainable_modules(components).items():
+            for name, p in module.named_parameters():
+                if p.requires_grad:
+                    state[f"{role}.{name}"] = p.detach().clone()
+        return state
+
+    def load_trainable_state_dict(self, components: Components, state: dict[str, torch.Tensor]) -> None:
+        expected = self.trainable_state_dict(components)
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise ValueError(f"checkpoint does not match this run: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        modules = self.trainable_modules(components)
+        with torch.no_grad():
+            for key, value in state.items():
+                role, name = key.split(".", 1)
+                modules[role].get_parameter(name).copy_(value)
+
+    @abstractmethod
+    def export(self, components: Components, out_dir: Path, metadata: dict[str, str]) -> list[Path]:
+        """Write the result into ``out_dir``; return the files written."""
+
+    def card_details(self) -> dict[str, Any]:
+        """Facts for the model card: a ``summary`` table and a ``usage`` code snippet."""
+        return {}
+
+    def denoiser_for_sampling(self, components: Components) -> nn.Module:
+        return components.denoiser

@@ -1,0 +1,141 @@
+"""The model-family seam: everything that differs between architectures lives behind this interface.
+
+The training loop, the data code, the methods and the exporters talk to a family only through
+these methods; they never test a family's name.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass
+class ModelSource:
+    """Where the base model comes from, resolved before loading."""
+
+    path: str
+    kind: str  # "folder", "single_file" or "hub"
+    revision: str | None = None
+    variant: str | None = None
+    # The pipeline class named in model_index.json (folders and Hub ids), if known.
+    pipeline_class_name: str | None = None
+    # Folder (or Hub id) holding component configs for a single-file checkpoint.
+    config_source: str | None = None
+
+    def model_index(self) -> dict[str, Any] | None:
+        if self.kind != "folder":
+            return None
+        index = Path(self.path) / "model_index.json"
+        return json.loads(index.read_text()) if index.is_file() else None
+
+
+@dataclass
+class Components:
+    """The loaded parts of a text-to-image model.
+
+    ``text_encoders`` and ``tokenizers`` are parallel lists; ``encoder_names`` gives each text
+    encoder's pipeline attribute (``text_encoder``, ``text_encoder_2``, ...).
+    """
+
+    denoiser: nn.Module
+    vae: nn.Module
+    text_encoders: list[nn.Module]
+    tokenizers: list[Any]
+    noise_scheduler: Any
+    source: ModelSource
+    encoder_names: list[str] = field(default_factory=lambda: ["text_encoder"])
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class ModelFamily(ABC):
+    """One model architecture. Subclasses are registered in ``difftune.models.FAMILIES``."""
+
+    #: Registry name, e.g. ``sd1``.
+    name: str = ""
+    #: Human-readable name for messages and model cards.
+    title: str = ""
+    #: Name of the objective in ``difftune.objectives.OBJECTIVES``.
+    objective: str = "ddpm"
+    #: Attribute name of the denoiser in the pipeline and prefix of its LoRA keys.
+    denoiser_name: str = "unet"
+    #: Default LoRA targets in the denoiser and in the text encoders.
+    default_lora_targets: tuple[str, ...] = ()
+    default_text_encoder_lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
+    #: Tags for the model card.
+    card_tags: tuple[str, ...] = ()
+
+    # --- detection and loading -------------------------------------------------------------
+
+    @classmethod
+    @abstractmethod
+    def matches(cls, source: ModelSource, single_file_type: str | None) -> bool:
+        """True if this family can load ``source``.
+
+        ``single_file_type`` is diffusers' inferred model type for a single-file checkpoint
+        (``v1``, ``v2``, ``xl_base``, ...), else ``None``.
+        """
+
+    @abstractmethod
+    def load(self, source: ModelSource, *, dtype: torch.dtype) -> Components:
+        """Load every component on the CPU in ``dtype`` (the loop moves them to the device)."""
+
+    @abstractmethod
+    def pipeline_class(self) -> type:
+        """The diffusers pipeline class for sampling and LoRA loading."""
+
+    # --- the training step -------------------------------------------------------------------
+
+    @abstractmethod
+    def encode_prompt(self, components: Components, captions: list[str]) -> dict[str, torch.Tensor]:
+        """Tokenise (with truncation) and encode captions into the denoiser's conditioning."""
+
+    @abstractmethod
+    def encode_images(self, components: Components, pixels: torch.Tensor) -> torch.Tensor:
+        """Encode images in [-1, 1] to scaled latents."""
+
+    @abstractmethod
+    def decode_latents(self, components: Components, latents: torch.Tensor) -> torch.Tensor:
+        """Decode scaled latents to images in [-1, 1]."""
+
+    @abstractmethod
+    def predict(
+        self,
+        components: Components,
+        denoiser: nn.Module,
+        noisy_latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        conditioning: dict[str, torch.Tensor],
+        batch: dict[str, Any],
+    ) -> torch.Tensor:
+        """Run ``denoiser`` (possibly wrapped for distributed training) on one batch."""
+
+    def objective_settings(self, components: Components) -> dict[str, Any]:
+        """Settings the objective needs from the model (e.g. ``prediction_type``)."""
+        return {"noise_scheduler": components.noise_scheduler}
+
+    def max_caption_tokens(self, components: Components) -> int:
+        return int(components.tokenizers[0].model_max_length)
+
+    # --- sampling and export -----------------------------------------------------------------
+
+    @abstractmethod
+    def build_pipeline(self, components: Components, denoiser: nn.Module, text_encoders: list[nn.Module]):
+        """An inference pipeline built from in-memory components (nothing is reloaded)."""
+
+    def lora_prefixes(self, components: Components) -> list[str]:
+        """Key prefixes of the saved LoRA file: denoiser first, then each text encoder."""
+        return [self.denoiser_name, *components.encoder_names]
+
+    def denoiser_config_hash(self, components: Components) -> str:
+        import hashlib
+
+        cfg = dict(components.denoiser.config)
+        text = json.dumps({k: v for k, v in cfg.items() if not k.startswith("_")}, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]

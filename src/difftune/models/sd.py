@@ -1,0 +1,154 @@
+"""Stable Diffusion 1.x and 2.x: UNet + one CLIP text encoder + VAE, DDPM objective."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from difftune.errors import DifftuneError
+from difftune.models.base import Components, ModelFamily, ModelSource
+
+
+def load_subfolder(cls: Any, source: ModelSource, subfolder: str, dtype: torch.dtype | None = None):
+    """Load one component from a diffusers folder or Hub id, honouring revision and variant."""
+    kwargs: dict[str, Any] = {"subfolder": subfolder}
+    if source.revision:
+        kwargs["revision"] = source.revision
+    if dtype is not None:
+        kwargs["torch_dtype"] = dtype
+    if source.variant:
+        kwargs["variant"] = source.variant
+    try:
+        return cls.from_pretrained(source.path, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise DifftuneError(f"{source.path}: could not load {subfolder} ({exc})") from None
+
+
+class StableDiffusion(ModelFamily):
+    name = "sd1"
+    title = "Stable Diffusion 1.x"
+    objective = "ddpm"
+    denoiser_name = "unet"
+    default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
+    card_tags = ("stable-diffusion", "stable-diffusion-diffusers")
+    single_file_types: tuple[str, ...] = ("v1",)
+    #: Text-encoder width that tells SD 2.x (OpenCLIP-H, 1024) from SD 1.x (CLIP-L, 768) apart.
+    cross_attention_dims: tuple[int, ...] | None = None
+
+    @classmethod
+    def matches(cls, source: ModelSource, single_file_type: str | None) -> bool:
+        if single_file_type is not None:
+            return single_file_type in cls.single_file_types
+        if source.pipeline_class_name not in ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"):
+            return False
+        return cls._is_v2(source) == (cls.name == "sd2")
+
+    @staticmethod
+    def _is_v2(source: ModelSource) -> bool:
+        """SD 2.x uses a 1024-wide OpenCLIP text encoder; SD 1.x a 768-wide CLIP (tiny models: others)."""
+        import json
+        from pathlib import Path
+
+        if source.kind != "folder":
+            return False
+        cfg = Path(source.path) / "unet" / "config.json"
+        if not cfg.is_file():
+            return False
+        return json.loads(cfg.read_text()).get("cross_attention_dim") == 1024
+
+    def pipeline_class(self) -> type:
+        from diffusers import StableDiffusionPipeline
+
+        return StableDiffusionPipeline
+
+    def load(self, source: ModelSource, *, dtype: torch.dtype) -> Components:
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        if source.kind == "single_file":
+            pipe = self._from_single_file(source, dtype)
+            unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
+            scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        else:
+            tokenizer = load_subfolder(CLIPTokenizer, source, "tokenizer")
+            text_encoder = load_subfolder(CLIPTextModel, source, "text_encoder", dtype)
+            vae = load_subfolder(AutoencoderKL, source, "vae", dtype)
+            unet = load_subfolder(UNet2DConditionModel, source, "unet", dtype)
+            scheduler = load_subfolder(DDPMScheduler, source, "scheduler")
+        return Components(
+            denoiser=unet,
+            vae=vae,
+            text_encoders=[text_encoder],
+            tokenizers=[tokenizer],
+            noise_scheduler=scheduler,
+            source=source,
+        )
+
+    def _from_single_file(self, source: ModelSource, dtype: torch.dtype):
+        pipe_cls = self.pipeline_class()
+        kwargs: dict[str, Any] = {"torch_dtype": dtype, "safety_checker": None, "requires_safety_checker": False}
+        if source.config_source:
+            kwargs["config"] = source.config_source
+        try:
+            return pipe_cls.from_single_file(source.path, **kwargs)
+        except (OSError, ValueError) as exc:
+            raise DifftuneError(
+                f"{source.path}: could not load the single-file checkpoint ({exc}). Offline, set "
+                "model.config to a local diffusers folder of the same architecture."
+            ) from None
+
+    def encode_prompt(self, components: Components, captions: list[str]) -> dict[str, torch.Tensor]:
+        tokenizer, text_encoder = components.tokenizers[0], components.text_encoders[0]
+        ids = tokenizer(
+            captions,
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(next(text_encoder.parameters()).device)
+        return {"encoder_hidden_states": text_encoder(ids, return_dict=False)[0]}
+
+    def encode_images(self, components: Components, pixels: torch.Tensor) -> torch.Tensor:
+        vae = components.vae
+        pixels = pixels.to(device=vae.device, dtype=vae.dtype)
+        latents = vae.encode(pixels).latent_dist.sample()
+        return latents * vae.config.scaling_factor
+
+    def decode_latents(self, components: Components, latents: torch.Tensor) -> torch.Tensor:
+        vae = components.vae
+        return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+
+    def predict(self, components, denoiser: nn.Module, noisy_latents, timesteps, conditioning, batch):
+        return denoiser(
+            noisy_latents,
+            timesteps,
+            encoder_hidden_states=conditioning["encoder_hidden_states"],
+            return_dict=False,
+        )[0]
+
+    def build_pipeline(self, components: Components, denoiser: nn.Module, text_encoders: list[nn.Module]):
+        from diffusers import DPMSolverMultistepScheduler
+
+        return self.pipeline_class()(
+            vae=components.vae,
+            text_encoder=text_encoders[0],
+            tokenizer=components.tokenizers[0],
+            unet=denoiser,
+            scheduler=DPMSolverMultistepScheduler.from_config(components.noise_scheduler.config),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+
+
+class StableDiffusion2(StableDiffusion):
+    name = "sd2"
+    title = "Stable Diffusion 2.x"
+    single_file_types = ("v2",)
+
+
+def register(registry) -> None:
+    registry.register("sd1")(StableDiffusion)
+    registry.register("sd2")(StableDiffusion2)

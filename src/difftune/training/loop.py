@@ -1,0 +1,306 @@
+"""The training loop: one function that reads top to bottom.
+
+Every family, objective and method is reached through its registry, so this file never
+changes when one is added.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from difftune import __version__
+from difftune.config.loader import config_to_dict, dump_toml
+from difftune.config.schema import Config
+from difftune.data.dataset import ImageCaptionDataset, ResumableBatches, collate
+from difftune.data.sources import load_examples
+from difftune.errors import DifftuneError
+from difftune.export.model_card import write_model_card
+from difftune.fileio import atomic_write_text
+from difftune.methods import METHODS
+from difftune.models import detect_family_for, get_family
+from difftune.models.loading import resolve_source
+from difftune.objectives import OBJECTIVES
+from difftune.training import checkpoint as ckpt
+from difftune.training.optim import build_optimizer, build_scheduler
+from difftune.training.run import (
+    RunPaths,
+    RunResult,
+    autocast_dtype,
+    config_hash,
+    learning_rate,
+    make_accelerator,
+    step_seed,
+    total_steps,
+    tracker_hparams,
+    weight_dtype,
+    with_modules,
+)
+from difftune.training.validation import run_validation
+
+
+def train(config: Config, log=print) -> RunResult:
+    """Run a whole training job described by ``config`` and return what it produced."""
+    paths = RunPaths(Path(config.output.dir))
+    accelerator = make_accelerator(config, paths)
+    main = accelerator.is_main_process
+    rank, world = accelerator.process_index, accelerator.num_processes
+    device = accelerator.device
+    if main:
+        paths.root.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(paths.root / "config.toml", dump_toml(config_to_dict(config)))
+
+    # Model, method and objective, each through its registry.
+    source = resolve_source(config.model.path, config.model.revision, config.model.variant, config.model.config)
+    family = get_family(detect_family_for(source, config.model.family))
+    components = family.load(source, dtype=weight_dtype(config))
+    method = METHODS.get(config.method.type)(config, family)
+    method.prepare(components)
+    objective = OBJECTIVES.get(family.objective)(family.objective_settings(components), config.train)
+    for module in (components.vae, *components.text_encoders, components.denoiser):
+        module.to(device)
+    trainable = method.trainable_modules(components)
+    if config.train.gradient_checkpointing:
+        for module in trainable.values():
+            _enable_gradient_checkpointing(module)
+
+    # Data: a deterministic, resumable order of micro-batches for this process.
+    examples = load_examples(config.data)
+    dataset = ImageCaptionDataset(examples, config.data, config.train.seed)
+    order = ResumableBatches(len(dataset), config.train.batch_size, config.train.seed, rank, world)
+    steps = total_steps(config, order.batches_per_epoch)
+
+    # Optimizer and schedule; then restore a checkpoint if resuming.
+    lr = learning_rate(config, world)
+    optimizer = build_optimizer(method.param_groups(components, lr), config.train, device)
+    scheduler = build_scheduler(optimizer, config.train, steps)
+    step = 0
+    resume_from = _resume_folder(config, paths, log)
+    if resume_from is not None:
+        state = ckpt.load_checkpoint(resume_from)
+        _check_resume_compatible(config, state, log)
+        method.load_trainable_state_dict(components, state.trainable)
+        optimizer.load_state_dict(state.optimizer)
+        scheduler.load_state_dict(state.scheduler)
+        step = state.step
+        if main:
+            log(f"resumed from {resume_from} at step {step}")
+
+    wrapped_list = accelerator.prepare(*trainable.values(), optimizer)
+    wrapped = dict(zip(trainable, wrapped_list[:-1], strict=True))
+    optimizer = wrapped_list[-1]
+    train_view = with_modules(components, wrapped)
+    params = [p for m in trainable.values() for p in m.parameters() if p.requires_grad]
+
+    order.start = step * config.train.gradient_accumulation
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=order, collate_fn=collate, num_workers=config.data.num_workers,
+        persistent_workers=config.data.num_workers > 0,
+    )
+    batches = iter(loader)
+
+    if config.logging.report_to != "none":
+        accelerator.init_trackers(
+            config.logging.project, config=tracker_hparams(config),
+            init_kwargs={"wandb": {"name": config.logging.run_name or paths.root.name}},
+        )
+    if main:
+        log(
+            f"training {family.title} with {method.name}: {len(dataset)} images, {steps} steps, "
+            f"batch {config.train.batch_size}×{config.train.gradient_accumulation}×{world}, lr {lr:g}, "
+            f"{sum(p.numel() for p in params):,} trainable parameters, device {device}"
+        )
+
+    result = RunResult(paths.root, [], steps)
+    progress = tqdm(total=steps, initial=step, disable=not main, desc="train", unit="step", dynamic_ncols=True)
+    running = torch.zeros((), device=device)
+    running_count = 0
+    for module in trainable.values():
+        module.train()
+
+    while step < steps:
+        # Every random draw of this step comes from a seed derived from (seed, step, process).
+        torch.manual_seed(step_seed(config.train.seed, step, rank))
+        for micro in range(config.train.gradient_accumulation):
+            batch = next(batches)
+            last = micro == config.train.gradient_accumulation - 1
+            sync = contextlib.nullcontext() if last or world == 1 else _no_sync(accelerator, wrapped.values())
+            with sync:
+                loss = _loss(family, train_view, objective, batch, device, config)
+                accelerator.backward(loss / config.train.gradient_accumulation)
+            running += loss.detach()
+            running_count += 1
+        if config.train.max_grad_norm is not None:
+            accelerator.clip_grad_norm_(params, config.train.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        progress.update(1)
+
+        if step % config.train.log_every == 0 or step == steps:
+            mean_loss = (accelerator.reduce(running, reduction="mean") / running_count).item()
+            running.zero_()
+            running_count = 0
+            current_lr = scheduler.get_last_lr()[0]
+            result.losses.append((step, mean_loss))
+            accelerator.log({"train/loss": mean_loss, "train/lr": current_lr}, step=step)
+            progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{current_lr:.2e}", refresh=False)
+            if not math.isfinite(mean_loss):
+                raise DifftuneError(
+                    f"the loss became {mean_loss} at step {step}; lower train.learning_rate, use "
+                    "train.mixed_precision = \"bf16\" instead of fp16, or check the data"
+                )
+
+        if config.validation.prompts and config.validation.every and step % config.validation.every == 0:
+            result.samples = _validate(accelerator, family, components, wrapped, config, paths, step)
+        if config.train.checkpoint_every and step % config.train.checkpoint_every == 0 and step < steps:
+            _save_checkpoint(accelerator, method, components, optimizer, scheduler, config, paths, step, log)
+    progress.close()
+
+    if config.validation.prompts and not (config.validation.every and step % config.validation.every == 0):
+        result.samples = _validate(accelerator, family, components, wrapped, config, paths, step)
+    accelerator.wait_for_everyone()
+    if main:
+        metadata = _adapter_metadata(config, family, method, components, step)
+        result.files = method.export(components, paths.root, metadata)
+        _write_card(config, family, method, components, paths, step, len(dataset), world, lr, result)
+        log(f"done: {step} steps; adapter in {paths.root}")
+    accelerator.end_training()
+    return result
+
+
+def _loss(family, components, objective, batch, device, config: Config) -> torch.Tensor:
+    """Mean loss of one micro-batch."""
+    trains_text = config.method.train_text_encoder
+    with torch.no_grad():
+        latents = family.encode_images(components, batch["pixels"].to(device))
+    with contextlib.nullcontext() if trains_text else torch.no_grad():
+        conditioning = family.encode_prompt(components, batch["captions"])
+    noised = objective.noise(latents.float())
+    prediction = family.predict(
+        components, components.denoiser, noised.noisy_latents, noised.timesteps, conditioning, batch
+    )
+    return objective.per_sample_loss(prediction, noised).mean()
+
+
+def _no_sync(accelerator, modules):
+    stack = contextlib.ExitStack()
+    for module in modules:
+        stack.enter_context(accelerator.no_sync(module))
+    return stack
+
+
+def _enable_gradient_checkpointing(module: torch.nn.Module) -> None:
+    if hasattr(module, "enable_gradient_checkpointing"):
+        module.enable_gradient_checkpointing()
+    elif hasattr(module, "gradient_checkpointing_enable"):
+        module.gradient_checkpointing_enable()
+
+
+def _resume_folder(config: Config, paths: RunPaths, log) -> Path | None:
+    resume = config.train.resume
+    if not resume:
+        return None
+    if resume == "latest":
+        folder = ckpt.find_resumable(paths.checkpoints, log)
+        if folder is None:
+            log(f"train.resume = \"latest\": no checkpoint in {paths.checkpoints}, starting from step 0")
+        return folder
+    folder = Path(resume).expanduser()
+    problem = ckpt.verify(folder)
+    if problem:
+        raise DifftuneError(f"train.resume: {folder} cannot be used ({problem})")
+    return folder
+
+
+def _check_resume_compatible(config: Config, state, log) -> None:
+    saved = state.extra.get("info", {}).get("config_hash")
+    if saved and saved != config_hash(config):
+        log("warning: the config differs from the one the checkpoint was written with; resuming anyway")
+
+
+def _save_checkpoint(accelerator, method, components, optimizer, scheduler, config, paths, step, log) -> None:
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        raw_optimizer = getattr(optimizer, "optimizer", optimizer)
+        state = ckpt.TrainingState(
+            step=step,
+            trainable=method.trainable_state_dict(components),
+            optimizer=raw_optimizer.state_dict(),
+            scheduler=scheduler.state_dict(),
+            extra={},
+        )
+        info = {"config_hash": config_hash(config), "difftune_version": __version__}
+        folder = ckpt.save_checkpoint(paths.checkpoints, state, info)
+        ckpt.prune(paths.checkpoints, config.train.checkpoints_keep)
+        log(f"checkpoint: {folder}")
+    accelerator.wait_for_everyone()
+
+
+def _validate(accelerator, family, components, wrapped, config: Config, paths: RunPaths, step: int) -> list[Path]:
+    samples: list[Path] = []
+    if accelerator.is_main_process:
+        trains = {name: accelerator.unwrap_model(m) for name, m in wrapped.items()}
+        denoiser = trains.get("denoiser", components.denoiser)
+        encoders = [trains.get(n, e) for n, e in zip(components.encoder_names, components.text_encoders, strict=True)]
+        samples = run_validation(
+            family, components, denoiser, encoders, config.validation,
+            config.validation.resolution or config.data.resolution, accelerator.device, autocast_dtype(config),
+            paths.samples, step, accelerator.trackers,
+        )
+    accelerator.wait_for_everyone()
+    return samples
+
+
+def _adapter_metadata(config: Config, family, method, components, step: int) -> dict[str, str]:
+    return {
+        "difftune.version": __version__,
+        "difftune.base_model": config.model.path,
+        "difftune.family": family.name,
+        "difftune.method": method.name,
+        "difftune.denoiser_config_sha256": family.denoiser_config_hash(components),
+        "difftune.steps": str(step),
+        "difftune.trigger": config.data.instance_prompt or "",
+    }
+
+
+def _write_card(config: Config, family, method, components, paths: RunPaths, step, n_images, world, lr, result):
+    details = method.card_details()
+    sample_rel = []
+    for p in result.samples:
+        if p.name != "grid.png":
+            prompt_index = int(p.name.split("-", 1)[0])
+            sample_rel.append((config.validation.prompts[prompt_index], p.relative_to(paths.root).as_posix()))
+    t = config.train
+    training = {
+        "Steps": step,
+        "Learning rate": f"{lr:g} ({t.lr_scheduler}, {t.warmup_steps} warm-up steps)",
+        "Optimizer": f"{t.optimizer} (β1 {t.adam_beta1}, β2 {t.adam_beta2}, weight decay {t.weight_decay})",
+        "Batch": f"{t.batch_size} × {t.gradient_accumulation} accumulation × {world} process(es)",
+        "Resolution": config.data.resolution,
+        "Dataset": f"{n_images} images",
+        "Mixed precision": t.mixed_precision,
+        "Min-SNR γ": t.snr_gamma if t.snr_gamma is not None else "off",
+        "Noise offset": t.noise_offset,
+        "Seed": t.seed,
+    }
+    prompt = config.data.instance_prompt or (config.validation.prompts[0] if config.validation.prompts else "a photo")
+    usage = details.get("usage", "").format(base_model=config.model.path, repo_or_folder=str(paths.root), prompt=prompt)
+    write_model_card(
+        paths.root / "README.md",
+        base_model=config.model.path,
+        family_title=family.title,
+        tags=["text-to-image", "diffusers", "difftune", *details.get("tags", []), *family.card_tags],
+        license=config.output.license,
+        instance_prompt=config.data.instance_prompt,
+        summary=details.get("summary", {}),
+        training=training,
+        samples=sample_rel,
+        usage=usage,
+        title=f"{method.name.upper()} for {Path(config.model.path).name or config.model.path}",
+    )

@@ -1,0 +1,51 @@
+"""Optimizers and learning-rate schedules."""
+
+from __future__ import annotations
+
+import torch
+
+from difftune.config.schema import TrainConfig
+from difftune.errors import DifftuneError
+
+
+def build_optimizer(param_groups: list[dict], cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    betas = (cfg.adam_beta1, cfg.adam_beta2)
+    if cfg.optimizer == "adamw":
+        # foreach keeps the step to a few large kernels instead of one per LoRA matrix.
+        return torch.optim.AdamW(
+            param_groups, lr=cfg.learning_rate, betas=betas, weight_decay=cfg.weight_decay,
+            eps=cfg.adam_epsilon, foreach=True,
+        )
+    if cfg.optimizer == "adamw8bit":
+        if device.type != "cuda":
+            raise DifftuneError("train.optimizer: adamw8bit (bitsandbytes) needs a CUDA GPU; use \"adamw\" here")
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise DifftuneError(
+                "train.optimizer: adamw8bit needs bitsandbytes: pip install 'difftune[bnb]'"
+            ) from None
+        return bnb.optim.AdamW8bit(
+            param_groups, lr=cfg.learning_rate, betas=betas, weight_decay=cfg.weight_decay, eps=cfg.adam_epsilon
+        )
+    if cfg.optimizer == "prodigy":
+        try:
+            from prodigyopt import Prodigy
+        except ImportError:
+            raise DifftuneError("train.optimizer: prodigy needs prodigyopt: pip install 'difftune[prodigy]'") from None
+        return Prodigy(param_groups, lr=cfg.learning_rate, betas=betas, weight_decay=cfg.weight_decay,
+                       eps=cfg.adam_epsilon)
+    raise DifftuneError(f"train.optimizer: unknown optimizer {cfg.optimizer!r}")
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(
+        cfg.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=cfg.warmup_steps,
+        num_training_steps=total_steps,
+        num_cycles=cfg.lr_cycles,
+        power=cfg.lr_power,
+    )
