@@ -29,11 +29,11 @@ def all_keys() -> list[str]:
 
 
 def _closest(key: str, candidates: list[str]) -> str:
-    # Compare against both full dotted keys and bare field names so `train.learnig_rate`
-    # and a key put in the wrong section (`train.rank`) both find their match.
-    match = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
+    """A ``(did you mean ...?)`` hint: the same key in another section first, then the nearest spelling."""
+    leaf = key.rsplit(".", 1)[-1]
+    same_leaf = [c for c in candidates if c.rsplit(".", 1)[-1] == leaf and c != key]
+    match = same_leaf[:1] or difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
     if not match:
-        leaf = key.rsplit(".", 1)[-1]
         leaves = {c.rsplit(".", 1)[-1]: c for c in candidates}
         leaf_match = difflib.get_close_matches(leaf, list(leaves), n=1, cutoff=0.75)
         match = [leaves[leaf_match[0]]] if leaf_match else []

@@ -1,0 +1,109 @@
+"""Config problems are one clear line naming the key or path, exit status 2, before any weights load."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from difftune.cli import main
+from difftune.config import load_config
+from difftune.config.loader import parse_override
+from difftune.errors import ConfigError
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "run.toml"
+    p.write_text(text)
+    return p
+
+
+@pytest.fixture
+def good(tmp_path, tiny_sd, shapes_data) -> str:
+    return f'[model]\npath = "{tiny_sd}"\n[data]\npath = "{shapes_data}"\n[output]\ndir = "{tmp_path / "out"}"\n'
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ("[train]\nlearnig_rate = 1e-4\n", "train.learnig_rate: unknown key (did you mean train.learning_rate?)"),
+        ("[train]\nrank = 4\n", "train.rank: unknown key (did you mean method.rank?)"),
+        ("[trian]\nseed = 1\n", "[trian]: unknown section (did you mean train?)"),
+        ("[train]\nbatch_size = \"two\"\n", "train.batch_size: expected an integer, got 'two'"),
+        ("[train]\nlearning_rate = -1.0\n", "train.learning_rate: -1.0 is out of range (must be > 0)"),
+        ("[method]\ndropout = 1.5\n", "method.dropout: 1.5 is out of range (must be <= 1.0)"),
+        ("[train]\noptimizer = \"adam\"\n", "train.optimizer: 'adam' is not one of 'adamw', 'adamw8bit', 'prodigy'"),
+        ("[train]\nmixed_precision = \"bf61\"\n", "(did you mean 'bf16'?)"),
+        ("[method]\ntype = \"lora2\"\n", "method.type: 'lora2' is not one of"),
+        ("[train]\ngradient_checkpointing = 1\n", "train.gradient_checkpointing: expected true or false, got 1"),
+    ],
+)
+def test_bad_key_or_value_is_named(tmp_path, good, extra, expected, capsys):
+    # Sections may appear twice in TOML only if not redefined; put the extra section at the end.
+    path = write(tmp_path, good + extra) if not extra.startswith(("[output]",)) else write(tmp_path, extra)
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert expected in err
+    assert len(err.splitlines()) == 1
+
+
+def test_missing_paths_are_named(tmp_path, shapes_data, capsys):
+    path = write(tmp_path, f'[model]\npath = "{tmp_path}/nope"\n[data]\npath = "{shapes_data}"\n')
+    assert main(["validate", str(path)]) == 2
+    assert f"model.path: {tmp_path}/nope does not exist" in capsys.readouterr().err
+    path = write(tmp_path, f'[model]\npath = "org/model"\n[data]\npath = "./missing_folder"\n')
+    assert main(["validate", str(path)]) == 2
+    assert "data.path: ./missing_folder does not exist" in capsys.readouterr().err
+
+
+def test_missing_config_file(tmp_path, capsys):
+    assert main(["validate", str(tmp_path / "nothing.toml")]) == 2
+    assert "config file not found" in capsys.readouterr().err
+
+
+def test_invalid_toml_names_the_file(tmp_path, capsys):
+    path = write(tmp_path, "[model\npath = 1")
+    assert main(["validate", str(path)]) == 2
+    assert str(path) in capsys.readouterr().err
+
+
+def test_set_overrides_and_typos(tmp_path, good):
+    path = write(tmp_path, good)
+    cfg = load_config(path, ["train.learning_rate=5e-5", "output.dir=runs/b", "validation.prompts=['a', 'b']",
+                             "data.instance_prompt=a photo of sks dog"])
+    assert cfg.train.learning_rate == 5e-5
+    assert cfg.output.dir == "runs/b"
+    assert cfg.validation.prompts == ["a", "b"]
+    assert cfg.data.instance_prompt == "a photo of sks dog"
+    with pytest.raises(ConfigError, match=r"--set train.lr: unknown key"):
+        load_config(path, ["train.lr=1"])
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        parse_override("train.learning_rate")
+
+
+def test_train_rejects_bad_config_before_loading_weights(tmp_path, good):
+    """A typo fails in well under the time it takes to import diffusers and load a model."""
+    path = write(tmp_path, good + "[train]\nmax_step = 3\n")
+    proc = subprocess.run([sys.executable, "-m", "difftune", "train", str(path)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2
+    assert "train.max_step: unknown key (did you mean train.max_steps?)" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_init_writes_a_config_that_validates_once_paths_exist(tmp_path, tiny_sd, shapes_data, capsys):
+    assert main(["init"]) == 0
+    text = capsys.readouterr().out
+    assert "# Peak learning rate." in text
+    path = write(tmp_path, text)
+    cfg = load_config(path, [f"model.path={tiny_sd}", f"data.path={shapes_data}"])
+    assert cfg.train.mixed_precision == "bf16"
+    assert cfg.validation.prompts == ["a photo of sks dog on the beach"]
+
+
+def test_version_mismatch(tmp_path, good):
+    with pytest.raises(ConfigError, match="version: this difftune reads config version 1, got 7"):
+        load_config(write(tmp_path, "version = 7\n" + good))

@@ -1,0 +1,80 @@
+"""Stopping and resuming gives the same adapter as an uninterrupted run."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from difftune.config import load_config
+from difftune.training import checkpoint as ckpt
+from difftune.training.loop import train
+
+pytestmark = pytest.mark.slow
+
+
+def _cfg(run_config, tiny_sd, data, out, **train_kw):
+    return load_config(data=run_config(
+        tiny_sd, data, out,
+        method={"rank": 4, "dropout": 0.1},
+        data={"random_flip": True, "center_crop": False},
+        train={"max_steps": 6, "batch_size": 2, "gradient_accumulation": 2, "checkpoint_every": 2,
+               "checkpoints_keep": 0, "lr_scheduler": "cosine", "warmup_steps": 2, "noise_offset": 0.05,
+               **train_kw},
+    ))
+
+
+def _adapter(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(out / "pytorch_lora_weights.safetensors")
+
+
+def test_resume_matches_uninterrupted_run(tmp_path, tiny_sd, shapes_data, run_config):
+    straight = train(_cfg(run_config, tiny_sd, shapes_data, tmp_path / "a"))
+
+    # A run stopped right after step 2 leaves exactly what the straight run had at step 2.
+    out = tmp_path / "b"
+    shutil.copytree(tmp_path / "a" / "checkpoints" / "step-2", out / "checkpoints" / "step-2")
+    resumed = train(_cfg(run_config, tiny_sd, shapes_data, out, resume="latest"))
+    a, b = _adapter(tmp_path / "a"), _adapter(out)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+    # Losses logged after the resume point equal those of the straight run.
+    assert dict(straight.losses)[6] == pytest.approx(dict(resumed.losses)[6], abs=1e-6)
+
+
+def test_resume_from_own_checkpoint_mid_epoch(tmp_path, tiny_sd, shapes_data, run_config):
+    """Checkpoints written by an interrupted run (step 3 with 4 images, batch 2: mid-epoch)."""
+    straight = tmp_path / "a"
+    train(_cfg(run_config, tiny_sd, shapes_data, straight, checkpoint_every=3))
+    out = tmp_path / "b"
+    shutil.copytree(straight / "checkpoints" / "step-3", out / "checkpoints" / "step-3")
+    train(_cfg(run_config, tiny_sd, shapes_data, out, checkpoint_every=3, resume=str(out / "checkpoints" / "step-3")))
+    a, b = _adapter(straight), _adapter(out)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+
+
+def test_damaged_newest_checkpoint_falls_back(tmp_path, tiny_sd, shapes_data, run_config, capsys):
+    out = tmp_path / "a"
+    train(_cfg(run_config, tiny_sd, shapes_data, out))
+    newest = out / "checkpoints" / "step-4"
+    (newest / "trainable.safetensors").write_bytes(b"garbage")
+    messages = []
+    found = ckpt.find_resumable(out / "checkpoints", log=messages.append)
+    assert found == out / "checkpoints" / "step-2"
+    assert "step-4 is damaged (trainable.safetensors does not match its checksum)" in messages[0]
+
+
+def test_retention_keeps_newest(tmp_path):
+    root = tmp_path / "ckpts"
+    for step in range(1, 6):
+        ckpt.save_checkpoint(root, ckpt.TrainingState(step, {"w": torch.ones(2) * step}, {}, {}, {}), {})
+        ckpt.prune(root, keep=3)
+    assert [p.name for p in ckpt.list_checkpoints(root)] == ["step-3", "step-4", "step-5"]
+    assert ckpt.verify(root / "step-5") is None
+    state = ckpt.load_checkpoint(root / "step-5")
+    assert state.step == 5 and torch.equal(state.trainable["w"], torch.full((2,), 5.0))

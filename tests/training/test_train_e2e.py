@@ -1,0 +1,121 @@
+"""End-to-end training runs on a tiny SD model: what a user sees in the output folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from difftune.config import load_config
+from difftune.training.loop import train
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_sd):
+    """One complete 100-step run overfitting four images, with validation and TensorBoard."""
+    from difftune.tiny import make_tiny_dataset
+    from tests.conftest import tiny_run_config
+
+    root = tmp_path_factory.mktemp("run")
+    data = make_tiny_dataset(root / "data", n=4, size=64)
+    cfg = load_config(data=tiny_run_config(
+        tiny_sd, data, root / "out",
+        method={"rank": 8, "alpha": 4.0},
+        data={"instance_prompt": "a photo of sks shape"},
+        train={"max_steps": 100, "learning_rate": 2e-3, "batch_size": 4, "lr_scheduler": "cosine",
+               "warmup_steps": 5, "checkpoint_every": 25, "checkpoints_keep": 2, "log_every": 5,
+               "snr_gamma": 5.0},
+        validation={"prompts": ["a red circle", "a blue square"], "every": 50, "images_per_prompt": 2,
+                    "steps": 3},
+        logging={"report_to": "tensorboard"},
+    ))
+    return cfg, train(cfg)
+
+
+def test_loss_goes_down_when_overfitting(finished_run):
+    _, result = finished_run
+    losses = [loss for _, loss in result.losses]
+    first, last = np.mean(losses[:3]), np.mean(losses[-3:])
+    assert last < 0.8 * first, f"loss did not drop clearly: {first:.4f} -> {last:.4f}"
+
+
+def test_adapter_loads_in_diffusers_with_every_key_and_changes_the_image(finished_run, tiny_sd, caplog):
+    from diffusers import StableDiffusionPipeline
+
+    cfg, result = finished_run
+    out = Path(cfg.output.dir)
+    adapter = out / "pytorch_lora_weights.safetensors"
+    assert adapter.is_file()
+
+    def render(pipe):
+        g = torch.Generator().manual_seed(0)
+        return pipe("a red circle", num_inference_steps=3, height=32, width=32, generator=g, output_type="np").images
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    before = render(pipe)
+    with caplog.at_level("WARNING"):
+        pipe.load_lora_weights(out)
+    assert not [r for r in caplog.records if "lora" in r.getMessage().lower() and "not" in r.getMessage()]
+    with safe_open(adapter, "pt") as f:
+        saved = {k for k in f.keys()}
+        header = f.metadata()
+    injected = {n for n, m in pipe.unet.named_modules() if n.endswith("lora_A.default")}
+    # Every saved A matrix landed on a LoRA layer, and every layer got a saved matrix.
+    saved_a = {k.removeprefix("unet.").replace(".lora_A.weight", "") for k in saved if "lora_A" in k}
+    assert {n.replace(".lora_A.default", "") for n in injected} == saved_a
+    meta = json.loads(header["lora_adapter_metadata"])
+    assert meta["unet.r"] == 8 and meta["unet.lora_alpha"] == 4.0
+    assert pipe.unet.peft_config["default_0"].lora_alpha == 4.0
+    after = render(pipe)
+    assert np.abs(after - before).max() > 1e-3
+
+
+def test_run_folder_contents(finished_run, tiny_sd):
+    cfg, result = finished_run
+    out = Path(cfg.output.dir)
+    # Checkpoints at 25, 50, 75 (none at the final step); only the newest two are kept.
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-50", "step-75"]
+    for step in (50, 100):
+        folder = out / "samples" / f"step-{step}"
+        assert sorted(p.name for p in folder.iterdir()) == [
+            "00-seed0.png", "00-seed1.png", "01-seed0.png", "01-seed1.png", "grid.png"]
+    events = list((out / "logs").rglob("events.out.tfevents.*"))
+    assert events, "no TensorBoard event file"
+    resolved = load_config(out / "config.toml")
+    assert resolved == cfg
+
+
+def test_tensorboard_has_loss_lr_and_images(finished_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg, _ = finished_run
+    logdir = next((Path(cfg.output.dir) / "logs").rglob("events.out.tfevents.*")).parent
+    acc = EventAccumulator(str(logdir), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    assert {"train/loss", "train/lr"} <= set(tags["scalars"])
+    assert any(t.startswith("validation") for t in tags["images"])
+    assert [e.step for e in acc.Scalars("train/loss")][-1] == 100
+
+
+def test_model_card(finished_run, tiny_sd):
+    from huggingface_hub import ModelCard
+
+    cfg, _ = finished_run
+    card = ModelCard.load(Path(cfg.output.dir) / "README.md")
+    data = card.data.to_dict()
+    assert data["base_model"] == str(tiny_sd)
+    assert {"lora", "diffusers", "text-to-image"} <= set(data["tags"])
+    assert data["instance_prompt"] == "a photo of sks shape"
+    assert data["license"] == "openrail++"
+    text = card.text
+    for fact in ("8 / 4.0", "to_q, to_k, to_v, to_out.0", "| Steps | 100 |", "0.002 (cosine, 5 warm-up steps)",
+                 "4 images", "samples/step-100/00-seed0.png", "load_lora_weights", "a photo of sks shape"):
+        assert fact in text, fact
