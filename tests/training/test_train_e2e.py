@@ -15,6 +15,9 @@ from difftune.training.loop import train
 
 pytestmark = pytest.mark.slow
 
+# Attention, feed-forward and ResNet convolutions: enough capacity to overfit four images quickly.
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"]
+
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, tiny_sd):
@@ -26,7 +29,7 @@ def finished_run(tmp_path_factory, tiny_sd):
     data = make_tiny_dataset(root / "data", n=4, size=64)
     cfg = load_config(data=tiny_run_config(
         tiny_sd, data, root / "out",
-        method={"rank": 8, "alpha": 4.0},
+        method={"rank": 8, "alpha": 16.0, "targets": TARGETS},
         data={"instance_prompt": "a photo of sks shape"},
         train={"max_steps": 100, "learning_rate": 2e-3, "batch_size": 4, "lr_scheduler": "cosine",
                "warmup_steps": 5, "checkpoint_every": 25, "checkpoints_keep": 2, "log_every": 5,
@@ -38,11 +41,44 @@ def finished_run(tmp_path_factory, tiny_sd):
     return cfg, train(cfg)
 
 
-def test_loss_goes_down_when_overfitting(finished_run):
-    _, result = finished_run
+def _fixed_loss(unet, vae, text_encoder, tokenizer, scheduler, data: Path) -> float:
+    """Denoising loss on the training images at fixed timesteps and fixed noise."""
+    from difftune.data.sources import load_examples
+    from difftune.data.transforms import prepare_image
+    from difftune.config.schema import DataConfig
+    import random
+
+    examples = load_examples(DataConfig(path=str(data), resolution=32))
+    pixels = torch.stack([prepare_image(e.image, (32, 32), center_crop=True, flip=False, rng=random.Random(0)).pixels
+                          for e in examples])
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        latents = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
+        ids = tokenizer([e.caption for e in examples], padding="max_length", truncation=True,
+                        max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+        cond = text_encoder(ids)[0]
+        total = 0.0
+        for t in (50, 250, 450, 650, 850):
+            noise = torch.randn(latents.shape, generator=g)
+            ts = torch.full((latents.shape[0],), t)
+            pred = unet(scheduler.add_noise(latents, noise, ts), ts, encoder_hidden_states=cond).sample
+            total += torch.mean((pred - noise) ** 2).item()
+    return total / 5
+
+
+def test_loss_goes_down_when_overfitting(finished_run, tiny_sd):
+    """The logged training loss falls, and so does the loss at fixed timesteps and noise."""
+    from diffusers import StableDiffusionPipeline
+
+    cfg, result = finished_run
     losses = [loss for _, loss in result.losses]
-    first, last = np.mean(losses[:3]), np.mean(losses[-3:])
-    assert last < 0.8 * first, f"loss did not drop clearly: {first:.4f} -> {last:.4f}"
+    assert np.mean(losses[-5:]) < np.mean(losses[:5])
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None)
+    parts = (pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, Path(cfg.data.path))
+    before = _fixed_loss(pipe.unet, *parts)
+    pipe.load_lora_weights(cfg.output.dir)
+    after = _fixed_loss(pipe.unet, *parts)
+    assert after < 0.7 * before, f"fixed-noise loss did not drop clearly: {before:.4f} -> {after:.4f}"
 
 
 def test_adapter_loads_in_diffusers_with_every_key_and_changes_the_image(finished_run, tiny_sd, caplog):
@@ -71,8 +107,8 @@ def test_adapter_loads_in_diffusers_with_every_key_and_changes_the_image(finishe
     saved_a = {k.removeprefix("unet.").replace(".lora_A.weight", "") for k in saved if "lora_A" in k}
     assert {n.replace(".lora_A.default", "") for n in injected} == saved_a
     meta = json.loads(header["lora_adapter_metadata"])
-    assert meta["unet.r"] == 8 and meta["unet.lora_alpha"] == 4.0
-    assert pipe.unet.peft_config["default_0"].lora_alpha == 4.0
+    assert meta["unet.r"] == 8 and meta["unet.lora_alpha"] == 16.0
+    assert pipe.unet.peft_config["default_0"].lora_alpha == 16.0
     after = render(pipe)
     assert np.abs(after - before).max() > 1e-3
 
@@ -116,6 +152,6 @@ def test_model_card(finished_run, tiny_sd):
     assert data["instance_prompt"] == "a photo of sks shape"
     assert data["license"] == "openrail++"
     text = card.text
-    for fact in ("8 / 4.0", "to_q, to_k, to_v, to_out.0", "| Steps | 100 |", "0.002 (cosine, 5 warm-up steps)",
+    for fact in ("8 / 16.0", ", ".join(TARGETS), "| Steps | 100 |", "0.002 (cosine, 5 warm-up steps)",
                  "4 images", "samples/step-100/00-seed0.png", "load_lora_weights", "a photo of sks shape"):
         assert fact in text, fact
