@@ -103,6 +103,8 @@ def test_export_casts_to_the_requested_dtype(tiny_sd, tmp_path):
         key = "model.diffusion_model.out.2.weight"
         assert f.get_tensor(key).dtype == torch.float16
         assert torch.equal(f.get_tensor(key), c.denoiser.conv_out.weight.half())
+        # layout "auto": a quick-GELU (OpenAI CLIP) text encoder gets the SD 1.x names.
+        assert "cond_stage_model.transformer.text_model.final_layer_norm.weight" in f.keys()  # noqa: SIM118
 
 
 def test_sd2_layout_fuses_text_attention_and_round_trips(tiny_sd_v, tmp_path):
@@ -155,6 +157,23 @@ def test_real_sd_sizes_give_the_known_original_keys(cross_attention_dim, expecte
     assert set(convert_ldm_vae_checkpoint(ldm_vae, dict(vae.config))) == set(vae.state_dict())
 
 
+def test_real_sd2_text_encoder_maps_to_openclip_names():
+    """OpenCLIP-H as diffusers ships it for SD 2.x (23 layers), on the meta device."""
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from difftune.models.sd_single_file import clip_to_open_clip
+
+    with torch.device("meta"):
+        text = CLIPTextModel(CLIPTextConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+                                            num_attention_heads=16, hidden_act="gelu"))
+    ldm = {"cond_stage_model.model." + k: v for k, v in clip_to_open_clip(text.state_dict()).items()}
+    assert tuple(ldm["cond_stage_model.model.transformer.resblocks.22.attn.in_proj_weight"].shape) == (3072, 1024)
+    assert tuple(ldm["cond_stage_model.model.positional_embedding"].shape) == (77, 1024)
+    back = {k.removeprefix("text_model."): v for k, v in convert_open_clip_checkpoint(text, ldm).items()}
+    assert set(back) == set(text.state_dict())
+
+
 def test_detects_the_family_of_single_files(sd1_file, tmp_path):
     path, _ = sd1_file
     assert detect_family(resolve_source(str(path))) == "sd1"
@@ -197,7 +216,6 @@ def test_families_without_single_file_export_say_so(tmp_path):
         ModelFamily.save_single_file(family, None, tmp_path / "x.safetensors")
 
 
-@pytest.mark.slow
 def test_trains_from_a_single_file(sd1_file, tiny_sd, shapes_data, tmp_path, run_config):
     from difftune.config import load_config
     from difftune.training.loop import train
@@ -215,3 +233,4 @@ def test_trains_from_a_single_file(sd1_file, tiny_sd, shapes_data, tmp_path, run
 
     pipe = StableDiffusionPipeline.from_pretrained(str(tiny_sd), safety_checker=None, requires_safety_checker=False)
     pipe.load_lora_weights(str(adapters[0]))
+    assert pipe.get_active_adapters()
