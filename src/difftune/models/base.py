@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from difftune.errors import DifftuneError
+
 
 @dataclass
 class ModelSource:
@@ -128,6 +130,23 @@ class ModelFamily(ABC):
     @abstractmethod
     def build_pipeline(self, components: Components, denoiser: nn.Module, text_encoders: list[nn.Module]):
         """An inference pipeline built from in-memory components (nothing is reloaded)."""
+
+    def save_single_file(
+        self,
+        components: Components,
+        path: str | Path,
+        denoiser: nn.Module | None = None,
+        text_encoders: list[nn.Module] | None = None,
+        *,
+        dtype: torch.dtype | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> Path:
+        """Write the whole model as one original-layout ``.safetensors`` file (A1111 / ComfyUI).
+
+        ``denoiser`` and ``text_encoders`` replace the loaded ones (e.g. fine-tuned or fused
+        copies); adapters must already be merged into them.
+        """
+        raise DifftuneError(f"single-file export is not supported for {self.title}")
 
     def lora_prefixes(self, components: Components) -> list[str]:
         """Key prefixes of the saved LoRA file: denoiser first, then each text encoder."""

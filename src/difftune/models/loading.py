@@ -65,7 +65,23 @@ def single_file_type(source: ModelSource) -> str | None:
     except Exception as exc:  # noqa: BLE001 - safetensors raises several types for bad files
         raise DifftuneError(f"{source.path}: not a readable safetensors file ({exc})") from None
     # infer_diffusers_model_type only looks at key names and a few shapes; give it lazy tensors.
-    return infer_diffusers_model_type(_LazyCheckpoint(source.path, keys))
+    try:
+        model_type = infer_diffusers_model_type(_LazyCheckpoint(source.path, keys))
+    except Exception:  # noqa: BLE001 - an unexpected layout; detect_family asks for model.family
+        return None
+    # diffusers tells SD 2.x by its 1024-wide cross-attention, so a small SD 2.x-layout model reads
+    # as v1; its OpenCLIP text encoder (SD 1.x uses OpenAI CLIP) settles it.
+    if model_type == "v1" and OPEN_CLIP_TEXT_KEY in keys:
+        return "v2"
+    # diffusers answers v1 for any file it does not recognise (a LoRA, a bare VAE, ...).
+    if model_type == "v1" and not any(k.startswith(LDM_UNET_PREFIX) for k in keys):
+        return None
+    return model_type
+
+
+#: A tensor only SD 2.x single files have: the OpenCLIP text encoder's token embedding.
+OPEN_CLIP_TEXT_KEY = "cond_stage_model.model.token_embedding.weight"
+LDM_UNET_PREFIX = "model.diffusion_model."
 
 
 class _LazyCheckpoint(dict):
@@ -92,6 +108,12 @@ def detect_family(source: ModelSource, requested: str = "auto") -> str:
     for name in FAMILIES.names():
         if FAMILIES.get(name).matches(source, sf_type):
             return name
+    if source.kind == "single_file" and sf_type is None:
+        raise DifftuneError(
+            f"model.path: could not tell which model family {source.path} is: its tensor names are not a "
+            "known single-file model layout (is it a LoRA or a partial checkpoint?). If it is a full model, "
+            f"set model.family to one of {', '.join(FAMILIES.names())}"
+        )
     what = source.pipeline_class_name or sf_type or "unknown"
     raise DifftuneError(
         f"model.path: could not tell which model family {source.path} is (found {what}); "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,6 +35,8 @@ class StableDiffusion(ModelFamily):
     default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
     card_tags = ("stable-diffusion", "stable-diffusion-diffusers")
     single_file_types: tuple[str, ...] = ("v1",)
+    #: Text-encoder layout in an original-layout single file (see ``sd_single_file``).
+    single_file_text_layout = "clip"
     #: Text-encoder width that tells SD 2.x (OpenCLIP-H, 1024) from SD 1.x (CLIP-L, 768) apart.
     cross_attention_dims: tuple[int, ...] | None = None
 
@@ -87,17 +90,47 @@ class StableDiffusion(ModelFamily):
         )
 
     def _from_single_file(self, source: ModelSource, dtype: torch.dtype):
+        from diffusers.loaders.single_file_utils import SingleFileComponentError
+        from huggingface_hub.constants import is_offline_mode
+
         pipe_cls = self.pipeline_class()
         kwargs: dict[str, Any] = {"torch_dtype": dtype, "safety_checker": None, "requires_safety_checker": False}
+        hint = (
+            "Set model.config to a local diffusers folder of the same architecture (the folder holding "
+            "model_index.json, e.g. the model this file was made from)"
+        )
         if source.config_source:
-            kwargs["config"] = source.config_source
+            config = Path(source.config_source).expanduser()
+            if config.exists() and not (config / "model_index.json").is_file():
+                raise DifftuneError(f"model.config: {config} is not a diffusers model folder (no model_index.json). {hint}.")
+            kwargs["config"] = str(config) if config.exists() else source.config_source
+        elif is_offline_mode():
+            # Without model.config diffusers would fetch the component configs from the Hub.
+            raise DifftuneError(
+                f"{source.path}: loading a single-file checkpoint offline (HF_HUB_OFFLINE is set) needs the "
+                f"component configs. {hint}."
+            )
         try:
             return pipe_cls.from_single_file(source.path, **kwargs)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RuntimeError, KeyError, SingleFileComponentError) as exc:
             raise DifftuneError(
-                f"{source.path}: could not load the single-file checkpoint ({exc}). Offline, set "
-                "model.config to a local diffusers folder of the same architecture."
+                f"{source.path}: could not load the single-file checkpoint ({type(exc).__name__}: {exc}). "
+                f"{hint}; online, diffusers can fetch the configs itself when model.config is unset."
             ) from None
+
+    def save_single_file(self, components: Components, path, denoiser=None, text_encoders=None, *,
+                         dtype: torch.dtype | None = None, metadata: dict[str, str] | None = None) -> Path:
+        from difftune.models.sd_single_file import save_sd_single_file
+
+        return save_sd_single_file(
+            denoiser if denoiser is not None else components.denoiser,
+            components.vae,
+            (text_encoders or components.text_encoders)[0],
+            path,
+            dtype=dtype,
+            metadata=metadata,
+            text_encoder_layout=self.single_file_text_layout,
+        )
 
     def encode_prompt(self, components: Components, captions: list[str]) -> dict[str, torch.Tensor]:
         tokenizer, text_encoder = components.tokenizers[0], components.text_encoders[0]
@@ -147,6 +180,7 @@ class StableDiffusion2(StableDiffusion):
     name = "sd2"
     title = "Stable Diffusion 2.x"
     single_file_types = ("v2",)
+    single_file_text_layout = "open_clip"
 
 
 def register(registry) -> None:
