@@ -165,6 +165,8 @@ def train(config: Config, log=print) -> RunResult:
     if config.validation.prompts and not (config.validation.every and step % config.validation.every == 0):
         result.samples = _validate(accelerator, family, components, wrapped, config, paths, step)
     accelerator.wait_for_everyone()
+    if world > 1:
+        _check_replicas_agree(accelerator, params, log)
     if main:
         metadata = _adapter_metadata(config, family, method, components, step)
         result.files = method.export(components, paths.root, metadata)
@@ -186,6 +188,18 @@ def _loss(family, components, objective, batch, device, config: Config) -> torch
         components, components.denoiser, noised.noisy_latents, noised.timesteps, conditioning, batch
     )
     return objective.per_sample_loss(prediction, noised).mean()
+
+
+def _check_replicas_agree(accelerator, params, log) -> None:
+    """Every process must end with the same weights; a mismatch means gradients were not synchronised."""
+    flat = torch.cat([p.detach().double().flatten() for p in params])
+    weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device)
+    fingerprint = torch.stack([flat.sum(), (flat * weights).sum(), flat.abs().max()]).unsqueeze(0)
+    everyone = accelerator.gather(fingerprint)
+    if not torch.equal(everyone, fingerprint.expand_as(everyone)):
+        raise DifftuneError("the training processes ended with different weights; gradients were not synchronised")
+    if accelerator.is_main_process:
+        log(f"all {accelerator.num_processes} processes hold identical trainable weights")
 
 
 def _no_sync(accelerator, modules):
