@@ -86,6 +86,15 @@ class StableDiffusion(ModelFamily):
             source=source,
         )
 
+    def load_tokenizers(self, source: ModelSource) -> list[Any]:
+        from transformers import CLIPTokenizer
+
+        if source.kind == "single_file":
+            if not source.config_source:
+                return []
+            source = ModelSource(source.config_source, "folder", source.revision)
+        return [load_subfolder(CLIPTokenizer, source, "tokenizer")]
+
     def _from_single_file(self, source: ModelSource, dtype: torch.dtype):
         pipe_cls = self.pipeline_class()
         kwargs: dict[str, Any] = {"torch_dtype": dtype, "safety_checker": None, "requires_safety_checker": False}
