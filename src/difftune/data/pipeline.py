@@ -109,3 +109,29 @@ def release_if_cached(config: Config, components) -> bool:
         release_frozen_encoders(components, keep_on_cpu=bool(config.validation.prompts))
         return True
     return False
+
+
+def fill_caches(config: Config, log=print) -> TrainingData:
+    """``difftune cache``: load the model and fill the latent and text caches ahead of training."""
+    from difftune.models import detect_family_for, get_family
+    from difftune.models.loading import resolve_source
+    from difftune.training.run import weight_dtype
+
+    if not (config.data.cache_latents or config.data.cache_text):
+        from difftune.errors import ConfigError
+
+        raise ConfigError("data.cache_latents / data.cache_text: both are off, so there is nothing to cache; "
+                          "set one of them to true")
+    source = resolve_source(config.model.path, config.model.revision, config.model.variant, config.model.config)
+    family = get_family(detect_family_for(source, config.model.family))
+    components = family.load(source, dtype=weight_dtype(config))
+    return build_training_data(config, family, components, log=log, progress=True)
+
+
+def load_tokenizers_for(config: Config) -> list:
+    """The model's tokenizers for caption checks (no weights are loaded); empty if unavailable."""
+    from difftune.models import detect_family_for, get_family
+    from difftune.models.loading import resolve_source
+
+    source = resolve_source(config.model.path, config.model.revision, config.model.variant, config.model.config)
+    return get_family(detect_family_for(source, config.model.family)).load_tokenizers(source)

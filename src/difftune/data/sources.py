@@ -17,7 +17,14 @@ from typing import Any
 
 from difftune.config.schema import DataConfig
 from difftune.data.options import ResolvedDataset, resolve_datasets
-from difftune.data.probe import IMAGE_SUFFIXES, ImageInfo, Problem, non_image_reason, probe_image, read_text_file
+from difftune.data.probe import (
+    IMAGE_SUFFIXES,
+    ImageInfo,
+    Problem,
+    non_image_reason,
+    probe_image,
+    read_text_file,
+)
 from difftune.errors import ConfigError, DifftuneError
 
 __all__ = ["IMAGE_SUFFIXES", "Example", "Problem", "ScanResult", "load_examples", "scan"]
