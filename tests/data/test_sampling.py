@@ -112,6 +112,10 @@ def test_datasets_list_of_tables_is_strict(tmp_path):
     base = {"model": {"path": "m"}, "data": {"datasets": [{"path": str(tmp_path), "weight": 2.0, "repeats": 3}]}}
     config = load_config(data=base, check_paths=False)
     assert config.data.datasets[0].weight == 2.0 and config.data.datasets[0].repeats == 3
+    from difftune.config.loader import config_to_dict, dump_toml, tomllib
+
+    written = dump_toml(config_to_dict(config))  # what a run saves as config.toml
+    assert load_config(data=tomllib.loads(written), check_paths=False) == config
     bad = {"model": {"path": "m"}, "data": {"datasets": [{"path": str(tmp_path), "wieght": 2.0}]}}
     with pytest.raises(ConfigError, match=r"data\.datasets\[0\]\.wieght: unknown key \(did you mean data\.datasets\[0\]\.weight"):
         load_config(data=bad, check_paths=False)
