@@ -51,6 +51,84 @@ def cmd_reference(args) -> int:
     return 0
 
 
+def cmd_data(args) -> int:
+    return args.data_func(args)
+
+
+def cmd_data_check(args) -> int:
+    import json
+    from pathlib import Path
+
+    from difftune.config import load_config
+    from difftune.data.report import check_dataset, format_report
+
+    tokenizers: list = []
+    if args.target.endswith(".toml"):
+        config = load_config(args.target, overrides=args.set)
+        from difftune.data.pipeline import load_tokenizers_for
+
+        try:
+            tokenizers = load_tokenizers_for(config)
+        except DifftuneError as exc:
+            print(f"note: could not load the model's tokenizer ({exc}); estimating caption lengths", file=sys.stderr)
+    else:
+        if not Path(args.target).expanduser().exists():
+            raise DifftuneError(f"{args.target}: no such folder or config")
+        config = load_config(data={"model": {"path": "unused"}, "data": {"path": args.target}},
+                             overrides=args.set, check_paths=False)
+    report = check_dataset(config.data, tokenizers)
+    print(json.dumps(report, indent=2, ensure_ascii=False) if args.json else format_report(report))
+    if not report["trainable"]:
+        return 1
+    return 1 if args.strict and (report["skipped"] or report["warnings"]) else 0
+
+
+def cmd_data_prepare(args) -> int:
+    from difftune.data.prepare import prepare_folder
+
+    result = prepare_folder(args.src, args.dst, size=args.size, crop=args.crop, fmt=args.format,
+                            caption=args.caption, min_images=args.min_images, background=args.background)
+    for p in result.problems:
+        if p.severity != "note":
+            print(f"{p.severity}: {p.line}")
+    for w in result.warnings:
+        print(f"warning: {w}")
+    print(f"wrote {len(result.written)} images and metadata.jsonl to {args.dst}")
+    return 0 if result.written else 1
+
+
+def cmd_cache(args) -> int:
+    from difftune.data.pipeline import fill_caches
+
+    data = fill_caches(_load(args))
+    print(f"cache ready for {len(data.dataset)} images")
+    return 0
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
+    check = sub.add_parser("check", help="pre-flight report on a dataset folder or a run config's data",
+                           description="Usable images, sizes, buckets, caption lengths, duplicates and one line "
+                                       "per problem file.")
+    check.add_argument("target", metavar="PATH_OR_CONFIG", help="image folder or run config (.toml)")
+    check.add_argument("--json", action="store_true", help="machine-readable output")
+    check.add_argument("--strict", action="store_true", help="exit non-zero if any file has a problem")
+    check.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key, e.g. --set data.resolution=1024")
+    check.set_defaults(data_func=cmd_data_check)
+    prep = sub.add_parser("prepare", help="write a cleaned, resized copy of an image folder with metadata.jsonl")
+    prep.add_argument("src", help="source image folder")
+    prep.add_argument("dst", help="output folder")
+    prep.add_argument("--size", type=int, default=512, help="target size in pixels (default 512)")
+    prep.add_argument("--crop", choices=("square", "keep"), default="square",
+                      help="centre-crop square, or keep the aspect ratio (shorter side = size)")
+    prep.add_argument("--format", choices=("png", "jpg"), default="png", help="output format")
+    prep.add_argument("--caption", default=None, help="caption for images without one, e.g. \"a photo of sks dog\"")
+    prep.add_argument("--min-images", type=int, default=5, help="warn below this many images (default 5)")
+    prep.add_argument("--background", default="white", help="colour under transparent pixels")
+    prep.set_defaults(data_func=cmd_data_prepare)
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="run config (TOML)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -64,6 +142,8 @@ COMMANDS: dict[str, tuple[Callable, str, Callable[[argparse.ArgumentParser], Non
     "demo": (cmd_demo, "train a tiny model on a generated dataset (no download, CPU)",
              lambda p: (p.add_argument("--steps", type=int, default=300),
                         p.add_argument("--dir", default=None, help="work folder (default: a cache folder)"))),
+    "data": (cmd_data, "check or prepare a dataset (difftune data check|prepare ...)", _add_data_args),
+    "cache": (cmd_cache, "fill the latent/text caches of a config ahead of training", _add_config_args),
     "reference": (cmd_reference, "print the config reference (Markdown) generated from the schema", None),
 }
 

@@ -100,6 +100,8 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
     if origin is list:
         return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if dataclasses.is_dataclass(tp):
+        return "a table"
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
 
 
@@ -120,6 +122,10 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
         return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a table such as {{path = \"...\"}}, got {value!r}")
+        return _build_table(key, tp, value)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -170,19 +176,27 @@ def build_config(raw: dict) -> Config:
             raise ConfigError(f"[{name}]: unknown section{_closest(name, list(SECTIONS))}")
         if not isinstance(value, dict):
             raise ConfigError(f"{name}: expected a [{name}] section, got {value!r}")
-        cls = SECTIONS[name]
-        hints = typing.get_type_hints(cls)
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        kwargs = {}
-        for key, item in value.items():
-            dotted = f"{name}.{key}"
-            if key not in fields:
-                raise ConfigError(f"{dotted}: unknown key{_closest(dotted, keys)}")
-            coerced = _coerce(dotted, item, hints[key])
-            _check_field(dotted, coerced, dict(fields[key].metadata))
-            kwargs[key] = coerced
-        sections[name] = cls(**kwargs)
+        sections[name] = _build_table(name, SECTIONS[name], value, keys)
     return Config(version=CONFIG_VERSION, **sections)
+
+
+def _build_table(prefix: str, cls: type, value: dict, keys: list[str] | None = None) -> Any:
+    """A dataclass from a TOML table, strict about unknown keys, types and bounds.
+
+    Used for sections and for list-of-table fields (``data.datasets[0].path``).
+    """
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    candidates = keys if keys is not None else [f"{prefix}.{f}" for f in fields]
+    kwargs = {}
+    for key, item in value.items():
+        dotted = f"{prefix}.{key}"
+        if key not in fields:
+            raise ConfigError(f"{dotted}: unknown key{_closest(dotted, candidates)}")
+        coerced = _coerce(dotted, item, hints[key])
+        _check_field(dotted, coerced, dict(fields[key].metadata))
+        kwargs[key] = coerced
+    return cls(**kwargs)
 
 
 def _looks_local(text: str) -> bool:
@@ -198,18 +212,24 @@ def validate_semantics(config: Config, check_paths: bool = True) -> None:
     """Cross-field checks and path checks. Loads no weights."""
     if not config.model.path:
         raise ConfigError("model.path: required; give a diffusers folder, a .safetensors file or a Hub id")
-    if not config.data.path:
-        raise ConfigError("data.path: required; give an image folder or a dataset")
+    if not config.data.path and not config.data.datasets:
+        raise ConfigError("data.path: required; give an image folder or a dataset (or data.datasets)")
+    for i, spec in enumerate(config.data.datasets):
+        if not spec.path:
+            raise ConfigError(f"data.datasets[{i}].path: required; give an image folder or a dataset")
     if check_paths:
-        for key in ("model.path", "data.path"):
-            section, name = key.split(".")
-            value = getattr(getattr(config, section), name)
+        named = [("model.path", config.model.path), ("data.path", config.data.path)]
+        named += [(f"data.datasets[{i}].path", d.path) for i, d in enumerate(config.data.datasets)]
+        for key, value in named:
             p = Path(value).expanduser()
-            if not p.exists() and _looks_local(value):
+            if value and not p.exists() and _looks_local(value):
                 raise ConfigError(f"{key}: {value} does not exist")
         resume = config.train.resume
         if resume and resume != "latest" and not Path(resume).expanduser().is_dir():
             raise ConfigError(f"train.resume: {resume} is not a checkpoint folder (or use \"latest\")")
+    from difftune.data.options import validate_data_options
+
+    validate_data_options(config)
     if config.data.caption_source == "instance_prompt" and not config.data.instance_prompt:
         raise ConfigError('data.instance_prompt: required when data.caption_source = "instance_prompt"')
     mp = config.train.mixed_precision
@@ -230,6 +250,8 @@ def config_to_dict(config: Config) -> dict:
     def strip(value: Any) -> Any:
         if isinstance(value, dict):
             return {k: strip(v) for k, v in value.items() if v is not None}
+        if isinstance(value, list):
+            return [strip(v) for v in value]
         return value
 
     return strip(dataclasses.asdict(config))
@@ -261,4 +283,6 @@ def _toml_value(v: Any) -> str:
         return json.dumps(v, ensure_ascii=False)
     if isinstance(v, list):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + "}"
     raise TypeError(f"cannot write {v!r} as TOML")

@@ -105,6 +105,33 @@ class MethodConfig:
 
 
 @dataclass
+class DatasetSpec:
+    """One extra dataset in ``data.datasets``: ``{path = "reg", weight = 1.0, repeats = 1, instance_prompt = "a dog"}``."""
+
+    path: str = opt("", "Image folder or dataset, as for `data.path` (required).", path="data")
+    weight: float | None = opt(
+        None,
+        "Share of each epoch drawn from this dataset, relative to the other datasets' weights "
+        "(a dataset without a weight counts as 1). When no dataset sets one, each contributes its "
+        "images × repeats.",
+        min=0,
+        min_exclusive=True,
+    )
+    repeats: int = opt(1, "How many times each image appears per epoch.", min=1, max=10000)
+    instance_prompt: str | None = opt(
+        None, "Prompt for images of this dataset without a caption (or for all, per `caption_source`)."
+    )
+    caption_source: str | None = opt(
+        None, "As `data.caption_source`, for this dataset; unset uses `data.caption_source`.",
+        choices=("auto", "captions", "instance_prompt"),
+    )
+    trigger: str | None = opt(
+        None, "Trigger word for this dataset; unset uses `data.trigger`, `\"\"` turns it off (e.g. "
+        "for regularisation images).",
+    )
+
+
+@dataclass
 class DataConfig:
     """Training images and their captions."""
 
@@ -132,6 +159,66 @@ class DataConfig:
     center_crop: bool = opt(False, "Centre-crop to the resolution; otherwise crop at a random position.")
     random_flip: bool = opt(False, "Flip images horizontally at random (not for subjects with asymmetric text or logos).")
     num_workers: int = opt(0, "Data-loader worker processes (0 loads in the training process).", min=0, max=64)
+    repeats: int = opt(1, "How many times each image of `data.path` appears per epoch.", min=1, max=10000)
+    datasets: list[DatasetSpec] = opt(
+        [],
+        "More datasets in the same run, e.g. subject + regularisation images: a list of tables with "
+        "keys `path`, `weight`, `repeats`, `instance_prompt`, `caption_source`, `trigger` "
+        "(`[[data.datasets]]` or `datasets = [{path = \"reg\", weight = 1.0}]`). `data.path`, if "
+        "set, is the first dataset.",
+    )
+    on_bad_file: str = opt(
+        "skip",
+        "What to do with files that cannot be used (corrupt, not an image, too small or large, unsafe "
+        "metadata path, no caption): `skip` them with the reason logged and counted in the model card, "
+        "or stop with the list before training (`error`). `difftune data check` shows them.",
+        choices=("skip", "error"),
+    )
+    min_size: int = opt(16, "Images whose shorter side is below this many pixels are skipped.", min=1)
+    max_pixels: int = opt(
+        64_000_000,
+        "Images with more pixels than this (width × height, read from the header without decoding) "
+        "are refused, so a decompression bomb cannot exhaust memory.",
+        min=1, max=89_478_485,
+    )
+    background: str = opt(
+        "white",
+        "Colour that transparent images (RGBA, LA, palette with transparency) are composited on: "
+        "a name or `#rrggbb`.",
+    )
+    buckets: bool = opt(
+        False,
+        "Aspect-ratio buckets: each image is resized and cropped to the nearest of a set of sizes of "
+        "about `resolution`² pixels (sides multiples of `bucket_step`); a batch holds one bucket.",
+    )
+    bucket_step: int = opt(64, "Side lengths of buckets are multiples of this many pixels.", min=8, max=1024)
+    caption_dropout: float = opt(
+        0.0, "Probability of training on the empty prompt instead of the caption (helps guidance).",
+        min=0.0, max=1.0,
+    )
+    shuffle_tags: bool = opt(
+        False, "Shuffle the comma-separated tags of each caption every epoch (the first `keep_tags` stay).",
+    )
+    keep_tags: int = opt(0, "Number of leading tags that `shuffle_tags` leaves in place.", min=0)
+    trigger: str | None = opt(None, "Trigger word added to every caption (see `trigger_position`).")
+    trigger_position: str = opt(
+        "prefix", "Where the trigger goes: `prefix` (`sks, a dog`) or `suffix` (`a dog, sks`).",
+        choices=("prefix", "suffix"),
+    )
+    cache_latents: bool = opt(
+        False,
+        "Encode each image once with the VAE (and its flip when `random_flip` is on) and reuse the "
+        "latent distribution from disk; the crop becomes a fixed centre crop. Noise is still sampled "
+        "at train time.",
+    )
+    cache_text: bool = opt(
+        False,
+        "Encode each caption once and reuse the embeddings (not with `method.train_text_encoder` or "
+        "`shuffle_tags`). With `cache_latents` too, the VAE and text encoders leave the GPU during training.",
+    )
+    cache_dir: str | None = opt(
+        None, "Cache folder; defaults to `.difftune-cache` beside `output.dir`. Safe to delete.",
+    )
 
 
 @dataclass

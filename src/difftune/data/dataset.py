@@ -9,17 +9,27 @@ import torch
 from torch.utils.data import Dataset
 
 from difftune.config.schema import DataConfig
+from difftune.data.captions import final_caption
 from difftune.data.sources import Example
-from difftune.data.transforms import prepare_image
+from difftune.data.transforms import WHITE, crop_box, parse_colour, prepare_image
 
 
 class ImageCaptionDataset(Dataset):
-    """Items are addressed by ``(epoch, index)`` so augmentation is a pure function of the seed."""
+    """Items are addressed by ``(epoch, index)`` so augmentation is a pure function of the seed.
 
-    def __init__(self, examples: list[Example], cfg: DataConfig, seed: int) -> None:
+    ``sizes`` gives each item's training size (its aspect-ratio bucket); by default the square
+    ``data.resolution``. With a latent cache an item carries ``latent_mean``/``latent_std``
+    instead of ``pixels``; with a text cache it carries ``conditioning``.
+    """
+
+    def __init__(self, examples: list[Example], cfg: DataConfig, seed: int,
+                 sizes: list[tuple[int, int]] | None = None, latent_cache=None, text_cache=None) -> None:
         self.examples = examples
         self.cfg = cfg
         self.seed = seed
+        self.sizes = sizes or [(cfg.resolution, cfg.resolution)] * len(examples)
+        self.latent_cache, self.text_cache = latent_cache, text_cache
+        self.background = parse_colour(cfg.background) if cfg.background else WHITE
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -28,27 +38,40 @@ class ImageCaptionDataset(Dataset):
         epoch, index = key
         ex = self.examples[index]
         rng = random.Random(f"{self.seed}/{epoch}/{index}")
-        size = (self.cfg.resolution, self.cfg.resolution)
-        prepared = prepare_image(ex.image, size, center_crop=self.cfg.center_crop, flip=self.cfg.random_flip, rng=rng)
-        return {
-            "pixels": prepared.pixels,
-            "caption": ex.caption,
-            "original_size": prepared.original_size,
-            "crop_top_left": prepared.crop_top_left,
-            "target_size": size,
-            "index": index,
-        }
+        size = self.sizes[index]
+        if self.latent_cache is not None:
+            flipped = self.cfg.random_flip and rng.random() < 0.5
+            mean, std = self.latent_cache.load(self.latent_cache.key_for(ex, size, flipped))
+            _, crop = crop_box(ex.size, size, center_crop=True, rng=rng)
+            item = {"latent_mean": mean, "latent_std": std, "original_size": ex.size, "crop_top_left": crop}
+        else:
+            prepared = prepare_image(ex.image, size, center_crop=self.cfg.center_crop, flip=self.cfg.random_flip,
+                                     rng=rng, background=self.background)
+            item = {"pixels": prepared.pixels, "original_size": prepared.original_size,
+                    "crop_top_left": prepared.crop_top_left}
+        caption_rng = random.Random(f"{self.seed}/{epoch}/{index}/caption")
+        caption = final_caption(ex.caption, ex.trigger, self.cfg, caption_rng)
+        item.update(caption=caption, target_size=size, index=index)
+        if self.text_cache is not None:
+            item["conditioning"] = self.text_cache.load(self.text_cache.key_for(caption))
+        return item
 
 
 def collate(items: list[dict]) -> dict:
-    return {
-        "pixels": torch.stack([it["pixels"] for it in items]),
+    batch = {
         "captions": [it["caption"] for it in items],
         "original_sizes": [it["original_size"] for it in items],
         "crop_top_lefts": [it["crop_top_left"] for it in items],
         "target_sizes": [it["target_size"] for it in items],
         "indices": [it["index"] for it in items],
     }
+    for name in ("pixels", "latent_mean", "latent_std"):
+        if name in items[0]:
+            batch[name] = torch.stack([it[name] for it in items])
+    if "conditioning" in items[0]:
+        batch["conditioning"] = {k: torch.stack([it["conditioning"][k] for it in items])
+                                 for k in items[0]["conditioning"]}
+    return batch
 
 
 class ResumableBatches:
@@ -57,20 +80,24 @@ class ResumableBatches:
     Micro-batch ``m`` belongs to epoch ``m // batches_per_epoch``; each epoch shuffles the data
     with a generator seeded by ``(seed, epoch)`` and deals consecutive batches to processes in
     turn. Starting at any ``m`` reproduces exactly what an uninterrupted run would see.
+    ``plan`` (an :class:`~difftune.data.sampling.EpochPlan`) adds repeats and dataset weights.
     """
 
     def __init__(self, num_items: int, batch_size: int, seed: int, rank: int = 0, world: int = 1,
-                 start: int = 0) -> None:
-        self.batches_per_epoch = num_items // (batch_size * world)
+                 start: int = 0, plan=None) -> None:
+        epoch_items = plan.size if plan is not None else num_items
+        self.batches_per_epoch = epoch_items // (batch_size * world)
         if self.batches_per_epoch == 0:
             raise ValueError(
-                f"the dataset has {num_items} images, fewer than train.batch_size ({batch_size}) × "
+                f"the dataset has {epoch_items} images, fewer than train.batch_size ({batch_size}) × "
                 f"{world} process(es); lower the batch size or add images"
             )
         self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
-        self.rank, self.world, self.start = rank, world, start
+        self.rank, self.world, self.start, self.plan = rank, world, start, plan
 
     def order(self, epoch: int) -> list[int]:
+        if self.plan is not None:
+            return self.plan.order(epoch)
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         return torch.randperm(self.num_items, generator=g).tolist()
 

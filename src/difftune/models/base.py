@@ -125,6 +125,22 @@ class ModelFamily(ABC):
     def max_caption_tokens(self, components: Components) -> int:
         return int(components.tokenizers[0].model_max_length)
 
+    def latent_distribution(self, components: Components, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and std of the scaled latents of images in [-1, 1], for the latent cache.
+
+        ``mean + std * N(0, 1)`` is distributed as what :meth:`encode_images` samples. This default
+        covers VAEs with a ``scaling_factor`` and an optional ``shift_factor``.
+        """
+        vae = components.vae
+        dist = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist
+        scale = vae.config.scaling_factor
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return (dist.mean.float() - shift) * scale, dist.std.float() * scale
+
+    def load_tokenizers(self, source: ModelSource) -> list[Any]:
+        """Just the tokenizers (for caption length checks); empty when they cannot be loaded alone."""
+        return []
+
     # --- sampling and export -----------------------------------------------------------------
 
     @abstractmethod

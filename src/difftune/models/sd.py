@@ -89,6 +89,15 @@ class StableDiffusion(ModelFamily):
             source=source,
         )
 
+    def load_tokenizers(self, source: ModelSource) -> list[Any]:
+        from transformers import CLIPTokenizer
+
+        if source.kind == "single_file":
+            if not source.config_source:
+                return []
+            source = ModelSource(source.config_source, "folder", source.revision)
+        return [load_subfolder(CLIPTokenizer, source, "tokenizer")]
+
     def _from_single_file(self, source: ModelSource, dtype: torch.dtype):
         from diffusers.loaders.single_file_utils import SingleFileComponentError
         from huggingface_hub.constants import is_offline_mode

@@ -16,8 +16,8 @@ from tqdm.auto import tqdm
 from difftune import __version__
 from difftune.config.loader import config_to_dict, dump_toml
 from difftune.config.schema import Config
-from difftune.data.dataset import ImageCaptionDataset, ResumableBatches, collate
-from difftune.data.sources import load_examples
+from difftune.data.cache import frozen_encoders_on
+from difftune.data.pipeline import build_training_data, release_if_cached
 from difftune.errors import DifftuneError
 from difftune.export.model_card import write_model_card
 from difftune.fileio import atomic_write_text
@@ -68,10 +68,11 @@ def train(config: Config, log=print) -> RunResult:
         for module in trainable.values():
             _enable_gradient_checkpointing(module)
 
-    # Data: a deterministic, resumable order of micro-batches for this process.
-    examples = load_examples(config.data)
-    dataset = ImageCaptionDataset(examples, config.data, config.train.seed)
-    order = ResumableBatches(len(dataset), config.train.batch_size, config.train.seed, rank, world)
+    # Data: a deterministic, resumable order of micro-batches for this process (caches filled here).
+    data = build_training_data(config, family, components, rank=rank, world=world, is_main=main,
+                               barrier=accelerator.wait_for_everyone, log=log, progress=main)
+    dataset, order = data.dataset, data.order
+    release_if_cached(config, components)
     steps = total_steps(config, order.batches_per_epoch)
 
     # Optimizer and schedule; then restore a checkpoint if resuming.
@@ -98,7 +99,7 @@ def train(config: Config, log=print) -> RunResult:
 
     order.start = step * config.train.gradient_accumulation
     loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=order, collate_fn=collate, num_workers=config.data.num_workers,
+        dataset, batch_sampler=order, collate_fn=data.collate, num_workers=config.data.num_workers,
         persistent_workers=config.data.num_workers > 0,
     )
     batches = iter(loader)
@@ -170,7 +171,7 @@ def train(config: Config, log=print) -> RunResult:
     if main:
         metadata = _adapter_metadata(config, family, method, components, step)
         result.files = method.export(components, paths.root, metadata)
-        _write_card(config, family, method, components, paths, step, len(dataset), world, lr, result)
+        _write_card(config, family, method, components, paths, step, data.card_entry(), world, lr, result)
         log(f"done: {step} steps; adapter in {paths.root}")
     accelerator.end_training()
     return result
@@ -179,10 +180,17 @@ def train(config: Config, log=print) -> RunResult:
 def _loss(family, components, objective, batch, device, config: Config) -> torch.Tensor:
     """Mean loss of one micro-batch."""
     trains_text = config.method.train_text_encoder
-    with torch.no_grad():
-        latents = family.encode_images(components, batch["pixels"].to(device))
-    with contextlib.nullcontext() if trains_text else torch.no_grad():
-        conditioning = family.encode_prompt(components, batch["captions"])
+    if "latent_mean" in batch:  # cached: sample from the stored distribution with this step's seed
+        mean = batch["latent_mean"].to(device)
+        latents = mean + batch["latent_std"].to(device) * torch.randn_like(mean)
+    else:
+        with torch.no_grad():
+            latents = family.encode_images(components, batch["pixels"].to(device))
+    if "conditioning" in batch:
+        conditioning = {k: v.to(device) for k, v in batch["conditioning"].items()}
+    else:
+        with contextlib.nullcontext() if trains_text else torch.no_grad():
+            conditioning = family.encode_prompt(components, batch["captions"])
     noised = objective.noise(latents.float())
     prediction = family.predict(
         components, components.denoiser, noised.noisy_latents, noised.timesteps, conditioning, batch
@@ -262,11 +270,12 @@ def _validate(accelerator, family, components, wrapped, config: Config, paths: R
         trains = {name: accelerator.unwrap_model(m) for name, m in wrapped.items()}
         denoiser = trains.get("denoiser", components.denoiser)
         encoders = [trains.get(n, e) for n, e in zip(components.encoder_names, components.text_encoders, strict=True)]
-        samples = run_validation(
-            family, components, denoiser, encoders, config.validation,
-            config.validation.resolution or config.data.resolution, accelerator.device, autocast_dtype(config),
-            paths.samples, step, accelerator.trackers,
-        )
+        with frozen_encoders_on(components, accelerator.device):
+            samples = run_validation(
+                family, components, denoiser, encoders, config.validation,
+                config.validation.resolution or config.data.resolution, accelerator.device,
+                autocast_dtype(config), paths.samples, step, accelerator.trackers,
+            )
     accelerator.wait_for_everyone()
     return samples
 
@@ -283,7 +292,7 @@ def _adapter_metadata(config: Config, family, method, components, step: int) -> 
     }
 
 
-def _write_card(config: Config, family, method, components, paths: RunPaths, step, n_images, world, lr, result):
+def _write_card(config: Config, family, method, components, paths: RunPaths, step, dataset_entry, world, lr, result):
     details = method.card_details()
     sample_rel = []
     for p in result.samples:
@@ -297,7 +306,7 @@ def _write_card(config: Config, family, method, components, paths: RunPaths, ste
         "Optimizer": f"{t.optimizer} (β1 {t.adam_beta1}, β2 {t.adam_beta2}, weight decay {t.weight_decay})",
         "Batch": f"{t.batch_size} × {t.gradient_accumulation} accumulation × {world} process(es)",
         "Resolution": config.data.resolution,
-        "Dataset": f"{n_images} images",
+        "Dataset": dataset_entry,
         "Mixed precision": t.mixed_precision,
         "Min-SNR γ": t.snr_gamma if t.snr_gamma is not None else "off",
         "Noise offset": t.noise_offset,

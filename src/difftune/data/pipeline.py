@@ -1,0 +1,137 @@
+"""The data stage of a run: scan, buckets, caches, dataset and batch order, from one call."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from difftune.config.schema import Config
+from difftune.data.cache import (
+    FillStats,
+    default_cache_dir,
+    fill_latents,
+    fill_text,
+    latent_cache_for,
+    release_frozen_encoders,
+    text_cache_for,
+)
+from difftune.data.captions import possible_captions
+from difftune.data.dataset import ImageCaptionDataset, collate
+from difftune.data.probe import Problem
+from difftune.data.sampling import batch_order, item_sizes
+from difftune.data.sources import ScanResult, load_examples
+from difftune.data.transforms import parse_colour
+from difftune.errors import DifftuneError
+
+
+@dataclass
+class TrainingData:
+    scan: ScanResult
+    dataset: ImageCaptionDataset
+    order: Any  # ResumableBatches or BucketBatches
+    collate: Any = collate
+    latent_stats: FillStats | None = None
+    text_stats: FillStats | None = None
+
+    def card_entry(self) -> str:
+        """The model card's dataset line, e.g. ``12 images (2 skipped: 1 corrupt image, 1 too small)``."""
+        n = len(self.dataset)
+        skipped = self.scan.skipped_summary()
+        return f"{n} images ({skipped})" if skipped != "none skipped" else f"{n} images"
+
+
+def _quiet(_msg: str) -> None:
+    pass
+
+
+def build_training_data(config: Config, family=None, components=None, *, rank: int = 0, world: int = 1,
+                        is_main: bool = True, barrier=lambda: None, log=print, progress: bool = False) -> TrainingData:
+    """Everything the loop needs from the data; fills the caches (on the main process) when enabled."""
+    cfg = config.data
+    scan = load_examples(cfg, log if is_main else None)
+    sizes = item_sizes(scan.examples, cfg)
+    latent_cache = text_cache = None
+    latent_stats = text_stats = None
+    if cfg.cache_latents or cfg.cache_text:
+        folder = default_cache_dir(cfg.cache_dir, config.output.dir)
+        if cfg.cache_latents:
+            latent_cache = latent_cache_for(folder, components)
+            latent_stats = FillStats()
+            if is_main:
+                latent_stats = fill_latents(latent_cache, family, components, scan.examples, sizes,
+                                            flips=cfg.random_flip, background=parse_colour(cfg.background),
+                                            progress=progress)
+        if cfg.cache_text:
+            text_cache = text_cache_for(folder, components)
+            captions = sorted({c for ex in scan.examples for c in possible_captions(ex.caption, ex.trigger, cfg)})
+            text_stats = fill_text(text_cache, family, components, captions, progress=progress) if is_main else None
+        barrier()
+        if is_main:
+            for name, stats in (("latent", latent_stats), ("text", text_stats)):
+                if stats is not None:
+                    log(f"{name} cache {folder}: {stats.hits} reused, {stats.misses} computed")
+        if latent_cache is not None:
+            _drop_nonfinite(scan, sizes, latent_cache, cfg, log if is_main else _quiet)
+    dataset = ImageCaptionDataset(scan.examples, cfg, config.train.seed, sizes, latent_cache, text_cache)
+    try:
+        order = batch_order(scan, sizes, cfg, config.train.batch_size, config.train.seed, rank, world)
+    except ValueError as exc:
+        raise DifftuneError(str(exc)) from None
+    return TrainingData(scan, dataset, order, collate, latent_stats, text_stats)
+
+
+def _drop_nonfinite(scan: ScanResult, sizes, cache, cfg, log) -> None:
+    """Examples whose VAE latents are NaN/inf are reported by name and skipped (or stop the run)."""
+    flips = (False, True) if cfg.random_flip else (False,)
+    bad = [i for i, (ex, size) in enumerate(zip(scan.examples, sizes, strict=True))
+           if any(cache.bad_marker(cache.key_for(ex, size, f)).is_file() for f in flips)]
+    if not bad:
+        return
+    problems = [Problem(scan.examples[i].name, "non-finite latents", "the VAE produced NaN/inf latents "
+                        "(try model.dtype = \"fp32\" for the VAE, or check the image)") for i in bad]
+    if cfg.on_bad_file == "error":
+        raise DifftuneError("NaN/inf latents, and data.on_bad_file = \"error\":\n" +
+                            "\n".join(f"  {p.line}" for p in problems))
+    for p in problems:
+        log(f"skipping {p.line}")
+    scan.problems += problems
+    keep = [i for i in range(len(scan.examples)) if i not in set(bad)]
+    scan.examples[:] = [scan.examples[i] for i in keep]
+    sizes[:] = [sizes[i] for i in keep]
+    if not scan.examples:
+        raise DifftuneError("no usable images left: every image gave NaN/inf latents")
+
+
+def release_if_cached(config: Config, components) -> bool:
+    """With both caches on, free the VAE and text encoders (kept on the CPU if validation samples)."""
+    cfg = config.data
+    if cfg.cache_latents and cfg.cache_text and not config.method.train_text_encoder:
+        release_frozen_encoders(components, keep_on_cpu=bool(config.validation.prompts))
+        return True
+    return False
+
+
+def fill_caches(config: Config, log=print) -> TrainingData:
+    """``difftune cache``: load the model and fill the latent and text caches ahead of training."""
+    from difftune.models import detect_family_for, get_family
+    from difftune.models.loading import resolve_source
+    from difftune.training.run import weight_dtype
+
+    if not (config.data.cache_latents or config.data.cache_text):
+        from difftune.errors import ConfigError
+
+        raise ConfigError("data.cache_latents / data.cache_text: both are off, so there is nothing to cache; "
+                          "set one of them to true")
+    source = resolve_source(config.model.path, config.model.revision, config.model.variant, config.model.config)
+    family = get_family(detect_family_for(source, config.model.family))
+    components = family.load(source, dtype=weight_dtype(config))
+    return build_training_data(config, family, components, log=log, progress=True)
+
+
+def load_tokenizers_for(config: Config) -> list:
+    """The model's tokenizers for caption checks (no weights are loaded); empty if unavailable."""
+    from difftune.models import detect_family_for, get_family
+    from difftune.models.loading import resolve_source
+
+    source = resolve_source(config.model.path, config.model.revision, config.model.variant, config.model.config)
+    return get_family(detect_family_for(source, config.model.family)).load_tokenizers(source)

@@ -1,0 +1,133 @@
+"""Which items each epoch visits (repeats, dataset weights), and batch orders that resume exactly.
+
+Both batch orders share one contract with the loop: ``batches_per_epoch``, a settable ``start``
+(the micro-batch index to begin at) and iteration yielding lists of ``(epoch, index)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+
+import torch
+
+from difftune.config.schema import DataConfig
+from difftune.data.buckets import make_buckets, nearest_bucket
+
+
+def _generator(*parts: object) -> torch.Generator:
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+def _apportion(total: int, weights: list[float]) -> list[int]:
+    """Split ``total`` in proportion to ``weights`` (largest remainder, ties to the first)."""
+    raw = [total * w / sum(weights) for w in weights]
+    counts = [int(r) for r in raw]
+    for i in sorted(range(len(raw)), key=lambda i: counts[i] - raw[i])[: total - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+class EpochPlan:
+    """The items of each epoch in a shuffled order seeded by ``(seed, epoch)``.
+
+    Without weights, each dataset contributes every item ``repeats`` times. With weights, the
+    epoch keeps the same length (sum of items × repeats) and each dataset fills its share by
+    cycling through its own shuffled items. One dataset, one repeat: a plain permutation.
+    """
+
+    def __init__(self, groups: list[list[int]], repeats: list[int], weights: list[float | None], seed: int) -> None:
+        self.groups, self.repeats, self.seed = groups, repeats, seed
+        self.size = sum(len(g) * r for g, r in zip(groups, repeats, strict=True))
+        self.weights = None
+        if any(w is not None for w in weights):
+            self.weights = [1.0 if w is None else w for w in weights]
+            self.counts = _apportion(self.size, [w if g else 0.0 for w, g in zip(self.weights, groups, strict=True)])
+
+    def order(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        if self.weights is None:
+            pool = [i for grp, r in zip(self.groups, self.repeats, strict=True) for _ in range(r) for i in grp]
+        else:
+            pool = []
+            for d, (grp, count) in enumerate(zip(self.groups, self.counts, strict=True)):
+                dg = _generator(self.seed, epoch, "dataset", d)
+                taken: list[int] = []
+                while len(taken) < count:
+                    taken += [grp[i] for i in torch.randperm(len(grp), generator=dg).tolist()]
+                pool += taken[:count]
+        return [pool[i] for i in torch.randperm(len(pool), generator=g).tolist()]
+
+
+class BucketBatches:
+    """Like :class:`~difftune.data.dataset.ResumableBatches`, but every batch holds one bucket.
+
+    Each epoch takes the plan's order, groups it by bucket (keeping that order), fills a bucket's
+    last batch by wrapping round to its first items (so no image is dropped), and shuffles the
+    batches with a generator seeded by ``(seed, epoch)``. Batches are dealt to processes in turn.
+    Epochs may differ in length when dataset weights are used, so ``start`` is located by
+    counting through the epochs; the result is exactly what an uninterrupted run would see.
+    """
+
+    def __init__(self, item_buckets: list[tuple[int, int]], plan: EpochPlan, batch_size: int, seed: int,
+                 rank: int = 0, world: int = 1, start: int = 0) -> None:
+        self.item_buckets, self.plan = item_buckets, plan
+        self.batch_size, self.seed, self.rank, self.world, self.start = batch_size, seed, rank, world, start
+        self.batches_per_epoch = len(self.epoch_batches(0)) // world
+        if self.batches_per_epoch == 0:
+            raise ValueError(
+                f"the dataset has {plan.size} images, fewer batches than the {world} process(es) need; "
+                "lower train.batch_size or add images"
+            )
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        by_bucket: dict[tuple[int, int], list[int]] = {}
+        for i in self.plan.order(epoch):
+            by_bucket.setdefault(self.item_buckets[i], []).append(i)
+        batches = []
+        for bucket in sorted(by_bucket):
+            items = by_bucket[bucket]
+            k = 0
+            while len(items) % self.batch_size:
+                items.append(items[k])
+                k += 1
+            batches += [items[j: j + self.batch_size] for j in range(0, len(items), self.batch_size)]
+        perm = torch.randperm(len(batches), generator=_generator(self.seed, epoch, "buckets")).tolist()
+        return [batches[p] for p in perm]
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        epoch, skip = 0, self.start
+        while True:
+            batches = self.epoch_batches(epoch)
+            per_process = len(batches) // self.world
+            if skip < per_process:
+                break
+            skip -= per_process
+            epoch += 1
+        while True:
+            for b in range(skip, per_process):
+                yield [(epoch, i) for i in batches[b * self.world + self.rank]]
+            epoch, skip = epoch + 1, 0
+            batches = self.epoch_batches(epoch)
+            per_process = len(batches) // self.world
+
+
+def item_sizes(examples, cfg: DataConfig) -> list[tuple[int, int]]:
+    """The training size (height, width) of each example: its bucket, or the square resolution."""
+    if not cfg.buckets:
+        return [(cfg.resolution, cfg.resolution)] * len(examples)
+    buckets = make_buckets(cfg.resolution, cfg.bucket_step)
+    return [nearest_bucket(ex.size or (cfg.resolution, cfg.resolution), buckets) for ex in examples]
+
+
+def batch_order(scan, sizes: list[tuple[int, int]], cfg: DataConfig, batch_size: int, seed: int,
+                rank: int = 0, world: int = 1):
+    """The batch order for a run: bucketed when ``data.buckets`` is on, plain otherwise."""
+    from difftune.data.dataset import ResumableBatches
+
+    datasets = scan.datasets
+    plan = EpochPlan(scan.groups(), [d.repeats for d in datasets], [d.weight for d in datasets], seed)
+    if cfg.buckets:
+        return BucketBatches(sizes, plan, batch_size, seed, rank, world)
+    return ResumableBatches(len(scan.examples), batch_size, seed, rank, world, plan=plan)
