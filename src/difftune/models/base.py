@@ -71,6 +71,18 @@ class ModelFamily(ABC):
     #: Tags for the model card.
     card_tags: tuple[str, ...] = ()
 
+    def __init__(self, config: Any | None = None) -> None:
+        #: The run's :class:`~difftune.config.schema.Config`, or ``None`` (library use, tests). Families
+        #: read their load options (``model.vae``, ``model.quantize``) and training options (e.g.
+        #: ``train.guidance_scale``) from it; absent, the schema defaults apply.
+        self.config = config
+
+    def option(self, section: str, key: str, default: Any = None) -> Any:
+        """``config.<section>.<key>`` if a config was given, else ``default``."""
+        if self.config is None:
+            return default
+        return getattr(getattr(self.config, section), key, default)
+
     # --- detection and loading -------------------------------------------------------------
 
     @classmethod
@@ -128,6 +140,21 @@ class ModelFamily(ABC):
     @abstractmethod
     def build_pipeline(self, components: Components, denoiser: nn.Module, text_encoders: list[nn.Module]):
         """An inference pipeline built from in-memory components (nothing is reloaded)."""
+
+    def lora_encoder_names(self, components: Components) -> list[str]:
+        """Text encoders that LoRA may train (``method.train_text_encoder``): those whose LoRA keys this
+        family's diffusers pipeline loads. Default: all of them; SD3 and Flux leave out T5."""
+        return list(components.encoder_names)
+
+    def lora_export_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Turn one module's peft LoRA state dict into the key style saved for this family.
+
+        Default: diffusers' UNet-era names (``to_q.lora.down``), as its SD/SDXL tooling writes them.
+        Transformer families keep peft's ``lora_A``/``lora_B`` names, which their loaders expect.
+        """
+        from diffusers.utils import convert_state_dict_to_diffusers
+
+        return convert_state_dict_to_diffusers(state)
 
     def lora_prefixes(self, components: Components) -> list[str]:
         """Key prefixes of the saved LoRA file: denoiser first, then each text encoder."""

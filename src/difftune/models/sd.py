@@ -9,21 +9,9 @@ from torch import nn
 
 from difftune.errors import DifftuneError
 from difftune.models.base import Components, ModelFamily, ModelSource
+from difftune.models.components import denoiser_load_kwargs, load_subfolder, load_vae
 
-
-def load_subfolder(cls: Any, source: ModelSource, subfolder: str, dtype: torch.dtype | None = None):
-    """Load one component from a diffusers folder or Hub id, honouring revision and variant."""
-    kwargs: dict[str, Any] = {"subfolder": subfolder}
-    if source.revision:
-        kwargs["revision"] = source.revision
-    if dtype is not None:
-        kwargs["torch_dtype"] = dtype
-    if source.variant:
-        kwargs["variant"] = source.variant
-    try:
-        return cls.from_pretrained(source.path, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise DifftuneError(f"{source.path}: could not load {subfolder} ({exc})") from None
+__all__ = ["StableDiffusion", "StableDiffusion2", "load_subfolder", "register"]
 
 
 class StableDiffusion(ModelFamily):
@@ -64,9 +52,11 @@ class StableDiffusion(ModelFamily):
         return StableDiffusionPipeline
 
     def load(self, source: ModelSource, *, dtype: torch.dtype) -> Components:
-        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from diffusers import DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
+        # Checked first, so a machine that cannot quantise fails before any weights load.
+        unet_kwargs = denoiser_load_kwargs(self.option("model", "quantize", "none"), dtype)
         if source.kind == "single_file":
             pipe = self._from_single_file(source, dtype)
             unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
@@ -74,8 +64,8 @@ class StableDiffusion(ModelFamily):
         else:
             tokenizer = load_subfolder(CLIPTokenizer, source, "tokenizer")
             text_encoder = load_subfolder(CLIPTextModel, source, "text_encoder", dtype)
-            vae = load_subfolder(AutoencoderKL, source, "vae", dtype)
-            unet = load_subfolder(UNet2DConditionModel, source, "unet", dtype)
+            vae = load_vae(self.option("model", "vae"), source, dtype, dtype)
+            unet = load_subfolder(UNet2DConditionModel, source, "unet", dtype, **unet_kwargs)
             scheduler = load_subfolder(DDPMScheduler, source, "scheduler")
         return Components(
             denoiser=unet,
