@@ -7,6 +7,7 @@ pipeline with every LoRA key matched, and change its image.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from functools import partial
 
@@ -38,6 +39,11 @@ def family_model(request, tmp_path_factory):
     name = request.param
     assert name in BUILDERS, f"family {name!r} has no tiny builder in this contract test"
     return name, BUILDERS[name](tmp_path_factory.mktemp("models") / f"tiny-{name}")
+
+
+class _Unusable(torch.nn.Module):
+    def forward(self, *args, **kwargs):
+        raise AssertionError("a text encoder was used after the prompt was encoded")
 
 
 class _Records(logging.Handler):
@@ -81,7 +87,9 @@ def test_family_contract(family_model, tmp_path, shapes_data, run_config):
                                                       load_config(data=run_config(folder, shapes_data, tmp_path)).train)
         noised = objective.noise(latents.float())
         batch = {"original_sizes": [(40, 32)] * 2, "crop_top_lefts": [(4, 0)] * 2, "target_sizes": [(32, 32)] * 2}
-        pred = family.predict(components, components.denoiser, noised.noisy_latents, noised.timesteps, cond, batch)
+        # Conditioning is a plain dict of tensors (cacheable): predicting needs no text encoder.
+        no_text = dataclasses.replace(components, text_encoders=[_Unusable() for _ in components.text_encoders])
+        pred = family.predict(no_text, components.denoiser, noised.noisy_latents, noised.timesteps, cond, batch)
     assert pred.shape == noised.target.shape
 
     # Two real training steps (LoRA on the denoiser and the text encoders), sampling at the end.
