@@ -78,14 +78,16 @@ class LoRA(Method):
         return modules
 
     def lora_layers(self, components: Components) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, Any]]]:
-        """Per saved prefix (``unet``, ``text_encoder``...): the diffusers-format state dict and its LoRA config."""
+        """Per saved prefix (``unet``, ``text_encoder``...): the peft-named state dict and its LoRA config."""
         from peft.utils import get_peft_model_state_dict
 
         prefixes = self.family.lora_prefixes(components)
         out = {}
         for role, module in self.trainable_modules(components).items():
             prefix = prefixes[0] if role == "denoiser" else role
-            state = self.family.lora_export_state(get_peft_model_state_dict(module))
+            # peft's own key names (lora_A / lora_B): every family's diffusers loader reads them, and
+            # diffusers' older UNet-era renaming would cover only some layer types (to_q but not conv2).
+            state = get_peft_model_state_dict(module)
             config = module.peft_config["default"].to_dict()
             out[prefix] = (state, {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()})
         return out

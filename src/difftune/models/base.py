@@ -146,16 +146,6 @@ class ModelFamily(ABC):
         family's diffusers pipeline loads. Default: all of them; SD3 and Flux leave out T5."""
         return list(components.encoder_names)
 
-    def lora_export_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Turn one module's peft LoRA state dict into the key style saved for this family.
-
-        Default: diffusers' UNet-era names (``to_q.lora.down``), as its SD/SDXL tooling writes them.
-        Transformer families keep peft's ``lora_A``/``lora_B`` names, which their loaders expect.
-        """
-        from diffusers.utils import convert_state_dict_to_diffusers
-
-        return convert_state_dict_to_diffusers(state)
-
     def lora_prefixes(self, components: Components) -> list[str]:
         """Key prefixes of the saved LoRA file: denoiser first, then each text encoder."""
         return [self.denoiser_name, *components.encoder_names]

@@ -78,9 +78,6 @@ class Flux(ModelFamily):
         # The shift's sequence length counts packed 2×2 patches.
         return flow_match_settings(components.noise_scheduler, patch_size=2)
 
-    def lora_export_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return state  # peft's lora_A / lora_B names, as this family's diffusers LoRA loader reads them
-
     def lora_encoder_names(self, components: Components) -> list[str]:
         # diffusers' Flux LoRA loader reads transformer and text_encoder (CLIP) keys, not T5's.
         return ["text_encoder"]

@@ -81,9 +81,6 @@ class StableDiffusion3(ModelFamily):
     def objective_settings(self, components: Components) -> dict:
         return flow_match_settings(components.noise_scheduler, unwrap(components.denoiser).config.patch_size)
 
-    def lora_export_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return state  # peft's lora_A / lora_B names, as this family's diffusers LoRA loader reads them
-
     def lora_encoder_names(self, components: Components) -> list[str]:
         # diffusers' SD3 LoRA loader reads text_encoder and text_encoder_2 keys, never T5's.
         return ["text_encoder", "text_encoder_2"]
