@@ -78,3 +78,10 @@ def test_loss_weighting_schemes_reach_the_loss():
     assert torch.allclose(cosmap.weights[0], torch.tensor(2 / (math.pi * 0.5)))
     loss = OBJECTIVES.get("flow_match")({}, _train_cfg()).per_sample_loss(torch.zeros_like(x), sqrt)
     assert torch.allclose(loss, torch.tensor([4.0, 16.0]))  # unit error × weight
+
+
+def test_min_snr_is_refused_with_a_pointer_to_weighting_scheme():
+    from difftune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="train.snr_gamma: .*train.weighting_scheme"):
+        OBJECTIVES.get("flow_match")({}, _train_cfg(snr_gamma=5.0))

@@ -13,6 +13,7 @@ import math
 import torch
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 
+from difftune.errors import ConfigError
 from difftune.objectives.base import NoisedBatch, Objective
 
 
@@ -62,6 +63,11 @@ class FlowMatchObjective(Objective):
 
 def build(settings: dict, train_cfg) -> FlowMatchObjective:
     """``settings`` come from the family (scheduler shift, dynamic-shift constants, patch size)."""
+    if train_cfg.snr_gamma is not None:
+        raise ConfigError(
+            "train.snr_gamma: min-SNR weighting is for DDPM models; this model trains with flow matching, "
+            "whose loss weighting is train.weighting_scheme (e.g. \"logit_normal\"). Unset train.snr_gamma."
+        )
     shift = train_cfg.flow_shift if train_cfg.flow_shift is not None else settings.get("shift", 1.0)
     dynamic = None if train_cfg.flow_shift is not None else settings.get("dynamic_shift")
     return FlowMatchObjective(
