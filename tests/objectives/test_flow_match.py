@@ -85,3 +85,12 @@ def test_min_snr_is_refused_with_a_pointer_to_weighting_scheme():
 
     with pytest.raises(ConfigError, match="train.snr_gamma: .*train.weighting_scheme"):
         OBJECTIVES.get("flow_match")({}, _train_cfg(snr_gamma=5.0))
+
+
+def test_noise_offset_shifts_each_channel():
+    obj = OBJECTIVES.get("flow_match")({}, _train_cfg(noise_offset=0.5))
+    x = torch.zeros(64, 2, 8, 8)
+    torch.manual_seed(0)
+    nb = obj.noise(x, timesteps=torch.full((64,), 1000.0))  # σ = 1: the noisy latents are the noise
+    channel_means = nb.noisy_latents.mean(dim=(2, 3))
+    assert channel_means.std() > 0.3  # plain N(0, 1) noise would give about 1/8

@@ -82,7 +82,7 @@ def load_vae(path: str | None, source: ModelSource, dtype: torch.dtype, default_
 
 
 def pipeline_from_single_file(pipe_cls: type, source: ModelSource, dtype: torch.dtype, *, denoiser_name: str,
-                              denoiser_cls: type, denoiser_kwargs: dict[str, Any]):
+                              denoiser_cls: type, denoiser_kwargs: dict[str, Any], **pipe_kwargs):
     """Load a whole pipeline from a single-file checkpoint (components it lacks come from ``model.config``).
 
     With ``denoiser_kwargs`` (quantisation), the denoiser is loaded on its own first and handed in.
@@ -93,8 +93,9 @@ def pipeline_from_single_file(pipe_cls: type, source: ModelSource, dtype: torch.
     try:
         if denoiser_kwargs:
             sub = {"subfolder": denoiser_name} if source.config_source else {}
-            kwargs[denoiser_name] = denoiser_cls.from_single_file(source.path, **kwargs, **sub, **denoiser_kwargs)
-        return pipe_cls.from_single_file(source.path, **kwargs)
+            pipe_kwargs[denoiser_name] = denoiser_cls.from_single_file(source.path, **kwargs, **sub,
+                                                                       **denoiser_kwargs)
+        return pipe_cls.from_single_file(source.path, **kwargs, **pipe_kwargs)
     except (OSError, ValueError) as exc:
         raise DifftuneError(
             f"{source.path}: could not load the single-file checkpoint ({exc}). Offline, set "

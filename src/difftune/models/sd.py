@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
-from difftune.errors import DifftuneError
 from difftune.models.base import Components, ModelFamily, ModelSource
-from difftune.models.components import denoiser_load_kwargs, load_subfolder, load_vae
+from difftune.models.components import (
+    denoiser_load_kwargs,
+    load_subfolder,
+    load_vae,
+    pipeline_from_single_file,
+)
 
 __all__ = ["StableDiffusion", "StableDiffusion2", "load_subfolder", "register"]
 
@@ -57,14 +59,19 @@ class StableDiffusion(ModelFamily):
 
         # Checked first, so a machine that cannot quantise fails before any weights load.
         unet_kwargs = denoiser_load_kwargs(self.option("model", "quantize", "none"), dtype)
+        user_vae = self.option("model", "vae")
         if source.kind == "single_file":
-            pipe = self._from_single_file(source, dtype)
-            unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
+            pipe = pipeline_from_single_file(
+                self.pipeline_class(), source, dtype, denoiser_name="unet", denoiser_cls=UNet2DConditionModel,
+                denoiser_kwargs=unet_kwargs, safety_checker=None, requires_safety_checker=False,
+            )
+            unet, text_encoder, tokenizer = pipe.unet, pipe.text_encoder, pipe.tokenizer
+            vae = load_vae(user_vae, source, dtype, dtype) if user_vae else pipe.vae
             scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         else:
             tokenizer = load_subfolder(CLIPTokenizer, source, "tokenizer")
             text_encoder = load_subfolder(CLIPTextModel, source, "text_encoder", dtype)
-            vae = load_vae(self.option("model", "vae"), source, dtype, dtype)
+            vae = load_vae(user_vae, source, dtype, dtype)
             unet = load_subfolder(UNet2DConditionModel, source, "unet", dtype, **unet_kwargs)
             scheduler = load_subfolder(DDPMScheduler, source, "scheduler")
         return Components(
@@ -75,19 +82,6 @@ class StableDiffusion(ModelFamily):
             noise_scheduler=scheduler,
             source=source,
         )
-
-    def _from_single_file(self, source: ModelSource, dtype: torch.dtype):
-        pipe_cls = self.pipeline_class()
-        kwargs: dict[str, Any] = {"torch_dtype": dtype, "safety_checker": None, "requires_safety_checker": False}
-        if source.config_source:
-            kwargs["config"] = source.config_source
-        try:
-            return pipe_cls.from_single_file(source.path, **kwargs)
-        except (OSError, ValueError) as exc:
-            raise DifftuneError(
-                f"{source.path}: could not load the single-file checkpoint ({exc}). Offline, set "
-                "model.config to a local diffusers folder of the same architecture."
-            ) from None
 
     def encode_prompt(self, components: Components, captions: list[str]) -> dict[str, torch.Tensor]:
         tokenizer, text_encoder = components.tokenizers[0], components.text_encoders[0]

@@ -20,13 +20,14 @@ from difftune.objectives.base import NoisedBatch, Objective
 class FlowMatchObjective(Objective):
     def __init__(self, *, num_train_timesteps: int = 1000, shift: float = 1.0, dynamic_shift: dict | None = None,
                  patch_size: int = 1, weighting_scheme: str = "none", logit_mean: float = 0.0,
-                 logit_std: float = 1.0, mode_scale: float = 1.29) -> None:
+                 logit_std: float = 1.0, mode_scale: float = 1.29, noise_offset: float = 0.0) -> None:
         self.num_train_timesteps = num_train_timesteps
         self.shift = shift
         self.dynamic_shift = dynamic_shift
         self.patch_size = patch_size
         self.weighting_scheme = weighting_scheme
         self.logit_mean, self.logit_std, self.mode_scale = logit_mean, logit_std, mode_scale
+        self.noise_offset = noise_offset
 
     def sample_sigmas(self, latents: torch.Tensor) -> torch.Tensor:
         u = compute_density_for_timestep_sampling(
@@ -50,6 +51,11 @@ class FlowMatchObjective(Objective):
     def noise(self, latents, timesteps=None, noise=None) -> NoisedBatch:
         if noise is None:
             noise = torch.randn_like(latents)
+            if self.noise_offset:
+                # As for DDPM: a per-channel constant lets the model learn overall brightness.
+                noise = noise + self.noise_offset * torch.randn(
+                    (latents.shape[0], latents.shape[1], *([1] * (latents.ndim - 2))), device=latents.device,
+                    dtype=latents.dtype)
         if timesteps is None:
             sigmas = self.sample_sigmas(latents).to(latents.device)
             timesteps = sigmas * self.num_train_timesteps
@@ -74,4 +80,5 @@ def build(settings: dict, train_cfg) -> FlowMatchObjective:
         num_train_timesteps=settings.get("num_train_timesteps", 1000), shift=shift, dynamic_shift=dynamic,
         patch_size=settings.get("patch_size", 1), weighting_scheme=train_cfg.weighting_scheme,
         logit_mean=train_cfg.logit_mean, logit_std=train_cfg.logit_std, mode_scale=train_cfg.mode_scale,
+        noise_offset=train_cfg.noise_offset,
     )
