@@ -39,14 +39,21 @@ def quantization_config(mode: str, compute_dtype: torch.dtype):
             'this machine has none. Set model.quantize = "none".'
         )
     try:
-        import bitsandbytes  # noqa: F401
+        import bitsandbytes
     except ImportError:
         raise DifftuneError(
             f'model.quantize = "{mode}": bitsandbytes is not installed; run pip install "difftune[bnb]" '
             'or set model.quantize = "none".'
         ) from None
     from diffusers import BitsAndBytesConfig
+    from packaging.version import Version
 
+    if mode == "int8" and Version(bitsandbytes.__version__) < Version("0.48"):
+        # Older bitsandbytes cannot move an 8-bit model between devices, which training needs.
+        raise DifftuneError(
+            f'model.quantize = "int8" needs bitsandbytes >= 0.48 (found {bitsandbytes.__version__}); '
+            'upgrade it or use model.quantize = "nf4".'
+        )
     if mode == "nf4":
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype)
     return BitsAndBytesConfig(load_in_8bit=True)
