@@ -53,7 +53,7 @@ def test_missing_paths_are_named(tmp_path, shapes_data, capsys):
     path = write(tmp_path, f'[model]\npath = "{tmp_path}/nope"\n[data]\npath = "{shapes_data}"\n')
     assert main(["validate", str(path)]) == 2
     assert f"model.path: {tmp_path}/nope does not exist" in capsys.readouterr().err
-    path = write(tmp_path, f'[model]\npath = "org/model"\n[data]\npath = "./missing_folder"\n')
+    path = write(tmp_path, '[model]\npath = "org/model"\n[data]\npath = "./missing_folder"\n')
     assert main(["validate", str(path)]) == 2
     assert "data.path: ./missing_folder does not exist" in capsys.readouterr().err
 

@@ -224,6 +224,9 @@ def validate_semantics(config: Config, check_paths: bool = True) -> None:
             p = Path(value).expanduser()
             if value and not p.exists() and _looks_local(value):
                 raise ConfigError(f"{key}: {value} does not exist")
+        vae = config.model.vae
+        if vae and not Path(vae).expanduser().exists():
+            raise ConfigError(f"model.vae: {vae} does not exist; give a VAE folder or a .safetensors file")
         resume = config.train.resume
         if resume and resume != "latest" and not Path(resume).expanduser().is_dir():
             raise ConfigError(f"train.resume: {resume} is not a checkpoint folder (or use \"latest\")")

@@ -74,6 +74,20 @@ class ModelConfig:
         "mixed precision is on, fp32 otherwise). Trainable parameters always stay in fp32.",
         choices=("auto", "fp32", "bf16", "fp16"),
     )
+    vae: str | None = opt(
+        None,
+        "Replacement VAE: a diffusers `AutoencoderKL` folder or a single `.safetensors` file (e.g. an "
+        "fp16-safe SDXL VAE). It is loaded in the frozen-weight dtype; without it, families whose VAE "
+        "overflows in fp16 (SDXL) keep their own VAE in fp32.",
+        path="any",
+    )
+    quantize: str = opt(
+        "none",
+        "Quantise the frozen denoiser to save memory (QLoRA-style): `nf4` (4-bit) or `int8`, through "
+        "bitsandbytes (CUDA only, extra `difftune[bnb]`; LoRA layers stay in full precision). "
+        "`none` keeps the weights as loaded.",
+        choices=("none", "nf4", "int8"),
+    )
 
 
 @dataclass
@@ -266,6 +280,30 @@ class TrainConfig:
         min_exclusive=True,
     )
     noise_offset: float = opt(0.0, "Noise offset (e.g. 0.05–0.1) to learn very dark or bright images.", min=0.0, max=1.0)
+    weighting_scheme: str = opt(
+        "none",
+        "Flow-matching families (SD3, Flux): how noise levels σ are drawn and the loss weighted. "
+        "`none` (uniform σ, unweighted), `logit_normal` (σ = sigmoid(N(logit_mean, logit_std)), the "
+        "SD3 paper's choice), `mode` (heavier middle, see `mode_scale`), `sigma_sqrt` (uniform σ, "
+        "loss × σ⁻²) or `cosmap` (uniform σ, cosine-map weighting). Ignored by DDPM families.",
+        choices=("none", "logit_normal", "mode", "sigma_sqrt", "cosmap"),
+    )
+    logit_mean: float = opt(0.0, "Mean of the normal behind `weighting_scheme = \"logit_normal\"`.")
+    logit_std: float = opt(1.0, "Standard deviation for `weighting_scheme = \"logit_normal\"`.", min=0,
+                           min_exclusive=True)
+    mode_scale: float = opt(1.29, "Scale of `weighting_scheme = \"mode\"` (0 is uniform).")
+    flow_shift: float | None = opt(
+        None,
+        "Flow-matching timestep shift (σ' = s·σ / (1 + (s-1)·σ)); > 1 trains more at high noise. Unset "
+        "uses the model's scheduler: a fixed shift for SD3 (3.0), a resolution-dependent one for Flux.",
+        min=0, min_exclusive=True,
+    )
+    guidance_scale: float = opt(
+        1.0,
+        "Value fed to a guidance-distilled denoiser's guidance embedding during training (Flux dev); "
+        "models without one (Flux schnell, SD3, SD) ignore it.",
+        min=0.0,
+    )
     seed: int = opt(42, "Seed for everything random: data order, augmentation, noise, timesteps, dropout.", min=0)
     checkpoint_every: int = opt(500, "Write a full training-state checkpoint every N steps (0 disables).", min=0)
     checkpoints_keep: int = opt(3, "Keep only the newest N checkpoints (0 keeps all).", min=0)

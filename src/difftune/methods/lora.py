@@ -63,7 +63,9 @@ class LoRA(Method):
         components.denoiser.add_adapter(self.lora_config(targets))
         if self.config.method.train_text_encoder:
             te_targets = self.text_encoder_targets()
-            for name, encoder in zip(components.encoder_names, components.text_encoders, strict=True):
+            encoders = dict(zip(components.encoder_names, components.text_encoders, strict=True))
+            for name in self.family.lora_encoder_names(components):
+                encoder = encoders[name]
                 check_targets(encoder, te_targets, "method.text_encoder_targets", name)
                 encoder.add_adapter(self.lora_config(te_targets))
         cast_training_params(list(self.trainable_modules(components).values()), dtype=torch.float32)
@@ -71,19 +73,21 @@ class LoRA(Method):
     def trainable_modules(self, components: Components) -> dict[str, nn.Module]:
         modules = {"denoiser": components.denoiser}
         if self.config.method.train_text_encoder:
-            modules.update(zip(components.encoder_names, components.text_encoders, strict=True))
+            encoders = dict(zip(components.encoder_names, components.text_encoders, strict=True))
+            modules.update((name, encoders[name]) for name in self.family.lora_encoder_names(components))
         return modules
 
     def lora_layers(self, components: Components) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, Any]]]:
-        """Per saved prefix (``unet``, ``text_encoder``...): the diffusers-format state dict and its LoRA config."""
-        from diffusers.utils import convert_state_dict_to_diffusers
+        """Per saved prefix (``unet``, ``text_encoder``...): the peft-named state dict and its LoRA config."""
         from peft.utils import get_peft_model_state_dict
 
         prefixes = self.family.lora_prefixes(components)
         out = {}
         for role, module in self.trainable_modules(components).items():
             prefix = prefixes[0] if role == "denoiser" else role
-            state = convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
+            # peft's own key names (lora_A / lora_B): every family's diffusers loader reads them, and
+            # diffusers' older UNet-era renaming would cover only some layer types (to_q but not conv2).
+            state = get_peft_model_state_dict(module)
             config = module.peft_config["default"].to_dict()
             out[prefix] = (state, {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()})
         return out

@@ -1,16 +1,20 @@
 """Model families. Adding one is a new module here plus one registration line below."""
 
-from difftune.models import sd
+from difftune.models import flux, sd, sd3, sdxl
 from difftune.models.base import Components, ModelFamily, ModelSource
 from difftune.registry import Registry
 
 FAMILIES: Registry[type[ModelFamily]] = Registry("model family")
 
 sd.register(FAMILIES)
+sdxl.register(FAMILIES)
+sd3.register(FAMILIES)
+flux.register(FAMILIES)
 
 
-def get_family(name: str) -> ModelFamily:
-    return FAMILIES.get(name)()
+def get_family(name: str, config=None) -> ModelFamily:
+    """An instance of the family ``name``; ``config`` (the run's Config) carries its load and training options."""
+    return FAMILIES.get(name)(config)
 
 
 def detect_family_for(source: ModelSource, requested: str = "auto") -> str:

@@ -73,6 +73,18 @@ class ModelFamily(ABC):
     #: Tags for the model card.
     card_tags: tuple[str, ...] = ()
 
+    def __init__(self, config: Any | None = None) -> None:
+        #: The run's :class:`~difftune.config.schema.Config`, or ``None`` (library use, tests). Families
+        #: read their load options (``model.vae``, ``model.quantize``) and training options (e.g.
+        #: ``train.guidance_scale``) from it; absent, the schema defaults apply.
+        self.config = config
+
+    def option(self, section: str, key: str, default: Any = None) -> Any:
+        """``config.<section>.<key>`` if a config was given, else ``default``."""
+        if self.config is None:
+            return default
+        return getattr(getattr(self.config, section), key, default)
+
     # --- detection and loading -------------------------------------------------------------
 
     @classmethod
@@ -163,6 +175,11 @@ class ModelFamily(ABC):
         copies); adapters must already be merged into them.
         """
         raise DifftuneError(f"single-file export is not supported for {self.title}")
+
+    def lora_encoder_names(self, components: Components) -> list[str]:
+        """Text encoders that LoRA may train (``method.train_text_encoder``): those whose LoRA keys this
+        family's diffusers pipeline loads. Default: all of them; SD3 and Flux leave out T5."""
+        return list(components.encoder_names)
 
     def lora_prefixes(self, components: Components) -> list[str]:
         """Key prefixes of the saved LoRA file: denoiser first, then each text encoder."""

@@ -8,23 +8,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from difftune.errors import DifftuneError
 from difftune.models.base import Components, ModelFamily, ModelSource
+from difftune.models.components import (
+    denoiser_load_kwargs,
+    load_subfolder,
+    load_vae,
+    pipeline_from_single_file,
+)
 
-
-def load_subfolder(cls: Any, source: ModelSource, subfolder: str, dtype: torch.dtype | None = None):
-    """Load one component from a diffusers folder or Hub id, honouring revision and variant."""
-    kwargs: dict[str, Any] = {"subfolder": subfolder}
-    if source.revision:
-        kwargs["revision"] = source.revision
-    if dtype is not None:
-        kwargs["torch_dtype"] = dtype
-    if source.variant:
-        kwargs["variant"] = source.variant
-    try:
-        return cls.from_pretrained(source.path, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise DifftuneError(f"{source.path}: could not load {subfolder} ({exc})") from None
+__all__ = ["StableDiffusion", "StableDiffusion2", "load_subfolder", "register"]
 
 
 class StableDiffusion(ModelFamily):
@@ -67,18 +59,25 @@ class StableDiffusion(ModelFamily):
         return StableDiffusionPipeline
 
     def load(self, source: ModelSource, *, dtype: torch.dtype) -> Components:
-        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from diffusers import DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
+        # Checked first, so a machine that cannot quantise fails before any weights load.
+        unet_kwargs = denoiser_load_kwargs(self.option("model", "quantize", "none"), dtype)
+        user_vae = self.option("model", "vae")
         if source.kind == "single_file":
-            pipe = self._from_single_file(source, dtype)
-            unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
+            pipe = pipeline_from_single_file(
+                self.pipeline_class(), source, dtype, denoiser_name="unet", denoiser_cls=UNet2DConditionModel,
+                denoiser_kwargs=unet_kwargs, safety_checker=None, requires_safety_checker=False,
+            )
+            unet, text_encoder, tokenizer = pipe.unet, pipe.text_encoder, pipe.tokenizer
+            vae = load_vae(user_vae, source, dtype, dtype) if user_vae else pipe.vae
             scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         else:
             tokenizer = load_subfolder(CLIPTokenizer, source, "tokenizer")
             text_encoder = load_subfolder(CLIPTextModel, source, "text_encoder", dtype)
-            vae = load_subfolder(AutoencoderKL, source, "vae", dtype)
-            unet = load_subfolder(UNet2DConditionModel, source, "unet", dtype)
+            vae = load_vae(user_vae, source, dtype, dtype)
+            unet = load_subfolder(UNet2DConditionModel, source, "unet", dtype, **unet_kwargs)
             scheduler = load_subfolder(DDPMScheduler, source, "scheduler")
         return Components(
             denoiser=unet,
@@ -97,35 +96,6 @@ class StableDiffusion(ModelFamily):
                 return []
             source = ModelSource(source.config_source, "folder", source.revision)
         return [load_subfolder(CLIPTokenizer, source, "tokenizer")]
-
-    def _from_single_file(self, source: ModelSource, dtype: torch.dtype):
-        from diffusers.loaders.single_file_utils import SingleFileComponentError
-        from huggingface_hub.constants import is_offline_mode
-
-        pipe_cls = self.pipeline_class()
-        kwargs: dict[str, Any] = {"torch_dtype": dtype, "safety_checker": None, "requires_safety_checker": False}
-        hint = (
-            "Set model.config to a local diffusers folder of the same architecture (the folder holding "
-            "model_index.json, e.g. the model this file was made from)"
-        )
-        if source.config_source:
-            config = Path(source.config_source).expanduser()
-            if config.exists() and not (config / "model_index.json").is_file():
-                raise DifftuneError(f"model.config: {config} is not a diffusers model folder (no model_index.json). {hint}.")
-            kwargs["config"] = str(config) if config.exists() else source.config_source
-        elif is_offline_mode():
-            # Without model.config diffusers would fetch the component configs from the Hub.
-            raise DifftuneError(
-                f"{source.path}: loading a single-file checkpoint offline (HF_HUB_OFFLINE is set) needs the "
-                f"component configs. {hint}."
-            )
-        try:
-            return pipe_cls.from_single_file(source.path, **kwargs)
-        except (OSError, ValueError, RuntimeError, KeyError, SingleFileComponentError) as exc:
-            raise DifftuneError(
-                f"{source.path}: could not load the single-file checkpoint ({type(exc).__name__}: {exc}). "
-                f"{hint}; online, diffusers can fetch the configs itself when model.config is unset."
-            ) from None
 
     def save_single_file(self, components: Components, path, denoiser=None, text_encoders=None, *,
                          dtype: torch.dtype | None = None, metadata: dict[str, str] | None = None) -> Path:

@@ -1,6 +1,6 @@
 """Training objectives. Adding one is a new module here plus one registration line below."""
 
-from difftune.objectives import ddpm
+from difftune.objectives import ddpm, flow_match
 from difftune.objectives.base import NoisedBatch, Objective
 from difftune.registry import Registry
 
@@ -8,5 +8,6 @@ from difftune.registry import Registry
 OBJECTIVES: Registry = Registry("objective")
 
 OBJECTIVES.register("ddpm")(ddpm.build)
+OBJECTIVES.register("flow_match")(flow_match.build)
 
 __all__ = ["OBJECTIVES", "NoisedBatch", "Objective"]

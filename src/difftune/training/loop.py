@@ -56,7 +56,7 @@ def train(config: Config, log=print) -> RunResult:
 
     # Model, method and objective, each through its registry.
     source = resolve_source(config.model.path, config.model.revision, config.model.variant, config.model.config)
-    family = get_family(detect_family_for(source, config.model.family))
+    family = get_family(detect_family_for(source, config.model.family), config)
     components = family.load(source, dtype=weight_dtype(config))
     method = METHODS.get(config.method.type)(config, family)
     method.prepare(components)

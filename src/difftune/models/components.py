@@ -1,0 +1,185 @@
+"""Loading helpers shared by the model families: sub-folders, a replacement VAE, quantisation, prompts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from difftune.errors import DifftuneError
+from difftune.models.base import ModelSource
+
+
+def load_subfolder(cls: Any, source: ModelSource, subfolder: str, dtype: torch.dtype | None = None, **extra):
+    """Load one component from a diffusers folder or Hub id, honouring revision and variant."""
+    kwargs: dict[str, Any] = {"subfolder": subfolder, **extra}
+    if source.revision:
+        kwargs["revision"] = source.revision
+    if dtype is not None:
+        kwargs["torch_dtype"] = dtype
+    if source.variant:
+        kwargs["variant"] = source.variant
+    try:
+        return cls.from_pretrained(source.path, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise DifftuneError(f"{source.path}: could not load {subfolder} ({exc})") from None
+
+
+def quantization_config(mode: str, compute_dtype: torch.dtype):
+    """A diffusers ``BitsAndBytesConfig`` for ``model.quantize``, or ``None`` for ``"none"``.
+
+    Checked before any weights load: bitsandbytes kernels need CUDA and the optional package.
+    """
+    if mode == "none":
+        return None
+    if not torch.cuda.is_available():
+        raise DifftuneError(
+            f'model.quantize = "{mode}": quantisation uses bitsandbytes, which needs a CUDA GPU; '
+            'this machine has none. Set model.quantize = "none".'
+        )
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise DifftuneError(
+            f'model.quantize = "{mode}": bitsandbytes is not installed; run pip install "difftune[bnb]" '
+            'or set model.quantize = "none".'
+        ) from None
+    from diffusers import BitsAndBytesConfig
+    from packaging.version import Version
+
+    if mode == "int8" and Version(bitsandbytes.__version__) < Version("0.48"):
+        # Older bitsandbytes cannot move an 8-bit model between devices, which training needs.
+        raise DifftuneError(
+            f'model.quantize = "int8" needs bitsandbytes >= 0.48 (found {bitsandbytes.__version__}); '
+            'upgrade it or use model.quantize = "nf4".'
+        )
+    if mode == "nf4":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def denoiser_load_kwargs(quantize: str, dtype: torch.dtype) -> dict[str, Any]:
+    """Extra ``from_pretrained`` arguments for the frozen denoiser (``model.quantize``)."""
+    quant = quantization_config(quantize, dtype)
+    return {"quantization_config": quant} if quant is not None else {}
+
+
+def load_vae(path: str | None, source: ModelSource, dtype: torch.dtype, default_dtype: torch.dtype):
+    """The VAE at ``path`` (``model.vae``: folder or single file) in ``dtype``, else the model's own in
+    ``default_dtype``."""
+    from diffusers import AutoencoderKL
+
+    if not path:
+        return load_subfolder(AutoencoderKL, source, "vae", default_dtype)
+    p = Path(path).expanduser()
+    try:
+        if p.is_dir():
+            sub = {"subfolder": "vae"} if (p / "vae" / "config.json").is_file() else {}
+            return AutoencoderKL.from_pretrained(p, torch_dtype=dtype, **sub)
+        if p.is_file():
+            # Offline, a single-file VAE needs its architecture config: take the base model's.
+            cfg = {"config": source.path, "subfolder": "vae"} if source.kind == "folder" else {}
+            if source.kind == "single_file" and source.config_source:
+                cfg = {"config": source.config_source, "subfolder": "vae"}
+            return AutoencoderKL.from_single_file(str(p), torch_dtype=dtype, **cfg)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise DifftuneError(f"model.vae: could not load {path} as an AutoencoderKL ({exc})") from None
+    raise DifftuneError(f"model.vae: {path} does not exist")
+
+
+def pipeline_from_single_file(pipe_cls: type, source: ModelSource, dtype: torch.dtype, *, denoiser_name: str,
+                              denoiser_cls: type, denoiser_kwargs: dict[str, Any], **pipe_kwargs):
+    """Load a whole pipeline from a single-file checkpoint (components it lacks come from ``model.config``).
+
+    With ``denoiser_kwargs`` (quantisation), the denoiser is loaded on its own first and handed in.
+    """
+    from diffusers.loaders.single_file_utils import SingleFileComponentError
+    from huggingface_hub.constants import is_offline_mode
+
+    kwargs: dict[str, Any] = {"torch_dtype": dtype}
+    hint = (
+        "Set model.config to a local diffusers folder of the same architecture (the folder holding "
+        "model_index.json, e.g. the model this file was made from)"
+    )
+    if source.config_source:
+        config = Path(source.config_source).expanduser()
+        if config.exists() and not (config / "model_index.json").is_file():
+            raise DifftuneError(f"model.config: {config} is not a diffusers model folder (no model_index.json). {hint}.")
+        kwargs["config"] = str(config) if config.exists() else source.config_source
+    elif is_offline_mode():
+        # Without model.config diffusers would fetch the component configs from the Hub.
+        raise DifftuneError(
+            f"{source.path}: loading a single-file checkpoint offline (HF_HUB_OFFLINE is set) needs the "
+            f"component configs. {hint}."
+        )
+    try:
+        if denoiser_kwargs:
+            sub = {"subfolder": denoiser_name} if source.config_source else {}
+            pipe_kwargs[denoiser_name] = denoiser_cls.from_single_file(source.path, **kwargs, **sub,
+                                                                       **denoiser_kwargs)
+        return pipe_cls.from_single_file(source.path, **kwargs, **pipe_kwargs)
+    except (OSError, ValueError, RuntimeError, KeyError, SingleFileComponentError) as exc:
+        raise DifftuneError(
+            f"{source.path}: could not load the single-file checkpoint ({type(exc).__name__}: {exc}). "
+            f"{hint}; online, diffusers can fetch the configs itself when model.config is unset."
+        ) from None
+
+
+def tokenize(tokenizer, captions: list[str], max_length: int, device: torch.device) -> torch.Tensor:
+    """Token ids padded to ``max_length`` and truncated (long captions lose their tail, as in diffusers)."""
+    return tokenizer(
+        captions, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
+    ).input_ids.to(device)
+
+
+def module_device(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def clip_features(tokenizer, encoder, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(penultimate hidden states, pooled output) of a CLIP text encoder, as SDXL and SD3 condition on."""
+    ids = tokenize(tokenizer, captions, tokenizer.model_max_length, module_device(encoder))
+    out = encoder(ids, output_hidden_states=True)
+    # out[0] is text_embeds for CLIPTextModelWithProjection and last_hidden_state otherwise;
+    # callers that need the pooled vector use encoders with a projection.
+    return out.hidden_states[-2], out[0]
+
+
+def vae_encode(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] → latents normalised by the VAE's shift and scaling factors (SD3/Flux have a shift)."""
+    pixels = pixels.to(device=vae.device, dtype=vae.dtype)
+    latents = vae.encode(pixels).latent_dist.sample()
+    shift = vae.config.get("shift_factor") or 0.0
+    return (latents - shift) * vae.config.scaling_factor
+
+
+def vae_decode(vae, latents: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`vae_encode`: normalised latents → images in [-1, 1]."""
+    shift = vae.config.get("shift_factor") or 0.0
+    latents = latents.to(vae.dtype) / vae.config.scaling_factor + shift
+    return vae.decode(latents, return_dict=False)[0]
+
+
+def t5_features(tokenizer, encoder, captions: list[str], max_length: int) -> torch.Tensor:
+    """Last hidden states of a T5 encoder for ``captions``, padded to ``max_length`` tokens."""
+    length = min(max_length, int(tokenizer.model_max_length))
+    return encoder(tokenize(tokenizer, captions, length, module_device(encoder)))[0]
+
+
+def flow_match_settings(scheduler, patch_size: int) -> dict[str, Any]:
+    """What the ``flow_match`` objective reads from a ``FlowMatchEulerDiscreteScheduler`` config."""
+    cfg = scheduler.config
+    dynamic = None
+    if cfg.get("use_dynamic_shifting"):
+        dynamic = {"base_seq_len": cfg.base_image_seq_len, "max_seq_len": cfg.max_image_seq_len,
+                   "base_shift": cfg.base_shift, "max_shift": cfg.max_shift}
+    return {"num_train_timesteps": int(cfg.num_train_timesteps), "shift": float(cfg.get("shift", 1.0)),
+            "dynamic_shift": dynamic, "patch_size": patch_size}
+
+
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a DistributedDataParallel / compile wrapper (for reading its config)."""
+    while hasattr(module, "module") or hasattr(module, "_orig_mod"):
+        module = getattr(module, "module", None) or module._orig_mod
+    return module

@@ -1,0 +1,142 @@
+"""Flux.1 dev and schnell: a rectified-flow transformer over packed 2×2 latent patches.
+
+Conditioning is T5's token sequence plus CLIP-L's pooled vector. Latents are packed into a
+sequence of 2×2 patches with (0, row, column) position ids, text tokens get zero ids. The dev
+model is guidance-distilled: its guidance embedding receives ``train.guidance_scale``; schnell
+has none. Flow matching uses the scheduler's resolution-dependent shift.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from difftune.models.base import Components, ModelFamily, ModelSource
+from difftune.models.components import (
+    denoiser_load_kwargs,
+    flow_match_settings,
+    load_subfolder,
+    load_vae,
+    module_device,
+    pipeline_from_single_file,
+    t5_features,
+    tokenize,
+    unwrap,
+    vae_decode,
+    vae_encode,
+)
+
+
+class Flux(ModelFamily):
+    name = "flux"
+    title = "Flux.1"
+    objective = "flow_match"
+    denoiser_name = "transformer"
+    default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
+                            "to_add_out")
+    card_tags = ("flux", "flux-diffusers")
+    pipeline_class_names = ("FluxPipeline", "FluxImg2ImgPipeline")
+    single_file_types = ("flux-dev", "flux-schnell")
+
+    @classmethod
+    def matches(cls, source: ModelSource, single_file_type: str | None) -> bool:
+        if single_file_type is not None:
+            return single_file_type in cls.single_file_types
+        return source.pipeline_class_name in cls.pipeline_class_names
+
+    def pipeline_class(self) -> type:
+        from diffusers import FluxPipeline
+
+        return FluxPipeline
+
+    def load(self, source: ModelSource, *, dtype: torch.dtype) -> Components:
+        from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+        from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+        kwargs = denoiser_load_kwargs(self.option("model", "quantize", "none"), dtype)
+        user_vae = self.option("model", "vae")
+        if source.kind == "single_file":
+            pipe = pipeline_from_single_file(self.pipeline_class(), source, dtype, denoiser_name="transformer",
+                                             denoiser_cls=FluxTransformer2DModel, denoiser_kwargs=kwargs)
+            transformer, scheduler = pipe.transformer, pipe.scheduler
+            encoders, tokenizers = [pipe.text_encoder, pipe.text_encoder_2], [pipe.tokenizer, pipe.tokenizer_2]
+            vae = load_vae(user_vae, source, dtype, dtype) if user_vae else pipe.vae
+        else:
+            tokenizers = [load_subfolder(CLIPTokenizer, source, "tokenizer"),
+                          load_subfolder(T5TokenizerFast, source, "tokenizer_2")]
+            encoders = [load_subfolder(CLIPTextModel, source, "text_encoder", dtype),
+                        load_subfolder(T5EncoderModel, source, "text_encoder_2", dtype)]
+            vae = load_vae(user_vae, source, dtype, dtype)
+            transformer = load_subfolder(FluxTransformer2DModel, source, "transformer", dtype, **kwargs)
+            scheduler = load_subfolder(FlowMatchEulerDiscreteScheduler, source, "scheduler")
+        return Components(
+            denoiser=transformer, vae=vae, text_encoders=encoders, tokenizers=tokenizers,
+            noise_scheduler=scheduler, source=source, encoder_names=["text_encoder", "text_encoder_2"],
+        )
+
+    def objective_settings(self, components: Components) -> dict:
+        # The shift's sequence length counts packed 2×2 patches.
+        return flow_match_settings(components.noise_scheduler, patch_size=2)
+
+    def lora_encoder_names(self, components: Components) -> list[str]:
+        # diffusers' Flux LoRA loader reads transformer and text_encoder (CLIP) keys, not T5's.
+        return ["text_encoder"]
+
+    def t5_max_length(self, components: Components) -> int:
+        # The pipelines' limits: 512 tokens for dev (guidance-distilled), 256 for schnell.
+        return 512 if unwrap(components.denoiser).config.guidance_embeds else 256
+
+    def encode_prompt(self, components: Components, captions: list[str]) -> dict[str, torch.Tensor]:
+        clip_tok, clip = components.tokenizers[0], components.text_encoders[0]
+        ids = tokenize(clip_tok, captions, clip_tok.model_max_length, module_device(clip))
+        pooled = clip(ids, output_hidden_states=False).pooler_output
+        t5 = t5_features(components.tokenizers[1], components.text_encoders[1], captions,
+                         self.t5_max_length(components))
+        return {"prompt_embeds": t5, "pooled_prompt_embeds": pooled}
+
+    def encode_images(self, components: Components, pixels: torch.Tensor) -> torch.Tensor:
+        return vae_encode(components.vae, pixels)
+
+    def decode_latents(self, components: Components, latents: torch.Tensor) -> torch.Tensor:
+        return vae_decode(components.vae, latents)
+
+    def predict(self, components, denoiser: nn.Module, noisy_latents, timesteps, conditioning, batch):
+        pipe = self.pipeline_class()
+        b, c, h, w = noisy_latents.shape
+        packed = pipe._pack_latents(noisy_latents, b, c, h, w)
+        prompt = conditioning["prompt_embeds"]
+        img_ids = pipe._prepare_latent_image_ids(b, h // 2, w // 2, noisy_latents.device, noisy_latents.dtype)
+        txt_ids = torch.zeros(prompt.shape[1], 3, device=noisy_latents.device, dtype=noisy_latents.dtype)
+        guidance = None
+        if unwrap(denoiser).config.guidance_embeds:
+            scale = self.option("train", "guidance_scale", 1.0)
+            guidance = torch.full((b,), float(scale), device=noisy_latents.device, dtype=torch.float32)
+        out = denoiser(
+            hidden_states=packed,
+            timestep=timesteps / 1000,  # Flux's transformer takes σ itself and scales it internally
+            guidance=guidance,
+            pooled_projections=conditioning["pooled_prompt_embeds"],
+            encoder_hidden_states=prompt,
+            txt_ids=txt_ids,
+            img_ids=img_ids,
+            return_dict=False,
+        )[0]
+        # With a scale factor of 1 the pipeline's unpacking takes latent (not pixel) sizes.
+        return pipe._unpack_latents(out, h, w, 1)
+
+    def build_pipeline(self, components: Components, denoiser: nn.Module, text_encoders: list[nn.Module]):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return self.pipeline_class()(
+            scheduler=FlowMatchEulerDiscreteScheduler.from_config(components.noise_scheduler.config),
+            vae=components.vae,
+            text_encoder=text_encoders[0],
+            tokenizer=components.tokenizers[0],
+            text_encoder_2=text_encoders[1],
+            tokenizer_2=components.tokenizers[1],
+            transformer=denoiser,
+        )
+
+
+def register(registry) -> None:
+    registry.register("flux")(Flux)

@@ -1,0 +1,135 @@
+"""Stable Diffusion 3 and 3.5: MMDiT transformer + CLIP-L, CLIP-G and T5 text encoders, flow matching.
+
+Conditioning follows the SD3 pipeline: the two CLIPs' penultimate hidden states are concatenated,
+zero-padded to T5's width and stacked in front of the T5 tokens; their pooled, projected
+embeddings are concatenated into one vector. Latents are normalised with the VAE's shift and scale.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from difftune.models.base import Components, ModelFamily, ModelSource
+from difftune.models.components import (
+    clip_features,
+    denoiser_load_kwargs,
+    flow_match_settings,
+    load_subfolder,
+    load_vae,
+    pipeline_from_single_file,
+    t5_features,
+    unwrap,
+    vae_decode,
+    vae_encode,
+)
+
+
+class StableDiffusion3(ModelFamily):
+    name = "sd3"
+    title = "Stable Diffusion 3"
+    objective = "flow_match"
+    denoiser_name = "transformer"
+    default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
+                            "to_add_out")
+    card_tags = ("sd3", "sd3-diffusers")
+    pipeline_class_names = ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline")
+    single_file_types = ("sd3", "sd35_medium", "sd35_large")
+    #: T5 tokens per prompt (the SD3 pipeline's default ``max_sequence_length``).
+    t5_max_length = 256
+
+    @classmethod
+    def matches(cls, source: ModelSource, single_file_type: str | None) -> bool:
+        if single_file_type is not None:
+            return single_file_type in cls.single_file_types
+        return source.pipeline_class_name in cls.pipeline_class_names
+
+    def pipeline_class(self) -> type:
+        from diffusers import StableDiffusion3Pipeline
+
+        return StableDiffusion3Pipeline
+
+    def load(self, source: ModelSource, *, dtype: torch.dtype) -> Components:
+        from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+        from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+        kwargs = denoiser_load_kwargs(self.option("model", "quantize", "none"), dtype)
+        user_vae = self.option("model", "vae")
+        if source.kind == "single_file":
+            pipe = pipeline_from_single_file(self.pipeline_class(), source, dtype, denoiser_name="transformer",
+                                             denoiser_cls=SD3Transformer2DModel, denoiser_kwargs=kwargs)
+            transformer, scheduler = pipe.transformer, pipe.scheduler
+            encoders = [pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3]
+            tokenizers = [pipe.tokenizer, pipe.tokenizer_2, pipe.tokenizer_3]
+            vae = load_vae(user_vae, source, dtype, dtype) if user_vae else pipe.vae
+        else:
+            tokenizers = [load_subfolder(CLIPTokenizer, source, "tokenizer"),
+                          load_subfolder(CLIPTokenizer, source, "tokenizer_2"),
+                          load_subfolder(T5TokenizerFast, source, "tokenizer_3")]
+            encoders = [load_subfolder(CLIPTextModelWithProjection, source, "text_encoder", dtype),
+                        load_subfolder(CLIPTextModelWithProjection, source, "text_encoder_2", dtype),
+                        load_subfolder(T5EncoderModel, source, "text_encoder_3", dtype)]
+            vae = load_vae(user_vae, source, dtype, dtype)
+            transformer = load_subfolder(SD3Transformer2DModel, source, "transformer", dtype, **kwargs)
+            scheduler = load_subfolder(FlowMatchEulerDiscreteScheduler, source, "scheduler")
+        return Components(
+            denoiser=transformer, vae=vae, text_encoders=encoders, tokenizers=tokenizers,
+            noise_scheduler=scheduler, source=source,
+            encoder_names=["text_encoder", "text_encoder_2", "text_encoder_3"],
+        )
+
+    def objective_settings(self, components: Components) -> dict:
+        return flow_match_settings(components.noise_scheduler, unwrap(components.denoiser).config.patch_size)
+
+    def lora_encoder_names(self, components: Components) -> list[str]:
+        # diffusers' SD3 LoRA loader reads text_encoder and text_encoder_2 keys, never T5's.
+        return ["text_encoder", "text_encoder_2"]
+
+    def encode_prompt(self, components: Components, captions: list[str]) -> dict[str, torch.Tensor]:
+        states, pooled = [], []
+        for tokenizer, encoder in zip(components.tokenizers[:2], components.text_encoders[:2], strict=True):
+            hidden, vector = clip_features(tokenizer, encoder, captions)
+            states.append(hidden)
+            pooled.append(vector)
+        clip = torch.cat(states, dim=-1)
+        t5 = t5_features(components.tokenizers[2], components.text_encoders[2], captions, self.t5_max_length)
+        clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+        return {
+            "prompt_embeds": torch.cat([clip, t5.to(clip.dtype)], dim=-2),
+            "pooled_prompt_embeds": torch.cat(pooled, dim=-1),
+        }
+
+    def encode_images(self, components: Components, pixels: torch.Tensor) -> torch.Tensor:
+        return vae_encode(components.vae, pixels)
+
+    def decode_latents(self, components: Components, latents: torch.Tensor) -> torch.Tensor:
+        return vae_decode(components.vae, latents)
+
+    def predict(self, components, denoiser: nn.Module, noisy_latents, timesteps, conditioning, batch):
+        # The MMDiT takes the flow-matching time σ·1000 directly (no preconditioning).
+        return denoiser(
+            hidden_states=noisy_latents,
+            timestep=timesteps,
+            encoder_hidden_states=conditioning["prompt_embeds"],
+            pooled_projections=conditioning["pooled_prompt_embeds"],
+            return_dict=False,
+        )[0]
+
+    def build_pipeline(self, components: Components, denoiser: nn.Module, text_encoders: list[nn.Module]):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return self.pipeline_class()(
+            transformer=denoiser,
+            scheduler=FlowMatchEulerDiscreteScheduler.from_config(components.noise_scheduler.config),
+            vae=components.vae,
+            text_encoder=text_encoders[0],
+            tokenizer=components.tokenizers[0],
+            text_encoder_2=text_encoders[1],
+            tokenizer_2=components.tokenizers[1],
+            text_encoder_3=text_encoders[2],
+            tokenizer_3=components.tokenizers[2],
+        )
+
+
+def register(registry) -> None:
+    registry.register("sd3")(StableDiffusion3)

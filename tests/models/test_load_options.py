@@ -1,0 +1,104 @@
+"""Load options shared by the families: quantisation guard, replacement VAE, single-file detection."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from difftune.config.loader import load_config
+from difftune.errors import ConfigError, DifftuneError
+from difftune.models import FAMILIES, get_family
+from difftune.models.base import ModelSource
+from difftune.models.loading import detect_family, resolve_source
+
+
+def _config(tmp_path, **model):
+    data = tmp_path / "data"
+    data.mkdir(exist_ok=True)
+    return load_config(data={"model": {"path": str(tmp_path), **model}, "data": {"path": str(data)}})
+
+
+@pytest.mark.parametrize("name", FAMILIES.names())
+@pytest.mark.parametrize("mode", ["nf4", "int8"])
+def test_quantize_on_cpu_is_refused_before_loading(tmp_path, monkeypatch, name, mode):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    family = get_family(name, _config(tmp_path, quantize=mode))
+    # The folder holds no model: the quantisation check must come before any weights are read.
+    source = ModelSource(str(tmp_path), "folder")
+    with pytest.raises(DifftuneError, match=rf'model.quantize = "{mode}".*CUDA GPU'):
+        family.load(source, dtype=torch.float32)
+
+
+def test_quantize_without_bitsandbytes_names_the_extra(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails as if not installed
+    family = get_family("flux", _config(tmp_path, quantize="nf4"))
+    with pytest.raises(DifftuneError, match=r"bitsandbytes is not installed.*difftune\[bnb\]"):
+        family.load(ModelSource(str(tmp_path), "folder"), dtype=torch.bfloat16)
+
+
+@pytest.fixture(scope="module")
+def tiny_sdxl(tmp_path_factory):
+    from difftune.tiny import build_tiny_sdxl
+
+    return build_tiny_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl")
+
+
+def test_sdxl_keeps_its_own_vae_in_fp32(tiny_sdxl, tmp_path):
+    family = get_family("sdxl", _config(tmp_path))
+    components = family.load(resolve_source(str(tiny_sdxl)), dtype=torch.bfloat16)
+    assert components.vae.dtype == torch.float32
+    assert components.denoiser.dtype == torch.bfloat16
+    latents = family.encode_images(components, torch.zeros(1, 3, 32, 32))
+    assert latents.dtype == torch.float32 and torch.isfinite(latents).all()
+
+
+def test_replacement_vae_from_a_folder_or_a_single_file(tiny_sdxl, tmp_path):
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(tiny_sdxl, subfolder="vae")
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.add_(0.5)  # distinguishable from the model's own VAE
+    vae.save_pretrained(tmp_path / "my-vae")
+    single = tmp_path / "my-vae.safetensors"
+    save_file(vae.state_dict(), single)
+    for given in (tmp_path / "my-vae", single):
+        family = get_family("sdxl", _config(tmp_path, vae=str(given)))
+        components = family.load(resolve_source(str(tiny_sdxl)), dtype=torch.bfloat16)
+        assert components.vae.dtype == torch.bfloat16  # a user VAE follows the weight dtype
+        got = components.vae.state_dict()["encoder.conv_in.weight"].float()
+        assert torch.allclose(got, vae.state_dict()["encoder.conv_in.weight"], atol=1e-2), given
+
+
+def test_missing_replacement_vae_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="model.vae: .*nope does not exist"):
+        _config(tmp_path, vae=str(tmp_path / "nope"))
+
+
+SINGLE_FILES = {
+    "xl_base": ({"conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias": (1,)}, "sdxl"),
+    "sd3": ({"joint_blocks.0.context_block.adaLN_modulation.1.bias": (9216,), "pos_embed": (1, 36864, 1)}, "sd3"),
+    "sd35_large": ({"joint_blocks.37.x_block.mlp.fc1.weight": (1,)}, "sd3"),
+    "flux-dev": ({"double_blocks.0.img_attn.norm.key_norm.scale": (1,), "guidance_in.in_layer.bias": (1,),
+                  "img_in.weight": (1, 64)}, "flux"),
+    "flux-schnell": ({"double_blocks.0.img_attn.norm.key_norm.scale": (1,)}, "flux"),
+}
+
+
+@pytest.mark.parametrize("kind", SINGLE_FILES)
+def test_single_file_checkpoints_are_detected_by_their_tensor_names(tmp_path, kind):
+    shapes, family = SINGLE_FILES[kind]
+    path = tmp_path / f"{kind}.safetensors"
+    save_file({k: torch.zeros(s) for k, s in shapes.items()}, path)
+    assert detect_family(resolve_source(str(path))) == family
+
+
+def test_unsupported_single_file_names_what_was_found(tmp_path):
+    path = tmp_path / "refiner.safetensors"
+    save_file({"conditioner.embedders.0.model.transformer.resblocks.9.mlp.c_proj.bias": torch.zeros(1)}, path)
+    with pytest.raises(DifftuneError, match="xl_refiner"):
+        detect_family(resolve_source(str(path)))
