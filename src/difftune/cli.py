@@ -7,6 +7,7 @@ import os
 import sys
 from collections.abc import Callable
 
+from difftune.adapters.commands import COMMANDS as ADAPTER_COMMANDS
 from difftune.errors import DifftuneError
 
 
@@ -66,6 +67,7 @@ COMMANDS: dict[str, tuple[Callable, str, Callable[[argparse.ArgumentParser], Non
                         p.add_argument("--dir", default=None, help="work folder (default: a cache folder)"))),
     "reference": (cmd_reference, "print the config reference (Markdown) generated from the schema", None),
 }
+COMMANDS.update(ADAPTER_COMMANDS)
 
 
 def build_parser() -> argparse.ArgumentParser:
