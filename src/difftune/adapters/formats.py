@@ -153,8 +153,11 @@ def alpha_for(role_config: dict, module_path: str, rank: int) -> float:
     return float(rank)
 
 
-def from_diffusers(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> LoraAdapter:
-    """Read ``role.path.lora_A.weight`` / ``lora_B.weight`` pairs; alphas from the header, as trained."""
+def from_diffusers(tensors: dict[str, torch.Tensor], metadata: dict[str, str], strict: bool = True) -> LoraAdapter:
+    """Read ``role.path.lora_A.weight`` / ``lora_B.weight`` pairs; alphas from the header, as trained.
+
+    ``strict``: other tensors (DoRA magnitudes...) are an error; otherwise they are ignored.
+    """
     configs = _peft_meta(metadata)
     recorded = _modules_meta(metadata)
     modules: dict[str, LoraModule] = {}
@@ -180,13 +183,13 @@ def from_diffusers(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -
             alpha = alpha_for(configs.get(role, {}), path, down.shape[0])
         modules[name] = LoraModule(down, up, alpha)
         left -= {key, up_key}
-    if left:
+    if left and strict:
         extra = sorted(left)
         raise DifftuneError(
             f"{len(extra)} tensor(s) are not plain LoRA pairs (e.g. {extra[0]}); "
             "DoRA/LoHa/LoKr need `difftune convert --to-lora --rank R --model PATH`"
         )
-    if not modules:
+    if not modules and strict:
         raise DifftuneError("no LoRA weights found (expected keys ending in .lora_A.weight and .lora_B.weight)")
     return LoraAdapter(modules, {k: v for k, v in metadata.items() if k.startswith("difftune.")})
 

@@ -23,6 +23,13 @@ from difftune.models.base import Components
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 
+def module_table_header(tensors: dict[str, torch.Tensor], header: dict[str, str]) -> dict[str, str]:
+    """``difftune.modules``: rank and alpha of every saved module, so tools need not re-derive them."""
+    from difftune.adapters.formats import MODULES_META_KEY, from_diffusers, modules_metadata
+
+    return {MODULES_META_KEY: modules_metadata(from_diffusers(tensors, header, strict=False))}
+
+
 def check_targets(module: nn.Module, targets: list[str], key: str, where: str) -> None:
     """Every target must match at least one module name (peft only complains when none match)."""
     names = [n for n, _ in module.named_modules()]
@@ -98,6 +105,7 @@ class LoRA(Method):
             adapter_meta.update({f"{prefix}.{k}": v for k, v in config.items()})
         header = {"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(adapter_meta, sort_keys=True, default=str)}
         header.update(metadata)
+        header.update(module_table_header(tensors, header))
         path = out_dir / LORA_WEIGHT_NAME
         save_safetensors(tensors, path, header)
         return [path]
