@@ -26,8 +26,13 @@ def randomise_lora(module: torch.nn.Module, seed: int, std: float = 0.05) -> Non
 
 
 def make_lora(model_dir: Path, out: Path, *, rank: int = 4, alpha: float = 8.0, seed: int = 0,
-              text_encoder: bool = True, unet_targets=("to_q", "to_k", "to_v", "to_out.0")) -> Path:
-    """A diffusers-format LoRA file with non-zero B (so it changes the output), alpha != rank."""
+              text_encoder: bool = True, unet_targets=("to_q", "to_k", "to_v", "to_out.0"),
+              diffusers_names: bool = False) -> Path:
+    """A LoRA file as difftune's LoRA method saves it, with non-zero B (so it changes the output), alpha != rank.
+
+    ``diffusers_names`` renames keys with ``convert_state_dict_to_diffusers`` (``to_q.lora.down``), as
+    older difftune versions and other trainers do.
+    """
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
@@ -42,7 +47,9 @@ def make_lora(model_dir: Path, out: Path, *, rank: int = 4, alpha: float = 8.0, 
     for i, (prefix, (module, targets)) in enumerate(parts.items()):
         module.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets))
         randomise_lora(module, seed + i)
-        state = convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
+        state = get_peft_model_state_dict(module)
+        if diffusers_names:
+            state = convert_state_dict_to_diffusers(state)
         tensors.update({f"{prefix}.{k}": v for k, v in state.items()})
         cfg = module.peft_config["default"].to_dict()
         meta.update({f"{prefix}.{k}": sorted(v) if isinstance(v, set) else v for k, v in cfg.items()})

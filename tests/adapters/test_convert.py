@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 from helpers import load_parts, pipeline, run
 from safetensors import safe_open
@@ -48,7 +47,6 @@ def test_round_trip_is_lossless(lora_a, tmp_path):
         assert again.modules[name].alpha == m.alpha == 8.0
 
 
-@pytest.mark.slow
 def test_diffusers_loads_kohya_file_with_identical_output(tiny_sd, lora_a, tmp_path):
     k = tmp_path / "k.safetensors"
     back = tmp_path / "back.safetensors"

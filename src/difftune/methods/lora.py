@@ -83,14 +83,16 @@ class LoRA(Method):
 
     def lora_layers(self, components: Components) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, Any]]]:
         """Per saved prefix (``unet``, ``text_encoder``...): the diffusers-format state dict and its LoRA config."""
-        from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
         prefixes = self.family.lora_prefixes(components)
         out = {}
         for role, module in self.trainable_modules(components).items():
             prefix = prefixes[0] if role == "denoiser" else role
-            state = convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
+            # peft's own key names (lora_A/lora_B): diffusers' convert_state_dict_to_diffusers renames
+            # only attention projections, and diffusers then silently skips those renamed keys when a
+            # file mixes both spellings (e.g. targets to_q + proj_in).
+            state = get_peft_model_state_dict(module)
             config = module.peft_config["default"].to_dict()
             out[prefix] = (state, {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()})
         return out
