@@ -97,3 +97,13 @@ def test_pickle_adapter_refused(tiny_sd, tmp_path):
     pipe, _, _ = load_pipeline(str(tiny_sd))
     with pytest.raises(DifftuneError, match="pickle"):
         load_adapters(pipe, [(str(path), 1.0)])
+
+
+def test_trained_run_and_its_kohya_copy_load_cleanly(tiny_sd, trained_run, tmp_path):
+    kohya = tmp_path / "k.safetensors"
+    assert main(["convert", str(trained_run), "--to", "kohya", "-o", str(kohya), "--model", str(tiny_sd)]) == 0
+    pipe, family, components = load_pipeline(str(tiny_sd))
+    lines = []
+    load_adapters(pipe, [(str(trained_run), 1.0), (str(kohya), -1.0)], family=family, components=components,
+                  log=lines.append)
+    assert lines == [f"loaded {trained_run}: 32 modules, weight 1", f"loaded {kohya}: 32 modules, weight -1"]

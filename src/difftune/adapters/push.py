@@ -13,6 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from difftune.adapters.safe_load import read_header
 from difftune.errors import DifftuneError
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -36,6 +37,9 @@ def files_to_push(run_dir: str | Path) -> list[str]:
     files |= _card_images(root)
     if not any(f.endswith(".safetensors") for f in files):
         raise DifftuneError(f"{root}: no .safetensors adapter, embedding or model to upload")
+    for f in files:  # never publish a truncated or corrupted weight file
+        if f.endswith(".safetensors"):
+            read_header(root / f)
     return sorted(files)
 
 
