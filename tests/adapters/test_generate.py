@@ -107,3 +107,12 @@ def test_trained_run_and_its_kohya_copy_load_cleanly(tiny_sd, trained_run, tmp_p
     load_adapters(pipe, [(str(trained_run), 1.0), (str(kohya), -1.0)], family=family, components=components,
                   log=lines.append)
     assert lines == [f"loaded {trained_run}: 32 modules, weight 1", f"loaded {kohya}: 32 modules, weight -1"]
+
+
+def test_diffusers_own_loader_reads_difftune_output_completely(tiny_sd, trained_run):
+    from helpers import pipeline
+
+    pipe = pipeline(tiny_sd)
+    pipe.load_lora_weights(str(trained_run))
+    layers = [m for _, m in pipe.unet.named_modules() if hasattr(m, "lora_A") and "default_0" in m.lora_A]
+    assert len(layers) == 32 and {m.scaling["default_0"] for m in layers} == {0.5}  # alpha 2 / rank 4
