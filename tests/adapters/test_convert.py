@@ -85,3 +85,30 @@ def test_two_text_encoders_use_te1_te2_and_diffusers_reads_them_back():
     assert set(alphas.values()) == {3.0}
     back = kohya.from_kohya(tensors, {})
     assert set(back.modules) == set(adapter.modules)
+
+
+def test_kohya_file_with_original_sgm_block_names(tiny_sd, lora_a, tmp_path, capsys):
+    """kohya sd-scripts names SDXL blocks as in the original UNet (input_blocks_4_1_...)."""
+    original = read_adapter(lora_a)
+    tensors, _ = kohya.to_kohya(original)
+    # tiny UNet: 1 layer per block, so down_blocks.0.attentions.0 is input_blocks.1.1, mid is middle_block.1,
+    # up_blocks.1.attentions.j is output_blocks.(2 + j).1
+    sgm = {}
+    for key, value in tensors.items():
+        key = key.replace("down_blocks_0_attentions_0_", "input_blocks_1_1_")
+        key = key.replace("mid_block_attentions_0_", "middle_block_1_")
+        key = key.replace("up_blocks_1_attentions_0_", "output_blocks_2_1_")
+        key = key.replace("up_blocks_1_attentions_1_", "output_blocks_3_1_")
+        sgm[key] = value
+    src = tmp_path / "sgm.safetensors"
+    from difftune.fileio import save_safetensors
+
+    save_safetensors(sgm, src)
+    out = tmp_path / "d.safetensors"
+    assert main(["convert", str(src), "--to", "diffusers", "-o", str(out)]) == 1
+    assert "needs the base model" in capsys.readouterr().err
+    assert main(["convert", str(src), "--to", "diffusers", "-o", str(out), "--model", str(tiny_sd)]) == 0
+    back = read_adapter(out)
+    assert set(back.modules) == set(original.modules)
+    name = "unet.up_blocks.1.attentions.1.transformer_blocks.0.attn2.to_k"
+    assert torch.equal(back.modules[name].up, original.modules[name].up)

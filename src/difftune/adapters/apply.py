@@ -37,6 +37,17 @@ def pipeline_module_names(pipe, roles: list[str]) -> dict[str, list[str]]:
     return out
 
 
+#: Pipeline attributes that can carry LoRA layers.
+ADAPTER_ROLES = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
+
+
+def pipeline_target(pipe) -> dict:
+    """Keyword arguments for :func:`read_adapter` describing ``pipe``: its module names and UNet config."""
+    unet = getattr(pipe, "unet", None)
+    return {"module_names": pipeline_module_names(pipe, list(ADAPTER_ROLES)),
+            "unet_config": unet.config if isinstance(unet, nn.Module) else None}
+
+
 def unmatched_modules(adapter: LoraAdapter, names: dict[str, list[str]]) -> list[str]:
     known = {f"{role}.{n}" for role, ns in names.items() for n in ns}
     return sorted(k for k in adapter.modules if k not in known)
@@ -76,10 +87,9 @@ def load_adapters(pipe, specs: list[tuple[str, float]], *, family=None, componen
     """Load each ``(file_or_folder, weight)`` into ``pipe`` through diffusers' own loader, checked."""
     names, weights = [], []
     for i, (path, weight) in enumerate(specs):
-        roles = ["unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3"]
-        module_names = pipeline_module_names(pipe, roles)
-        adapter = read_adapter(path, allow_pickle=allow_pickle, module_names=module_names)
-        adapter = check_coverage(adapter, module_names, str(path), log)
+        target = pipeline_target(pipe)
+        adapter = read_adapter(path, allow_pickle=allow_pickle, **target)
+        adapter = check_coverage(adapter, target["module_names"], str(path), log)
         if family is not None and components is not None:
             check_base_model(adapter, family, components, str(path), log)
         name = f"adapter_{i}"

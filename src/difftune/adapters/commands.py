@@ -94,7 +94,7 @@ def cmd_merge(args) -> int:
 def _fuse(args, specs) -> int:
     import torch
 
-    from difftune.adapters.apply import check_base_model, check_coverage, pipeline_module_names
+    from difftune.adapters.apply import check_base_model, check_coverage, pipeline_target
     from difftune.adapters.convert import read_adapter
     from difftune.adapters.generate import load_pipeline
     from difftune.adapters.merge import concat_merge, fuse_into
@@ -102,10 +102,11 @@ def _fuse(args, specs) -> int:
     if not args.model:
         raise DifftuneError("--fuse needs --model PATH (the base model to bake the adapters into)")
     pipe, family, components = load_pipeline(args.model, dtype=torch.float32)
-    names = pipeline_module_names(pipe, ["unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3"])
+    target = pipeline_target(pipe)
     adapters = []
     for path, weight in specs:
-        adapter = check_coverage(read_adapter(path, allow_pickle=args.allow_pickle, module_names=names), names, path)
+        adapter = read_adapter(path, allow_pickle=args.allow_pickle, **target)
+        adapter = check_coverage(adapter, target["module_names"], path)
         check_base_model(adapter, family, components, path)
         adapters.append((adapter, weight))
     n = fuse_into(pipe, concat_merge(adapters))
@@ -144,16 +145,16 @@ def cmd_convert(args) -> int:
         print(format_report(report))
         out = write_adapter(adapter, args.out, args.to)
     else:
-        names = None
+        target = {}
         if args.model:
             import torch
 
-            from difftune.adapters.apply import pipeline_module_names
+            from difftune.adapters.apply import pipeline_target
             from difftune.adapters.generate import load_pipeline
 
             pipe, _, _ = load_pipeline(args.model, dtype=torch.float32)
-            names = pipeline_module_names(pipe, ["unet", "text_encoder", "text_encoder_2"])
-        out = convert(args.input, args.to, args.out, allow_pickle=args.allow_pickle, module_names=names)
+            target = pipeline_target(pipe)
+        out = convert(args.input, args.to, args.out, allow_pickle=args.allow_pickle, **target)
     print(f"wrote {out} ({args.to} format)")
     return 0
 

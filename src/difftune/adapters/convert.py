@@ -14,12 +14,15 @@ TARGET_FORMATS = ("kohya", "diffusers")
 
 
 def read_adapter(path: str | Path, *, allow_pickle: bool = False,
-                 module_names: dict[str, list[str]] | None = None) -> LoraAdapter:
-    """A LoRA file (diffusers or kohya) read safely; errors name the file."""
+                 module_names: dict[str, list[str]] | None = None, unet_config=None) -> LoraAdapter:
+    """A LoRA file (diffusers or kohya) read safely; errors name the file.
+
+    ``module_names`` and ``unet_config`` describe the target model (see :func:`pipeline_target`).
+    """
     file = resolve_weight_file(path)
     tensors, metadata = load_tensors(file, allow_pickle=allow_pickle)
     try:
-        return adapter_from_tensors(tensors, metadata, module_names)
+        return adapter_from_tensors(tensors, metadata, module_names, unet_config)
     except DifftuneError as exc:
         raise DifftuneError(f"{file}: {exc}") from None
 
@@ -44,8 +47,8 @@ def write_adapter(adapter: LoraAdapter, out: str | Path, fmt: str = "diffusers")
 
 
 def convert(src: str | Path, to: str, out: str | Path, *, allow_pickle: bool = False,
-            module_names: dict[str, list[str]] | None = None) -> Path:
-    adapter = read_adapter(src, allow_pickle=allow_pickle, module_names=module_names)
+            module_names: dict[str, list[str]] | None = None, unet_config=None) -> Path:
+    adapter = read_adapter(src, allow_pickle=allow_pickle, module_names=module_names, unet_config=unet_config)
     return write_adapter(adapter, out, to)
 
 

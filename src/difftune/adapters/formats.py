@@ -64,6 +64,8 @@ class FormatInfo:
     name: str
     title: str
     convertible: bool = False
+    #: kohya names in the original LDM/sgm UNet layout (input_blocks/middle_block/output_blocks).
+    sgm: bool = False
 
 
 def detect_format(keys: list[str], metadata: dict[str, str]) -> FormatInfo:
@@ -80,7 +82,8 @@ def detect_format(keys: list[str], metadata: dict[str, str]) -> FormatInfo:
         sgm = has("_input_blocks_") or has("_output_blocks_") or has("_middle_block_")
         dora = " with DoRA scales" if has(".dora_scale") else ""
         layout = "original (sgm/LDM) block names" if sgm else "diffusers block names"
-        return FormatInfo("kohya", f"kohya LoRA, {layout}{dora}{by}", convertible=not sgm and not dora)
+        return FormatInfo("kohya", f"kohya LoRA, {layout}{dora}{by}", convertible=not sgm and not dora,
+                          sgm=sgm and not dora)
     if has(".hada_w1_a"):
         return FormatInfo("peft_loha", "peft LoHa (diffusers prefixes)")
     if has(".lokr_w1") or has(".lokr_w2"):
@@ -233,10 +236,11 @@ def to_diffusers(adapter: LoraAdapter) -> tuple[dict[str, torch.Tensor], dict[st
 
 
 def adapter_from_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str],
-                         module_names: dict[str, list[str]] | None = None) -> LoraAdapter:
+                         module_names: dict[str, list[str]] | None = None, unet_config=None) -> LoraAdapter:
     """Any convertible LoRA file (diffusers or kohya) as a :class:`LoraAdapter`.
 
-    ``module_names`` (role -> module paths of the target model) resolves kohya names exactly.
+    ``module_names`` (role -> module paths of the target model) resolves kohya names exactly;
+    ``unet_config`` (the target UNet's config) lets kohya files with original sgm block names be read.
     """
     from difftune.adapters import kohya
 
@@ -245,6 +249,10 @@ def adapter_from_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, s
         return from_diffusers(tensors, metadata)
     if fmt.name == "kohya" and fmt.convertible:
         return kohya.from_kohya(tensors, metadata, module_names)
+    if fmt.name == "kohya" and fmt.sgm and unet_config is not None:
+        return kohya.from_kohya(kohya.sgm_to_diffusers_names(tensors, unet_config), metadata, module_names)
+    if fmt.name == "kohya" and fmt.sgm:
+        raise DifftuneError(f"{fmt.title}: reading original (sgm) block names needs the base model; pass --model PATH")
     hint = ""
     if fmt.name in ("kohya_loha", "kohya_lokr", "peft_loha", "peft_lokr", "peft_dora"):
         hint = "; reduce it to a plain LoRA first: difftune convert IN --to-lora --rank R -o OUT"

@@ -47,7 +47,7 @@ def inspect_file(path: str | Path, *, allow_pickle: bool = False) -> dict[str, A
         if tensors is None:
             tensors, _ = load_tensors(file)
         info["lora"] = _lora_summary(adapter_from_tensors(tensors, metadata))
-    elif fmt.name in _LYCORIS_FORMATS:
+    elif fmt.name in _LYCORIS_FORMATS or fmt.name == "kohya":  # incl. kohya with original block names
         names = sorted({_lycoris_module(k) for k in shapes})
         info["modules"] = {"count": len(names), "blocks": _blocks(names)}
     elif fmt.name == "textual_inversion":

@@ -144,6 +144,30 @@ def from_kohya(tensors: dict[str, torch.Tensor], metadata: dict[str, str],
     return LoraAdapter(modules, meta)
 
 
+def sgm_to_diffusers_names(tensors: dict[str, torch.Tensor], unet_config) -> dict[str, torch.Tensor]:
+    """kohya names in the original UNet layout (``input_blocks_4_1_...``) renamed to diffusers block names.
+
+    Uses diffusers' own mapping (the one ``load_lora_weights`` applies), which needs the UNet's
+    ``layers_per_block``.
+    """
+    from diffusers.loaders.lora_conversion_utils import _maybe_map_sgm_blocks_to_diffusers
+
+    try:
+        mapped = _maybe_map_sgm_blocks_to_diffusers(dict(tensors), unet_config)
+    except (ValueError, IndexError) as exc:
+        raise DifftuneError(f"original (sgm) block names could not be mapped to this model ({exc})") from None
+    # The mapping fixes the indices; the block words are renamed afterwards, as diffusers does.
+    renames = (("lora_unet_input_blocks_", "lora_unet_down_blocks_"), ("lora_unet_middle_block_", "lora_unet_mid_block_"),
+               ("lora_unet_output_blocks_", "lora_unet_up_blocks_"))
+    out = {}
+    for key, value in mapped.items():
+        for old, new in renames:
+            if key.startswith(old):
+                key = new + key[len(old):]
+        out[key] = value
+    return out
+
+
 def kohya_training_summary(metadata: dict[str, str]) -> dict[str, str]:
     """The most useful ``ss_*`` entries kohya sd-scripts writes, for ``inspect``."""
     wanted = ("ss_sd_model_name", "ss_base_model_version", "ss_network_module", "ss_network_dim", "ss_network_alpha",
