@@ -71,7 +71,7 @@ def add_merge_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_merge(args) -> int:
     from difftune.adapters.convert import read_adapter, write_adapter
-    from difftune.adapters.merge import concat_merge, format_report, svd_reduce
+    from difftune.adapters.merge import concat_merge, format_report, report_metadata, svd_reduce
     from difftune.adapters.safe_load import parse_weighted
 
     specs = [parse_weighted(s) for s in args.adapters]
@@ -81,9 +81,7 @@ def cmd_merge(args) -> int:
     if args.rank is not None:
         merged, report = svd_reduce(merged, args.rank)
         print(format_report(report))
-        merged.metadata["difftune.svd_error"] = f"{report.overall_error:.6g}"
-        merged.metadata["difftune.svd_errors"] = json.dumps(
-            {k: round(v, 8) for k, v in report.module_errors.items()}, sort_keys=True)
+        merged.metadata.update(report_metadata(report))
     merged.metadata["difftune.merge"] = json.dumps([[str(p), w] for p, w in specs])
     out = write_adapter(merged, args.out, args.format)
     ranks = sorted({m.rank for m in merged.modules.values()})

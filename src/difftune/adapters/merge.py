@@ -11,6 +11,7 @@ of what is dropped is reported per module and overall.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 
@@ -109,6 +110,13 @@ def reduce_deltas(deltas: dict[str, torch.Tensor], rank: int, metadata: dict[str
         out[name] = _module(up, down, like)
     report.overall_error = math.sqrt(dropped_sq / total_sq) if total_sq > 0 else 0.0
     return LoraAdapter(out, dict(metadata or {})), report
+
+
+def report_metadata(report: MergeReport) -> dict[str, str]:
+    """Header entries recording the SVD error: overall and per module."""
+    return {"difftune.svd_error": f"{report.overall_error:.6g}",
+            "difftune.svd_errors": json.dumps({k: round(v, 8) for k, v in report.module_errors.items()},
+                                              sort_keys=True)}
 
 
 def format_report(report: MergeReport, limit: int = 20) -> str:

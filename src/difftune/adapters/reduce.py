@@ -149,7 +149,7 @@ def file_deltas(tensors: dict[str, torch.Tensor], metadata: dict[str, str], pipe
 
 def reduce_file(path, rank: int, *, model: str | None = None, allow_pickle: bool = False):
     """``convert --to-lora``: any adapter file as a plain LoRA of at most ``rank``; (adapter, error report)."""
-    from difftune.adapters.merge import reduce_deltas
+    from difftune.adapters.merge import reduce_deltas, report_metadata
     from difftune.adapters.safe_load import load_tensors, resolve_weight_file
 
     file = resolve_weight_file(path)
@@ -166,5 +166,5 @@ def reduce_file(path, rank: int, *, model: str | None = None, allow_pickle: bool
     keep = {k: v for k, v in metadata.items() if k.startswith("difftune.") and k != "difftune.modules"}
     keep["difftune.reduced_from"] = detect_format(list(tensors), metadata).name
     adapter, report = reduce_deltas(deltas, rank, keep)
-    adapter.metadata["difftune.svd_error"] = f"{report.overall_error:.6g}"
+    adapter.metadata.update(report_metadata(report))
     return adapter, report
