@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from helpers import make_lora  # noqa: E402
+from adapter_helpers import make_lora  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from helpers import load_parts, pipeline, run
+from adapter_helpers import load_parts, pipeline, run
 from safetensors import safe_open
 
 from difftune.adapters import kohya

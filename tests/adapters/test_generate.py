@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import make_lora
+from adapter_helpers import make_lora
 from PIL import Image
 
 from difftune.adapters.apply import load_adapters
@@ -110,7 +110,7 @@ def test_trained_run_and_its_kohya_copy_load_cleanly(tiny_sd, trained_run, tmp_p
 
 
 def test_diffusers_own_loader_reads_difftune_output_completely(tiny_sd, trained_run):
-    from helpers import pipeline
+    from adapter_helpers import pipeline
 
     pipe = pipeline(tiny_sd)
     pipe.load_lora_weights(str(trained_run))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import pipeline, run
+from adapter_helpers import pipeline, run
 from safetensors import safe_open
 
 from difftune.adapters.convert import read_adapter

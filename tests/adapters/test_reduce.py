@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from helpers import load_parts
+from adapter_helpers import load_parts
 
 from difftune.adapters.reduce import kohya_lycoris_deltas, peft_module_deltas, reduce_file
 from difftune.cli import main
