@@ -7,6 +7,7 @@ import os
 import sys
 from collections.abc import Callable
 
+from difftune.adapters.commands import COMMANDS as ADAPTER_COMMANDS
 from difftune.errors import DifftuneError
 
 
@@ -146,6 +147,7 @@ COMMANDS: dict[str, tuple[Callable, str, Callable[[argparse.ArgumentParser], Non
     "cache": (cmd_cache, "fill the latent/text caches of a config ahead of training", _add_config_args),
     "reference": (cmd_reference, "print the config reference (Markdown) generated from the schema", None),
 }
+COMMANDS.update(ADAPTER_COMMANDS)
 
 
 def build_parser() -> argparse.ArgumentParser:

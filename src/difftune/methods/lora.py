@@ -23,6 +23,13 @@ from difftune.models.base import Components
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 
+def module_table_header(tensors: dict[str, torch.Tensor], header: dict[str, str]) -> dict[str, str]:
+    """``difftune.modules``: rank and alpha of every saved module, so tools need not re-derive them."""
+    from difftune.adapters.formats import MODULES_META_KEY, from_diffusers, modules_metadata
+
+    return {MODULES_META_KEY: modules_metadata(from_diffusers(tensors, header, strict=False))}
+
+
 def check_targets(module: nn.Module, targets: list[str], key: str, where: str) -> None:
     """Every target must match at least one module name (peft only complains when none match)."""
     names = [n for n, _ in module.named_modules()]
@@ -78,15 +85,16 @@ class LoRA(Method):
         return modules
 
     def lora_layers(self, components: Components) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, Any]]]:
-        """Per saved prefix (``unet``, ``text_encoder``...): the peft-named state dict and its LoRA config."""
+        """Per saved prefix (``unet``, ``text_encoder``...): the diffusers-format state dict and its LoRA config."""
         from peft.utils import get_peft_model_state_dict
 
         prefixes = self.family.lora_prefixes(components)
         out = {}
         for role, module in self.trainable_modules(components).items():
             prefix = prefixes[0] if role == "denoiser" else role
-            # peft's own key names (lora_A / lora_B): every family's diffusers loader reads them, and
-            # diffusers' older UNet-era renaming would cover only some layer types (to_q but not conv2).
+            # peft's own key names (lora_A/lora_B): diffusers' convert_state_dict_to_diffusers renames
+            # only attention projections, and diffusers then silently skips those renamed keys when a
+            # file mixes both spellings (e.g. targets to_q + proj_in).
             state = get_peft_model_state_dict(module)
             config = module.peft_config["default"].to_dict()
             out[prefix] = (state, {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()})
@@ -102,6 +110,7 @@ class LoRA(Method):
             adapter_meta.update({f"{prefix}.{k}": v for k, v in config.items()})
         header = {"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(adapter_meta, sort_keys=True, default=str)}
         header.update(metadata)
+        header.update(module_table_header(tensors, header))
         path = out_dir / LORA_WEIGHT_NAME
         save_safetensors(tensors, path, header)
         return [path]

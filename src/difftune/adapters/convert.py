@@ -1,0 +1,59 @@
+"""``difftune convert``: diffusers/peft LoRA <-> kohya LoRA, and DoRA/LoHa/LoKr -> LoRA by SVD."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from difftune.adapters import kohya
+from difftune.adapters.formats import LoraAdapter, adapter_from_tensors, detect_format, to_diffusers
+from difftune.adapters.safe_load import load_tensors, resolve_weight_file
+from difftune.errors import DifftuneError
+from difftune.fileio import save_safetensors
+
+TARGET_FORMATS = ("kohya", "diffusers")
+
+
+def read_adapter(path: str | Path, *, allow_pickle: bool = False,
+                 module_names: dict[str, list[str]] | None = None, unet_config=None) -> LoraAdapter:
+    """A LoRA file (diffusers or kohya) read safely; errors name the file.
+
+    ``module_names`` and ``unet_config`` describe the target model (see :func:`pipeline_target`).
+    """
+    file = resolve_weight_file(path)
+    tensors, metadata = load_tensors(file, allow_pickle=allow_pickle)
+    try:
+        return adapter_from_tensors(tensors, metadata, module_names, unet_config)
+    except DifftuneError as exc:
+        raise DifftuneError(f"{file}: {exc}") from None
+
+
+def adapter_tensors(adapter: LoraAdapter, fmt: str):
+    if fmt == "kohya":
+        return kohya.to_kohya(adapter)
+    if fmt == "diffusers":
+        return to_diffusers(adapter)
+    raise DifftuneError(f"--to: unknown format {fmt!r}; choose one of {', '.join(TARGET_FORMATS)}")
+
+
+def write_adapter(adapter: LoraAdapter, out: str | Path, fmt: str = "diffusers") -> Path:
+    """Write ``adapter`` as one safetensors file (``out`` may be a folder: the diffusers file name is used)."""
+    out = Path(out)
+    if out.is_dir() or out.suffix != ".safetensors":
+        out = out / "pytorch_lora_weights.safetensors"
+    tensors, header = adapter_tensors(adapter, fmt)
+    header["difftune.format"] = fmt
+    save_safetensors({k: v.contiguous() for k, v in tensors.items()}, out, header)
+    return out
+
+
+def convert(src: str | Path, to: str, out: str | Path, *, allow_pickle: bool = False,
+            module_names: dict[str, list[str]] | None = None, unet_config=None) -> Path:
+    adapter = read_adapter(src, allow_pickle=allow_pickle, module_names=module_names, unet_config=unet_config)
+    return write_adapter(adapter, out, to)
+
+
+def describe(path: str | Path) -> str:
+    from difftune.adapters.safe_load import read_header
+
+    header = read_header(resolve_weight_file(path))
+    return detect_format(list(header.tensors), header.metadata).title

@@ -1,0 +1,182 @@
+"""The kohya LoRA format read by ComfyUI, Automatic1111 and Forge.
+
+A module ``down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q`` of the UNet becomes
+``lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q`` with tensors
+``.lora_down.weight``, ``.lora_up.weight`` and a scalar ``.alpha`` (the trained alpha, not the
+rank). Text encoders use ``lora_te_`` (one encoder) or ``lora_te1_``/``lora_te2_`` (two).
+diffusers' own kohya loader (``_convert_non_diffusers_lora_to_diffusers``) reads these names back.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from difftune.adapters.formats import MODULES_META_KEY, LoraAdapter, LoraModule, modules_metadata
+from difftune.errors import DifftuneError
+
+#: Module-name parts that themselves contain ``_`` (diffusers UNets and CLIP text encoders).
+#: Flattened names are split on ``_`` and these are re-joined, longest first.
+COMPOUND_PARTS = (
+    "down_blocks", "up_blocks", "mid_block", "transformer_blocks", "to_q", "to_k", "to_v", "to_out",
+    "proj_in", "proj_out", "time_emb_proj", "conv_shortcut", "conv_in", "conv_out", "conv_norm_out",
+    "time_embedding", "linear_1", "linear_2", "add_embedding", "encoder_hid_proj", "class_embedding",
+    "text_model", "self_attn", "q_proj", "k_proj", "v_proj", "out_proj", "final_layer_norm",
+    "layer_norm1", "layer_norm2", "text_projection", "token_embedding", "position_embedding",
+    "add_k_proj", "add_q_proj", "add_v_proj", "to_add_out", "norm_out", "proj_attn",
+)
+_COMPOUNDS = sorted((c.split("_") for c in COMPOUND_PARTS), key=len, reverse=True)
+
+
+def role_prefixes(roles: list[str]) -> dict[str, str]:
+    """Kohya prefix per role: ``lora_unet``, ``lora_te`` or ``lora_te1``/``lora_te2``."""
+    out = {}
+    two = "text_encoder_2" in roles
+    for role in roles:
+        if role == "unet":
+            out[role] = "lora_unet"
+        elif role == "text_encoder":
+            out[role] = "lora_te1" if two else "lora_te"
+        elif role == "text_encoder_2":
+            out[role] = "lora_te2"
+        else:
+            raise DifftuneError(
+                f"kohya export: no kohya naming is defined here for {role!r} LoRA layers "
+                "(supported: UNet families SD 1.x/2.x/SDXL and their CLIP text encoders)"
+            )
+    return out
+
+
+def _prefix_role(name: str) -> tuple[str, str]:
+    for prefix, role in (("lora_unet_", "unet"), ("lora_te1_", "text_encoder"), ("lora_te2_", "text_encoder_2"),
+                         ("lora_te_", "text_encoder")):
+        if name.startswith(prefix):
+            return role, name[len(prefix):]
+    raise DifftuneError(f"{name}: not a kohya LoRA name (expected lora_unet_, lora_te_, lora_te1_ or lora_te2_)")
+
+
+def unflatten(flat: str) -> str:
+    """``down_blocks_0_attentions_0_proj_in`` -> ``down_blocks.0.attentions.0.proj_in``."""
+    parts = flat.split("_")
+    out, i = [], 0
+    while i < len(parts):
+        for comp in _COMPOUNDS:
+            if parts[i:i + len(comp)] == comp:
+                out.append("_".join(comp))
+                i += len(comp)
+                break
+        else:
+            out.append(parts[i])
+            i += 1
+    return ".".join(out)
+
+
+#: CLIP text-encoder paths start here in transformers >= 5; kohya names keep the ``text_model`` level.
+_CLIP_ROOTS = ("encoder.", "embeddings.", "final_layer_norm")
+
+
+def _kohya_path(role: str, path: str) -> str:
+    if role.startswith("text_encoder") and path.startswith(_CLIP_ROOTS):
+        return "text_model." + path
+    return path
+
+
+def _canonical_path(role: str, path: str) -> str:
+    """Text-encoder paths as the installed transformers names them (``text_model.`` dropped from v5)."""
+    if role.startswith("text_encoder") and path.startswith("text_model.") and _clip_without_text_model():
+        return path[len("text_model."):]
+    return path
+
+
+def _clip_without_text_model() -> bool:
+    import transformers
+
+    return int(transformers.__version__.split(".")[0]) >= 5
+
+
+def to_kohya(adapter: LoraAdapter) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    prefixes = role_prefixes(adapter.roles())
+    tensors = {}
+    for name, m in adapter.modules.items():
+        role, path = name.split(".", 1)
+        base = f"{prefixes[role]}_{_kohya_path(role, path).replace('.', '_')}"
+        if f"{base}.lora_down.weight" in tensors:
+            raise DifftuneError(f"{name}: its kohya name {base} collides with another module")
+        tensors[f"{base}.lora_down.weight"] = m.down
+        tensors[f"{base}.lora_up.weight"] = m.up
+        tensors[f"{base}.alpha"] = torch.tensor(float(m.alpha), dtype=torch.float32)
+    header = {"format": "pt"}
+    header.update(adapter.metadata)
+    header[MODULES_META_KEY] = modules_metadata(adapter)
+    return tensors, header
+
+
+def from_kohya(tensors: dict[str, torch.Tensor], metadata: dict[str, str],
+               module_names: dict[str, list[str]] | None = None) -> LoraAdapter:
+    """Read kohya LoRA pairs. Names are resolved against ``module_names`` when given, else by vocabulary."""
+    exact = {role: {_kohya_path(role, p).replace(".", "_"): p for p in paths}
+             for role, paths in (module_names or {}).items()}
+    modules: dict[str, LoraModule] = {}
+    left = set(tensors)
+    for key in sorted(tensors):
+        if not key.endswith(".lora_down.weight"):
+            continue
+        base = key[: -len(".lora_down.weight")]
+        up_key, alpha_key = f"{base}.lora_up.weight", f"{base}.alpha"
+        if up_key not in tensors:
+            raise DifftuneError(f"{base}: has lora_down but no lora_up weight")
+        down, up = tensors[key], tensors[up_key]
+        if up.shape[1] != down.shape[0]:
+            raise DifftuneError(f"{base}: lora_up has rank {up.shape[1]} but lora_down has rank {down.shape[0]}")
+        # Without an alpha, kohya loaders use alpha = rank (scale 1).
+        alpha = float(tensors[alpha_key].item()) if alpha_key in tensors else float(down.shape[0])
+        role, flat = _prefix_role(base)
+        path = exact.get(role, {}).get(flat) or _canonical_path(role, unflatten(flat))
+        modules[f"{role}.{path}"] = LoraModule(down, up, alpha)
+        left -= {key, up_key, alpha_key}
+    if left:
+        extra = sorted(left)
+        raise DifftuneError(f"{len(extra)} tensor(s) are not kohya LoRA pairs (e.g. {extra[0]})")
+    if not modules:
+        raise DifftuneError("no kohya LoRA weights found (expected keys ending in .lora_down.weight)")
+    meta = {k: v for k, v in metadata.items() if k.startswith("difftune.") and k != MODULES_META_KEY}
+    return LoraAdapter(modules, meta)
+
+
+def sgm_to_diffusers_names(tensors: dict[str, torch.Tensor], unet_config) -> dict[str, torch.Tensor]:
+    """kohya names in the original UNet layout (``input_blocks_4_1_...``) renamed to diffusers block names.
+
+    Uses diffusers' own mapping (the one ``load_lora_weights`` applies), which needs the UNet's
+    ``layers_per_block``.
+    """
+    from diffusers.loaders.lora_conversion_utils import _maybe_map_sgm_blocks_to_diffusers
+
+    try:
+        mapped = _maybe_map_sgm_blocks_to_diffusers(dict(tensors), unet_config)
+    except (ValueError, IndexError) as exc:
+        raise DifftuneError(f"original (sgm) block names could not be mapped to this model ({exc})") from None
+    # The mapping fixes the indices; the block words are renamed afterwards, as diffusers does.
+    renames = (("lora_unet_input_blocks_", "lora_unet_down_blocks_"), ("lora_unet_middle_block_", "lora_unet_mid_block_"),
+               ("lora_unet_output_blocks_", "lora_unet_up_blocks_"))
+    out = {}
+    for key, value in mapped.items():
+        for old, new in renames:
+            if key.startswith(old):
+                key = new + key[len(old):]
+        out[key] = value
+    return out
+
+
+def kohya_training_summary(metadata: dict[str, str]) -> dict[str, str]:
+    """The most useful ``ss_*`` entries kohya sd-scripts writes, for ``inspect``."""
+    wanted = ("ss_sd_model_name", "ss_base_model_version", "ss_network_module", "ss_network_dim", "ss_network_alpha",
+              "ss_network_args", "ss_steps", "ss_epoch", "ss_learning_rate", "ss_resolution", "ss_output_name")
+    out = {k: metadata[k] for k in wanted if k in metadata}
+    if "ss_tag_frequency" in metadata:
+        try:
+            tags = json.loads(metadata["ss_tag_frequency"])
+            out["ss_tag_frequency"] = f"{sum(len(v) for v in tags.values())} tags"
+        except (json.JSONDecodeError, AttributeError):
+            pass
+    return out
