@@ -38,16 +38,16 @@ def shapes_data(tmp_path) -> Path:
     return make_tiny_dataset(tmp_path / "data", n=4, size=64)
 
 
-def tiny_run_config(model: Path, data: Path, out: Path, **sections) -> dict:
+def tiny_run_config(model_path: Path, data_path: Path, out_dir: Path, **sections) -> dict:
     """A config mapping for a fast CPU run; ``sections`` update the defaults section by section."""
     base = {
-        "model": {"path": str(model)},
+        "model": {"path": str(model_path)},
         "method": {"type": "lora", "rank": 4},
-        "data": {"path": str(data), "resolution": 32},
+        "data": {"path": str(data_path), "resolution": 32},
         "train": {"max_steps": 4, "learning_rate": 1e-3, "checkpoint_every": 0, "log_every": 1,
                   "mixed_precision": "no"},
         "logging": {"report_to": "none"},
-        "output": {"dir": str(out)},
+        "output": {"dir": str(out_dir)},
     }
     for name, values in sections.items():
         base.setdefault(name, {}).update(values)

@@ -41,6 +41,10 @@ class RunResult:
     steps: int
     losses: list[tuple[int, float]] = field(default_factory=list)
     samples: list[Path] = field(default_factory=list)
+    #: (step, held-out loss) for each evaluation; empty without ``validation.holdout``.
+    val_losses: list[tuple[int, float]] = field(default_factory=list)
+    #: True if ``validation.patience`` stopped the run early.
+    stopped_early: bool = False
 
 
 def make_accelerator(config: Config, paths: RunPaths):

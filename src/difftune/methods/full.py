@@ -1,0 +1,129 @@
+"""Full fine-tuning: every weight of the denoiser (and optionally the text encoders) trains.
+
+The result is a complete diffusers pipeline folder, ``<output>/pipeline``, which the family's
+pipeline class loads with ``from_pretrained``. With ``method.ema`` an exponential moving average
+of the trained weights (``diffusers.training_utils.EMAModel``) is kept and exported instead.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from difftune.errors import ConfigError
+from difftune.methods.base import Method
+from difftune.models.base import Components
+
+PIPELINE_FOLDER = "pipeline"
+
+
+class FullFineTune(Method):
+    name = "full"
+    supports_prior_preservation = True
+
+    def __init__(self, config, family) -> None:
+        super().__init__(config, family)
+        self.ema: dict[str, Any] = {}
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        if config.method.save_single_file:
+            # No family in this version converts diffusers weights back to the original (LDM) layout,
+            # and a single file of diffusers-format keys would not load in A1111 or ComfyUI.
+            raise ConfigError(
+                "method.save_single_file: not supported yet; the exported pipeline folder "
+                f"(<output.dir>/{PIPELINE_FOLDER}) loads with from_pretrained"
+            )
+
+    def prepare(self, components: Components) -> None:
+        from diffusers.training_utils import EMAModel
+
+        components.vae.requires_grad_(False)
+        for encoder in components.text_encoders:
+            encoder.requires_grad_(False)
+        for module in self.trainable_modules(components).values():
+            module.to(torch.float32)  # trainable weights stay in fp32; autocast handles mixed precision
+            module.requires_grad_(True)
+        if self.config.method.ema:
+            self.ema = {
+                role: EMAModel(list(module.parameters()), decay=self.config.method.ema_decay)
+                for role, module in self.trainable_modules(components).items()
+            }
+
+    def trainable_modules(self, components: Components) -> dict[str, nn.Module]:
+        modules: dict[str, nn.Module] = {"denoiser": components.denoiser}
+        if self.config.method.train_text_encoder:
+            modules.update(zip(components.encoder_names, components.text_encoders, strict=True))
+        return modules
+
+    def on_step_end(self, step: int, components: Components) -> None:
+        for role, module in self.trainable_modules(components).items():
+            if role in self.ema:
+                params = list(module.parameters())
+                self.ema[role].to(device=params[0].device)
+                self.ema[role].step(params)
+
+    def trainable_state_dict(self, components: Components) -> dict[str, torch.Tensor]:
+        state = super().trainable_state_dict(components)
+        for role, ema in self.ema.items():
+            state.update({f"ema.{role}.{i}": p.detach().clone() for i, p in enumerate(ema.shadow_params)})
+            state[f"ema.{role}.optimization_step"] = torch.tensor(ema.optimization_step)
+        return state
+
+    def load_trainable_state_dict(self, components: Components, state: dict[str, torch.Tensor]) -> None:
+        expected = set(self.trainable_state_dict(components))
+        if set(state) != expected:
+            raise ValueError(f"checkpoint does not match this run: {sorted(expected ^ set(state))[:3]} differ")
+        modules = self.trainable_modules(components)
+        with torch.no_grad():
+            for key, value in state.items():
+                if not key.startswith("ema."):
+                    role, name = key.split(".", 1)
+                    modules[role].get_parameter(name).copy_(value)
+        for role, ema in self.ema.items():
+            ema.optimization_step = int(state[f"ema.{role}.optimization_step"])
+            ema.shadow_params = [state[f"ema.{role}.{i}"].to(p.device) for i, p in enumerate(ema.shadow_params)]
+
+    def exported_modules(self, components: Components) -> dict[str, nn.Module]:
+        """The trained modules as they are exported: EMA weights copied into a clone when EMA is on."""
+        out = {}
+        for role, module in self.trainable_modules(components).items():
+            if role in self.ema:
+                clone = copy.deepcopy(module)
+                self.ema[role].copy_to(clone.parameters())
+                module = clone
+            out[role] = module
+        return out
+
+    def export(self, components: Components, out_dir: Path, metadata: dict[str, str]) -> list[Path]:
+        trained = self.exported_modules(components)
+        denoiser = trained.get("denoiser", components.denoiser)
+        encoders = [trained.get(n, e) for n, e in zip(components.encoder_names, components.text_encoders, strict=True)]
+        pipe = self.family.build_pipeline(components, denoiser, encoders)
+        folder = out_dir / PIPELINE_FOLDER
+        pipe.save_pretrained(folder, safe_serialization=True)
+        return [folder / "model_index.json"]
+
+    def card_details(self) -> dict[str, Any]:
+        m = self.config.method
+        pipe = self.family.pipeline_class().__name__
+        trained = self.family.denoiser_name + (" + text encoder(s)" if m.train_text_encoder else "")
+        return {
+            "summary": {
+                "Method": f"Full fine-tuning ({trained})",
+                "EMA": f"on (decay {m.ema_decay}; the EMA weights are exported)" if m.ema else "off",
+                "Saved as": f"diffusers pipeline folder `{PIPELINE_FOLDER}/`",
+            },
+            "usage": (
+                "import torch\n"
+                f"from diffusers import {pipe}\n\n"
+                f'pipe = {pipe}.from_pretrained("{{repo_or_folder}}/{PIPELINE_FOLDER}", '
+                'torch_dtype=torch.float16).to("cuda")\n'
+                'image = pipe("{prompt}").images[0]\n'
+            ),
+            "tags": ["full-fine-tune"],
+        }
