@@ -92,7 +92,7 @@ class PivotalTuning(LoRA):
         details = super().card_details()
         m = self.config.method
         names = self._encoder_names or ["text_encoder"]
-        keys = getattr(self.family, "embedding_save_keys", None)
+        keys = self.family.embedding_save_keys
         keys = list(keys) if keys and len(keys) == len(names) else None
         details["summary"] = {
             "Method": "Pivotal tuning (textual inversion + " + details["summary"]["Method"] + ")",

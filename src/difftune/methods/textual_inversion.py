@@ -20,7 +20,7 @@ from difftune.models.base import Components
 
 def embedding_save_keys(family, components: Components) -> list[str] | None:
     """Per-encoder keys of the embeddings file, from the family (``None``: use the encoder names)."""
-    keys = getattr(family, "embedding_save_keys", None)
+    keys = family.embedding_save_keys
     return list(keys) if keys and len(keys) == len(components.text_encoders) else None
 
 
@@ -73,7 +73,7 @@ class TextualInversion(Method):
         m = self.config.method
         pipe = self.family.pipeline_class().__name__
         names = self._encoder_names or ["text_encoder"]
-        keys = getattr(self.family, "embedding_save_keys", None)
+        keys = self.family.embedding_save_keys
         keys = list(keys) if keys and len(keys) == len(names) else None
         return {
             "summary": {
