@@ -11,9 +11,9 @@ def train_run(tiny_sd, shapes_data, run_config, tmp_path):
     from difftune.config import load_config
     from difftune.training.loop import train
 
-    def run(out_name: str = "out", data=None, log=None, **sections):
+    def run(out_name: str = "out", data_path=None, log=None, **sections):
         out = tmp_path / out_name
-        raw = run_config(tiny_sd, data or shapes_data, out, **sections)
+        raw = run_config(tiny_sd, data_path or shapes_data, out, **sections)
         messages: list[str] = []
         result = train(load_config(data=raw), log=log or messages.append)
         result.messages = messages
