@@ -72,7 +72,6 @@ def test_early_stopping_bookkeeping(run_config, tiny_sd, shapes_data, tmp_path):
     assert evaluator.should_stop and evaluator.best == (3, 0.9)
 
 
-@pytest.mark.slow
 def test_run_logs_held_out_loss_and_marks_the_best_checkpoint(train_run):
     result = train_run(validation={"holdout": 0.25, "loss_every": 1},
                        train={"max_steps": 3, "checkpoint_every": 1, "checkpoints_keep": 1})

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pytest
 import torch
 from method_helpers import base_pipeline, pipeline_image
 from safetensors import safe_open
@@ -18,7 +17,6 @@ def _peft_state(module):
     return get_peft_model_state_dict(module, adapter_name=next(iter(module.peft_config)))
 
 
-@pytest.mark.slow
 def test_dora_loads_with_load_lora_weights(train_run, tiny_sd):
     result = train_run(method={"variant": "dora", "init": "gaussian"}, train={"max_steps": 2})
     saved = load_file(result.output_dir / "pytorch_lora_weights.safetensors")
@@ -31,7 +29,6 @@ def test_dora_loads_with_load_lora_weights(train_run, tiny_sd):
     assert not np.allclose(before, pipeline_image(pipe))
 
 
-@pytest.mark.slow
 def test_lokr_loads_with_load_lora_adapter(train_run, tiny_sd):
     from peft import LoKrConfig
 
@@ -47,7 +44,6 @@ def test_lokr_loads_with_load_lora_adapter(train_run, tiny_sd):
     assert not np.allclose(before, pipeline_image(pipe))
 
 
-@pytest.mark.slow
 def test_loha_loads_with_peft(train_run, tiny_sd):
     from peft import LoHaConfig, inject_adapter_in_model, set_peft_model_state_dict
 
@@ -66,7 +62,6 @@ def test_loha_loads_with_peft(train_run, tiny_sd):
     assert "LoHaConfig.from_pretrained" in card
 
 
-@pytest.mark.slow
 def test_rank_and_alpha_patterns_are_saved_and_restored(train_run, tiny_sd):
     module = "mid_block.attentions.0.transformer_blocks.0.attn1.to_q"
     result = train_run(method={"rank": 4, "rank_pattern": {module: 2}, "alpha_pattern": {module: 8.0}},

@@ -14,7 +14,6 @@ REQUIRED = {
 }
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", METHODS.names())
 def test_method_prepares_steps_and_exports(name, train_run):
     result = train_run(method={"type": name, **REQUIRED.get(name, {})}, train={"max_steps": 1})

@@ -15,7 +15,6 @@ PIVOTAL = {"type": "pivotal", "token": "<sks>", "initializer_token": "dog", "tex
            "embedding_stop_step": 1}
 
 
-@pytest.mark.slow
 def test_pivotal_saves_both_parts_and_embeddings_stop_training(train_run, tiny_sd):
     result = train_run(method=PIVOTAL, train={"max_steps": 3, "checkpoint_every": 1, "checkpoints_keep": 0})
     out = result.output_dir
@@ -56,7 +55,6 @@ def test_pivotal_param_groups_have_separate_learning_rates(tiny_sd, run_config, 
                if any(p is q for q in lora_group["params"]))
 
 
-@pytest.mark.slow
 def test_full_fine_tune_exports_a_loadable_pipeline_with_ema(train_run, tiny_sd):
     from diffusers import StableDiffusionPipeline
 
@@ -76,7 +74,62 @@ def test_full_fine_tune_exports_a_loadable_pipeline_with_ema(train_run, tiny_sd)
     assert "pipeline" in (plain.output_dir / "README.md").read_text()
 
 
-def test_full_single_file_is_refused_before_training(tiny_sd, run_config, shapes_data, tmp_path):
-    raw = run_config(tiny_sd, shapes_data, tmp_path, method={"type": "full", "save_single_file": True})
-    with pytest.raises(ConfigError, match="method.save_single_file"):
-        load_config(data=raw)
+def _full_method(tiny_sd, run_config, shapes_data, tmp_path, family_cls, **method):
+    from difftune.methods import METHODS
+    from difftune.models.loading import resolve_source
+
+    config = load_config(data=run_config(tiny_sd, shapes_data, tmp_path,
+                                         method={"type": "full", "save_single_file": True, **method}))
+    source = resolve_source(str(tiny_sd), None, None, None)
+    family = family_cls()
+    return METHODS.get("full")(config, family), family.load(source, dtype=torch.float32)
+
+
+def test_single_file_needs_a_family_converter(tiny_sd, run_config, shapes_data, tmp_path):
+    from difftune.models.sd import StableDiffusion
+
+    class NoConverter(StableDiffusion):
+        save_single_file = None
+
+    method, components = _full_method(tiny_sd, run_config, shapes_data, tmp_path, NoConverter)
+    with pytest.raises(ConfigError, match="method.save_single_file: .* has no converter"):
+        method.prepare(components)
+
+
+def test_single_file_is_written_by_the_family_from_the_exported_weights(tiny_sd, run_config, shapes_data, tmp_path):
+    from difftune.models.sd import StableDiffusion
+
+    calls = []
+
+    class Recording(StableDiffusion):
+        def save_single_file(self, components, path, denoiser=None, text_encoders=None, *, dtype=None,
+                             metadata=None):
+            calls.append((denoiser, text_encoders, metadata))
+            path.write_bytes(b"x")
+            return path
+
+    method, components = _full_method(tiny_sd, run_config, shapes_data, tmp_path, Recording, ema=True)
+    method.prepare(components)
+    with torch.no_grad():
+        components.denoiser.conv_in.weight.add_(1.0)  # the raw weights moved; the EMA did not
+    files = method.export(components, tmp_path, {"difftune.method": "full"})
+    assert tmp_path / "model.safetensors" in files and len(calls) == 1
+    denoiser, encoders, metadata = calls[0]
+    assert denoiser is not components.denoiser  # the EMA copy is what gets written
+    assert not torch.equal(denoiser.conv_in.weight, components.denoiser.conv_in.weight)
+    assert metadata == {"difftune.method": "full"}
+    assert "from_single_file" in method.card_details()["usage"]
+
+
+def test_full_single_file_loads_in_diffusers(train_run, tiny_sd):
+    """With the family's original-layout converter, the single file loads with from_single_file."""
+    pytest.importorskip("difftune.models.sd_single_file", reason="needs the SD single-file converter")
+    from diffusers import StableDiffusionPipeline
+
+    result = train_run(method={"type": "full", "save_single_file": True}, train={"max_steps": 1})
+    single = StableDiffusionPipeline.from_single_file(result.output_dir / "model.safetensors", config=str(tiny_sd),
+                                                      safety_checker=None, requires_safety_checker=False)
+    folder = StableDiffusionPipeline.from_pretrained(result.output_dir / "pipeline")
+    torch.testing.assert_close(single.unet.conv_in.weight, folder.unet.conv_in.weight)
+    base = base_pipeline(tiny_sd)
+    assert not torch.equal(single.unet.conv_in.weight, base.unet.conv_in.weight)

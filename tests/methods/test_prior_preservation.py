@@ -57,7 +57,6 @@ def test_the_loss_applies_per_image_weights(tiny_sd):
     torch.testing.assert_close(loss(torch.tensor([1.0, 0.5])), only_first + 0.5 * only_second)
 
 
-@pytest.mark.slow
 def test_class_images_are_generated_once_and_reused(train_run, tmp_path):
     settings = dict(
         data={"instance_prompt": "a photo of sks shape", "caption_source": "instance_prompt"},

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 from method_helpers import base_pipeline, pipeline_image
 from safetensors.torch import load_file
@@ -60,7 +59,6 @@ def test_without_restoring_rows_weight_decay_would_move_them(tiny_sd, tmp_path, 
     assert not torch.equal(weight[: original.shape[0]], original)
 
 
-@pytest.mark.slow
 def test_trained_embedding_loads_with_load_textual_inversion(train_run, tiny_sd):
     result = train_run(method=TI, train={"max_steps": 3})
     path = result.output_dir / "learned_embeds.safetensors"

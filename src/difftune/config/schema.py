@@ -149,8 +149,9 @@ class MethodConfig:
     ema_decay: float = opt(0.9999, "`full`: EMA decay per step.", min=0.0, max=1.0)
     save_single_file: bool = opt(
         False,
-        "`full`: also write one `.safetensors` in the original (LDM/A1111) layout. Only families that "
-        "provide a converter support it; others stop with an error before training.",
+        "`full`: also write `model.safetensors`, the whole model in the original (LDM) single-file "
+        "layout that A1111 and ComfyUI load. Needs a family with a converter (SD 1.x/2.x); others stop "
+        "with an error before training.",
     )
 
 

@@ -1,8 +1,10 @@
 """Full fine-tuning: every weight of the denoiser (and optionally the text encoders) trains.
 
 The result is a complete diffusers pipeline folder, ``<output>/pipeline``, which the family's
-pipeline class loads with ``from_pretrained``. With ``method.ema`` an exponential moving average
-of the trained weights (``diffusers.training_utils.EMAModel``) is kept and exported instead.
+pipeline class loads with ``from_pretrained``; with ``method.save_single_file`` also
+``<output>/model.safetensors`` in the original (LDM) layout, written by the family's
+``save_single_file`` converter. With ``method.ema`` an exponential moving average of the trained
+weights (``diffusers.training_utils.EMAModel``) is kept and exported instead.
 """
 
 from __future__ import annotations
@@ -16,9 +18,16 @@ from torch import nn
 
 from difftune.errors import ConfigError
 from difftune.methods.base import Method
-from difftune.models.base import Components
+from difftune.models.base import Components, ModelFamily
 
 PIPELINE_FOLDER = "pipeline"
+SINGLE_FILE = "model.safetensors"
+
+
+def writes_single_file(family: ModelFamily) -> bool:
+    """True if the family converts its weights to an original-layout single file (it overrides ``save_single_file``)."""
+    impl = getattr(type(family), "save_single_file", None)
+    return callable(impl) and impl is not getattr(ModelFamily, "save_single_file", None)
 
 
 class FullFineTune(Method):
@@ -29,19 +38,15 @@ class FullFineTune(Method):
         super().__init__(config, family)
         self.ema: dict[str, Any] = {}
 
-    @classmethod
-    def check_config(cls, config) -> None:
-        if config.method.save_single_file:
-            # No family in this version converts diffusers weights back to the original (LDM) layout,
-            # and a single file of diffusers-format keys would not load in A1111 or ComfyUI.
-            raise ConfigError(
-                "method.save_single_file: not supported yet; the exported pipeline folder "
-                f"(<output.dir>/{PIPELINE_FOLDER}) loads with from_pretrained"
-            )
-
     def prepare(self, components: Components) -> None:
         from diffusers.training_utils import EMAModel
 
+        if self.config.method.save_single_file and not writes_single_file(self.family):
+            # A file of diffusers-format keys would not load in A1111 or ComfyUI, so none is written.
+            raise ConfigError(
+                f"method.save_single_file: {self.family.title} has no converter to the original single-file "
+                f"layout; unset it (the pipeline folder <output.dir>/{PIPELINE_FOLDER} loads with from_pretrained)"
+            )
         components.vae.requires_grad_(False)
         for encoder in components.text_encoders:
             encoder.requires_grad_(False)
@@ -106,7 +111,11 @@ class FullFineTune(Method):
         pipe = self.family.build_pipeline(components, denoiser, encoders)
         folder = out_dir / PIPELINE_FOLDER
         pipe.save_pretrained(folder, safe_serialization=True)
-        return [folder / "model_index.json"]
+        files = [folder / "model_index.json"]
+        if self.config.method.save_single_file:
+            files.append(self.family.save_single_file(components, out_dir / SINGLE_FILE, denoiser, encoders,
+                                                      metadata=metadata))
+        return files
 
     def card_details(self) -> dict[str, Any]:
         m = self.config.method
@@ -116,7 +125,8 @@ class FullFineTune(Method):
             "summary": {
                 "Method": f"Full fine-tuning ({trained})",
                 "EMA": f"on (decay {m.ema_decay}; the EMA weights are exported)" if m.ema else "off",
-                "Saved as": f"diffusers pipeline folder `{PIPELINE_FOLDER}/`",
+                "Saved as": f"diffusers pipeline folder `{PIPELINE_FOLDER}/`"
+                + (f" and single file `{SINGLE_FILE}` (original layout)" if m.save_single_file else ""),
             },
             "usage": (
                 "import torch\n"
@@ -124,6 +134,8 @@ class FullFineTune(Method):
                 f'pipe = {pipe}.from_pretrained("{{repo_or_folder}}/{PIPELINE_FOLDER}", '
                 'torch_dtype=torch.float16).to("cuda")\n'
                 'image = pipe("{prompt}").images[0]\n'
+                + (f'# or the single file, e.g. for A1111 / ComfyUI: {pipe}.from_single_file('
+                   f'"{{repo_or_folder}}/{SINGLE_FILE}")\n' if m.save_single_file else "")
             ),
             "tags": ["full-fine-tune"],
         }
