@@ -62,6 +62,7 @@ def train(config: Config, log=print) -> RunResult:
     components = family.load(source, dtype=weight_dtype(config))
     class_examples = prior.class_examples(config, family, components, accelerator, log)  # base model, before training
     method = METHODS.get(config.method.type)(config, family)
+    torch.manual_seed(config.train.seed)  # new weights (LoRA A matrices, ...) start from the seed too
     method.prepare(components)
     objective = OBJECTIVES.get(family.objective)(family.objective_settings(components), config.train)
     for module in (components.vae, *components.text_encoders, components.denoiser):

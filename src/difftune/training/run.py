@@ -94,6 +94,10 @@ RESUME_NEUTRAL = ("train.resume", "train.checkpoint_every", "train.checkpoints_k
                   "validation", "logging", "output", "data.num_workers")
 
 
+#: Exceptions inside the neutral sections: the held-out split decides which images train.
+RESUME_RELEVANT = ("validation.holdout",)
+
+
 def flat_config(config: Config) -> dict[str, object]:
     flat = {}
     for section, values in config_to_dict(config).items():
@@ -107,7 +111,7 @@ def flat_config(config: Config) -> dict[str, object]:
 def resume_relevant(config: Config) -> dict[str, object]:
     return {
         k: v for k, v in flat_config(config).items()
-        if not any(k == n or k.startswith(n + ".") for n in RESUME_NEUTRAL)
+        if k in RESUME_RELEVANT or not any(k == n or k.startswith(n + ".") for n in RESUME_NEUTRAL)
     }
 
 
