@@ -73,9 +73,9 @@ def train(config: Config, log=print) -> RunResult:
             _enable_gradient_checkpointing(module)
 
     # Data: a deterministic, resumable order of micro-batches for this process.
-    examples, held_out = holdout.split(load_examples(config.data), config)
+    examples, held_examples = holdout.split(load_examples(config.data), config)
     dataset, collate = prior.training_data(config, examples, class_examples)
-    held_out = holdout.HeldOutLoss(held_out, config) if held_out else None
+    held_out = holdout.HeldOutLoss(held_examples, config) if held_examples else None
     order = ResumableBatches(len(dataset), config.train.batch_size, config.train.seed, rank, world)
     steps = total_steps(config, order.batches_per_epoch)
 
