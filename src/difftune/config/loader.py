@@ -102,6 +102,9 @@ def _type_name(tp: Any) -> str:
         return f"a list of {_type_name(typing.get_args(tp)[0])}"
     if dataclasses.is_dataclass(tp):
         return "a table"
+    if origin is dict:
+        key_tp, value_tp = typing.get_args(tp)
+        return f"a table of {_type_name(key_tp)} → {_type_name(value_tp)}"
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
 
 
@@ -126,6 +129,11 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a table such as {{path = \"...\"}}, got {value!r}")
         return _build_table(key, tp, value)
+    if origin is dict:
+        key_tp, value_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        return {_coerce(f"{key} (key)", k, key_tp): _coerce(f"{key}.{k}", v, value_tp) for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -238,13 +246,46 @@ def validate_semantics(config: Config, check_paths: bool = True) -> None:
     mp = config.train.mixed_precision
     if config.model.dtype == "fp16" and mp == "bf16":
         raise ConfigError("model.dtype: fp16 weights with bf16 mixed precision; use model.dtype = \"bf16\"")
-    if config.method.train_text_encoder and config.method.type not in ("lora",):
-        pass  # methods that train the text encoder themselves validate it in their prepare()
+    _validate_method_and_extras(config, check_paths)
     max_steps = config.train.max_steps
     if max_steps is not None and config.train.warmup_steps > max_steps:
         raise ConfigError(
             f"train.warmup_steps: {config.train.warmup_steps} is more than train.max_steps ({max_steps})"
         )
+
+
+def _validate_method_and_extras(config: Config, check_paths: bool) -> None:
+    """Checks owned by the method, prior preservation and the held-out split."""
+    from difftune.methods import METHODS
+
+    method_cls = METHODS.get(config.method.type)
+    method_cls.check_config(config)
+    prior = config.prior_preservation
+    if prior.class_prompt:
+        if not method_cls.supports_prior_preservation:
+            raise ConfigError(
+                f"prior_preservation.class_prompt: method.type = {config.method.type!r} does not use prior "
+                "preservation; use \"lora\" or \"full\", or remove the [prior_preservation] section"
+            )
+        if not prior.class_data:
+            raise ConfigError("prior_preservation.class_data: required with class_prompt (a folder for class images)")
+        if check_paths and Path(prior.class_data).expanduser().is_file():
+            raise ConfigError(f"prior_preservation.class_data: {prior.class_data} is a file, not a folder")
+        if config.data.cache_latents:
+            # Class images are not part of the latent cache, and a batch cannot mix cached and raw images.
+            raise ConfigError("data.cache_latents: not supported together with prior preservation yet; "
+                              "set data.cache_latents = false")
+    elif prior.class_data:
+        raise ConfigError("prior_preservation.class_prompt: required when class_data is set")
+    val = config.validation
+    if isinstance(val.holdout, float) and not 0.0 < val.holdout < 1.0:
+        raise ConfigError(f"validation.holdout: {val.holdout!r} must be a fraction between 0 and 1, or a folder")
+    if isinstance(val.holdout, str) and check_paths and not Path(val.holdout).expanduser().is_dir():
+        raise ConfigError(f"validation.holdout: {val.holdout} is not a folder (give a fraction such as 0.1, or a folder)")
+    if val.holdout is None:
+        for key in ("loss_every", "patience"):
+            if getattr(val, key):
+                raise ConfigError(f"validation.{key}: needs validation.holdout (a fraction such as 0.1, or a folder)")
 
 
 def config_to_dict(config: Config) -> dict:
@@ -287,5 +328,7 @@ def _toml_value(v: Any) -> str:
     if isinstance(v, list):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     if isinstance(v, dict):
-        return "{" + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + "}"
+        import json
+
+        return "{" + ", ".join(f"{json.dumps(str(k))} = {_toml_value(x)}" for k, x in v.items()) + "}"
     raise TypeError(f"cannot write {v!r} as TOML")

@@ -105,7 +105,9 @@ class MethodConfig:
         "Module names (suffixes) that get LoRA layers in the denoiser. Empty means the family's "
         "default: the attention projections (`to_q`, `to_k`, `to_v`, `to_out.0` for SD).",
     )
-    train_text_encoder: bool = opt(False, "Also train LoRA layers on the text encoder(s).")
+    train_text_encoder: bool = opt(
+        False, "Also train the text encoder(s): LoRA layers for `lora` and `pivotal`, all weights for `full`."
+    )
     text_encoder_targets: list[str] = opt(
         [],
         "Text-encoder modules that get LoRA layers when `train_text_encoder` is on. Empty means "
@@ -115,6 +117,55 @@ class MethodConfig:
         "default",
         "LoRA initialisation: `default` (B=0, so training starts at the base model) or `gaussian`.",
         choices=("default", "gaussian"),
+    )
+    variant: str = opt(
+        "lora",
+        "Low-rank variant for `lora` and `pivotal`: `lora`, `dora` (weight-decomposed LoRA; loads with "
+        "`load_lora_weights`), `loha` (Hadamard product; saved in peft's format) or `lokr` (Kronecker "
+        "product; loads with `pipe.unet.load_lora_adapter`). See docs/methods.md for which tools load each.",
+        choices=("lora", "dora", "loha", "lokr"),
+    )
+    rank_pattern: dict[str, int] = opt(
+        {},
+        "Per-module ranks overriding `rank`: module-name pattern → rank, e.g. "
+        "`{ \"mid_block.attentions.0.transformer_blocks.0.attn1.to_q\" = 32 }` (peft's `rank_pattern`).",
+    )
+    alpha_pattern: dict[str, float] = opt(
+        {}, "Per-module alphas overriding `alpha`: module-name pattern → alpha (peft's `alpha_pattern`)."
+    )
+    token: list[str] = opt(
+        [],
+        "`textual_inversion` / `pivotal`: the new placeholder token(s), e.g. `\"<sks>\"`; a token with "
+        "`num_vectors` > 1 also adds `<sks>_1`, `<sks>_2`, ... (diffusers' multi-vector naming).",
+    )
+    initializer_token: list[str] = opt(
+        [],
+        "`textual_inversion` / `pivotal`: word(s) whose embedding starts each new token, e.g. `\"dog\"` "
+        "(one for all tokens, or one per token). A word of several tokens starts from their mean.",
+    )
+    num_vectors: int = opt(1, "`textual_inversion` / `pivotal`: embedding vectors per placeholder token.", min=1, max=75)
+    templates: str = opt(
+        "object",
+        "`textual_inversion` / `pivotal`: training prompts. `object` (\"a photo of a <sks>\", ...), `style` "
+        "(\"a painting in the style of <sks>\", ...) or `none` (use the data's captions, which must "
+        "contain the token).",
+        choices=("object", "style", "none"),
+    )
+    text_learning_rate: float | None = opt(
+        None, "`pivotal`: learning rate of the token embeddings; defaults to `train.learning_rate`.", min=0,
+        min_exclusive=True,
+    )
+    embedding_stop_step: int | None = opt(
+        None, "`pivotal`: the embeddings stop training after this step (the LoRA continues). Unset: never.",
+        min=0,
+    )
+    ema: bool = opt(False, "`full`: keep an exponential moving average of the weights and export it.")
+    ema_decay: float = opt(0.9999, "`full`: EMA decay per step.", min=0.0, max=1.0)
+    save_single_file: bool = opt(
+        False,
+        "`full`: also write `model.safetensors`, the whole model in the original (LDM) single-file "
+        "layout that A1111 and ComfyUI load. Needs a family with a converter (SD 1.x/2.x); others stop "
+        "with an error before training.",
     )
 
 
@@ -325,6 +376,40 @@ class ValidationConfig:
     steps: int = opt(25, "Inference steps per validation image.", min=1, max=1000)
     guidance_scale: float = opt(7.0, "Classifier-free guidance scale for validation images.", min=0.0)
     resolution: int | None = opt(None, "Sample size in pixels; defaults to `data.resolution`.", min=8)
+    holdout: float | str | None = opt(
+        None,
+        "Held-out images for a validation loss: a fraction of `data.path` (e.g. `0.1`, picked "
+        "deterministically from `train.seed` and left out of training) or a folder of images.",
+    )
+    loss_every: int = opt(
+        0, "Evaluate the held-out loss every N steps (0: only at the end). Needs `holdout`.", min=0
+    )
+    loss_timesteps: int = opt(
+        4, "Fixed timesteps per held-out image, evenly spaced, so losses compare across steps and runs.",
+        min=1, max=1000,
+    )
+    patience: int = opt(
+        0, "Stop early after this many held-out evaluations without improvement (0: never).", min=0
+    )
+
+
+@dataclass
+class PriorPreservationConfig:
+    """DreamBooth prior preservation (with `lora` or `full`): class images keep the model's idea of the class."""
+
+    class_prompt: str | None = opt(
+        None, "Prompt of the class, e.g. `a photo of dog`. Setting it turns prior preservation on."
+    )
+    class_data: str | None = opt(
+        None,
+        "Folder of class images. Missing images (up to `num_class_images`) are generated with the "
+        "base model once, saved here and reused by later runs.",
+    )
+    num_class_images: int = opt(100, "Class images to use (and to generate when the folder has fewer).", min=1)
+    loss_weight: float = opt(1.0, "Weight of the prior (class-image) loss relative to the instance loss.", min=0.0)
+    sample_steps: int = opt(25, "Inference steps per generated class image.", min=1, max=1000)
+    guidance_scale: float = opt(7.0, "Classifier-free guidance scale for generated class images.", min=0.0)
+    sample_batch_size: int = opt(4, "Class images generated per pipeline call.", min=1, max=256)
 
 
 @dataclass
@@ -355,6 +440,7 @@ SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "train": TrainConfig,
     "validation": ValidationConfig,
+    "prior_preservation": PriorPreservationConfig,
     "logging": LoggingConfig,
     "output": OutputConfig,
 }
@@ -370,5 +456,6 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    prior_preservation: PriorPreservationConfig = field(default_factory=PriorPreservationConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     output: OutputConfig = field(default_factory=OutputConfig)

@@ -35,10 +35,14 @@ class ImageCaptionDataset(Dataset):
         return len(self.examples)
 
     def __getitem__(self, key: tuple[int, int]) -> dict:
+        return self.item(key)
+
+    def item(self, key: tuple[int, int], size: tuple[int, int] | None = None) -> dict:
+        """Item ``key``; ``size`` overrides its target size (class images follow their instance's bucket)."""
         epoch, index = key
         ex = self.examples[index]
         rng = random.Random(f"{self.seed}/{epoch}/{index}")
-        size = self.sizes[index]
+        size = size or self.sizes[index]
         if self.latent_cache is not None:
             flipped = self.cfg.random_flip and rng.random() < 0.5
             mean, std = self.latent_cache.load(self.latent_cache.key_for(ex, size, flipped))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,10 +33,11 @@ class TrainingData:
     collate: Any = collate
     latent_stats: FillStats | None = None
     text_stats: FillStats | None = None
+    held_out: list = dataclasses.field(default_factory=list)
 
     def card_entry(self) -> str:
         """The model card's dataset line, e.g. ``12 images (2 skipped: 1 corrupt image, 1 too small)``."""
-        n = len(self.dataset)
+        n = len(self.scan.examples)
         skipped = self.scan.skipped_summary()
         return f"{n} images ({skipped})" if skipped != "none skipped" else f"{n} images"
 
@@ -44,11 +46,22 @@ def _quiet(_msg: str) -> None:
     pass
 
 
-def build_training_data(config: Config, family=None, components=None, *, rank: int = 0, world: int = 1,
-                        is_main: bool = True, barrier=lambda: None, log=print, progress: bool = False) -> TrainingData:
-    """Everything the loop needs from the data; fills the caches (on the main process) when enabled."""
+def build_training_data(config: Config, family=None, components=None, *, class_examples=(), rank: int = 0,
+                        world: int = 1, is_main: bool = True, barrier=lambda: None, log=print,
+                        progress: bool = False) -> TrainingData:
+    """Everything the loop needs from the data; fills the caches (on the main process) when enabled.
+
+    The held-out split (``validation.holdout``) is taken before anything else, so held-out images
+    are never trained on nor cached; ``class_examples`` (prior preservation) are paired with the
+    training images.
+    """
+    from difftune.data.prior import with_class_images
+    from difftune.training.holdout import split
+
     cfg = config.data
     scan = load_examples(cfg, log if is_main else None)
+    train_examples, held_out = split(scan.examples, config)
+    scan = dataclasses.replace(scan, examples=train_examples)
     sizes = item_sizes(scan.examples, cfg)
     latent_cache = text_cache = None
     latent_stats = text_stats = None
@@ -77,7 +90,8 @@ def build_training_data(config: Config, family=None, components=None, *, rank: i
         order = batch_order(scan, sizes, cfg, config.train.batch_size, config.train.seed, rank, world)
     except ValueError as exc:
         raise DifftuneError(str(exc)) from None
-    return TrainingData(scan, dataset, order, collate, latent_stats, text_stats)
+    dataset, collate_fn = with_class_images(config, dataset, list(class_examples))
+    return TrainingData(scan, dataset, order, collate_fn, latent_stats, text_stats, held_out)
 
 
 def _drop_nonfinite(scan: ScanResult, sizes, cache, cfg, log) -> None:
@@ -106,7 +120,9 @@ def release_if_cached(config: Config, components) -> bool:
     """With both caches on, free the VAE and text encoders (kept on the CPU if validation samples)."""
     cfg = config.data
     if cfg.cache_latents and cfg.cache_text and not config.method.train_text_encoder:
-        release_frozen_encoders(components, keep_on_cpu=bool(config.validation.prompts))
+        # Validation samples and the held-out loss still need them: keep them on the CPU then.
+        needed_later = bool(config.validation.prompts) or config.validation.holdout is not None
+        release_frozen_encoders(components, keep_on_cpu=needed_later)
         return True
     return False
 
@@ -123,7 +139,7 @@ def fill_caches(config: Config, log=print) -> TrainingData:
         raise ConfigError("data.cache_latents / data.cache_text: both are off, so there is nothing to cache; "
                           "set one of them to true")
     source = resolve_source(config.model.path, config.model.revision, config.model.variant, config.model.config)
-    family = get_family(detect_family_for(source, config.model.family))
+    family = get_family(detect_family_for(source, config.model.family), config)
     components = family.load(source, dtype=weight_dtype(config))
     return build_training_data(config, family, components, log=log, progress=True)
 
@@ -134,4 +150,4 @@ def load_tokenizers_for(config: Config) -> list:
     from difftune.models.loading import resolve_source
 
     source = resolve_source(config.model.path, config.model.revision, config.model.variant, config.model.config)
-    return get_family(detect_family_for(source, config.model.family)).load_tokenizers(source)
+    return get_family(detect_family_for(source, config.model.family), config).load_tokenizers(source)

@@ -17,10 +17,17 @@ class Method(ABC):
     """A fine-tuning method. Subclasses are registered in ``difftune.methods.METHODS``."""
 
     name: str = ""
+    #: True if DreamBooth prior preservation (class images, prior loss) makes sense with this method.
+    supports_prior_preservation: bool = False
 
     def __init__(self, config: Config, family: ModelFamily) -> None:
         self.config = config
         self.family = family
+
+    @classmethod
+    def check_config(cls, config: Config) -> None:
+        """Raise :class:`~difftune.errors.ConfigError` for settings this method cannot use (no weights loaded)."""
+        return None
 
     @abstractmethod
     def prepare(self, components: Components) -> None:
@@ -68,3 +75,16 @@ class Method(ABC):
 
     def denoiser_for_sampling(self, components: Components) -> nn.Module:
         return components.denoiser
+
+    # --- hooks the loop calls; the defaults do nothing ----------------------------------------
+
+    def prepare_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Adjust a collated batch before the loss (e.g. write placeholder tokens into captions).
+
+        Random choices must use the torch RNG, which the loop seeds per step.
+        """
+        return batch
+
+    def on_step_end(self, step: int, components: Components) -> None:
+        """Called after each optimizer step; ``step`` counts the steps completed so far."""
+        return None

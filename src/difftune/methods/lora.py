@@ -39,19 +39,52 @@ def check_targets(module: nn.Module, targets: list[str], key: str, where: str) -
             raise ConfigError(f"{key}: {target!r} matches no module in the {where}")
 
 
+#: Variants whose file diffusers' loaders read, and the call that loads them (``{folder}`` is filled in).
+VARIANT_LOADERS = {
+    "lora": "pipe.load_lora_weights(\"{folder}\")",
+    "dora": "pipe.load_lora_weights(\"{folder}\")",
+    "lokr": 'pipe.{denoiser}.load_lora_adapter("{folder}", weight_name="' + LORA_WEIGHT_NAME + '", prefix="{denoiser}")',
+}
+
+
 class LoRA(Method):
+    """LoRA and its peft variants (DoRA, LoHa, LoKr) with optional per-module rank and alpha."""
+
     name = "lora"
+    supports_prior_preservation = True
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        m = config.method
+        for key, pattern in (("method.rank_pattern", m.rank_pattern), ("method.alpha_pattern", m.alpha_pattern)):
+            for module, value in pattern.items():
+                if value < (1 if key == "method.rank_pattern" else 0):
+                    raise ConfigError(f"{key}.{module}: {value!r} is out of range")
+        if m.variant in ("loha", "lokr") and m.train_text_encoder:
+            raise ConfigError(
+                f"method.train_text_encoder: not supported with method.variant = {m.variant!r} (no common loader "
+                "reads text-encoder LoHa/LoKr weights); use variant \"lora\" or \"dora\", or train the denoiser only"
+            )
 
     def lora_config(self, targets: list[str]):
-        from peft import LoraConfig
+        from peft import LoHaConfig, LoKrConfig, LoraConfig
 
         m = self.config.method
+        alpha = m.alpha if m.alpha is not None else m.rank
+        common = {
+            "r": m.rank, "target_modules": list(targets),
+            "rank_pattern": dict(m.rank_pattern), "alpha_pattern": dict(m.alpha_pattern),
+        }
+        if m.variant == "loha":
+            return LoHaConfig(alpha=alpha, module_dropout=m.dropout, **common)
+        if m.variant == "lokr":
+            return LoKrConfig(alpha=alpha, module_dropout=m.dropout, **common)
         return LoraConfig(
-            r=m.rank,
-            lora_alpha=m.alpha if m.alpha is not None else m.rank,
+            lora_alpha=alpha,
             lora_dropout=m.dropout,
             init_lora_weights="gaussian" if m.init == "gaussian" else True,
-            target_modules=list(targets),
+            use_dora=m.variant == "dora",
+            **common,
         )
 
     def denoiser_targets(self) -> list[str]:
@@ -84,23 +117,36 @@ class LoRA(Method):
             modules.update((name, encoders[name]) for name in self.family.lora_encoder_names(components))
         return modules
 
-    def lora_layers(self, components: Components) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, Any]]]:
-        """Per saved prefix (``unet``, ``text_encoder``...): the diffusers-format state dict and its LoRA config."""
-        from peft.utils import get_peft_model_state_dict
-
+    def lora_modules(self, components: Components) -> dict[str, nn.Module]:
+        """Modules carrying a peft adapter, keyed by their prefix in the saved file."""
         prefixes = self.family.lora_prefixes(components)
         out = {}
         for role, module in self.trainable_modules(components).items():
-            prefix = prefixes[0] if role == "denoiser" else role
-            # peft's own key names (lora_A/lora_B): diffusers' convert_state_dict_to_diffusers renames
-            # only attention projections, and diffusers then silently skips those renamed keys when a
-            # file mixes both spellings (e.g. targets to_q + proj_in).
+            if getattr(module, "peft_config", None):
+                out[prefixes[0] if role == "denoiser" else role] = module
+        return out
+
+    def lora_layers(self, components: Components) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, Any]]]:
+        """Per saved prefix (``unet``, ``text_encoder``...): the saved state dict and its adapter config.
+
+        Keys keep peft's own names (``lora_A``/``lora_B``, ``hada_*``, ``lokr_*``): diffusers'
+        ``convert_state_dict_to_diffusers`` renames only attention projections, and diffusers then
+        silently skips the renamed keys when a file mixes both spellings (e.g. targets to_q + conv2).
+        """
+        from peft.utils import get_peft_model_state_dict
+
+        out = {}
+        for prefix, module in self.lora_modules(components).items():
             state = get_peft_model_state_dict(module)
-            config = module.peft_config["default"].to_dict()
-            out[prefix] = (state, {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()})
+            out[prefix] = (state, adapter_config_dict(module))
         return out
 
     def export(self, components: Components, out_dir: Path, metadata: dict[str, str]) -> list[Path]:
+        if self.config.method.variant == "loha":
+            return self.export_peft_folders(components, out_dir, metadata)
+        return self.export_lora_file(components, out_dir, metadata)
+
+    def export_lora_file(self, components: Components, out_dir: Path, metadata: dict[str, str]) -> list[Path]:
         from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
 
         tensors: dict[str, torch.Tensor] = {}
@@ -115,22 +161,75 @@ class LoRA(Method):
         save_safetensors(tensors, path, header)
         return [path]
 
+    def export_peft_folders(self, components: Components, out_dir: Path, metadata: dict[str, str]) -> list[Path]:
+        """peft's own adapter format, one folder per model part: ``<prefix>/adapter_{config.json,model.safetensors}``."""
+        from difftune.fileio import atomic_write_text
+
+        files = []
+        for prefix, (state, config) in self.lora_layers(components).items():
+            folder = out_dir / prefix
+            folder.mkdir(parents=True, exist_ok=True)
+            save_safetensors(state, folder / PEFT_WEIGHT_NAME, {"format": "pt", **metadata})
+            atomic_write_text(folder / PEFT_CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True, default=str))
+            files += [folder / PEFT_WEIGHT_NAME, folder / PEFT_CONFIG_NAME]
+        return files
+
+    def load_snippet(self, folder: str = "{repo_or_folder}") -> str:
+        """Python lines that load this run's adapter into ``pipe``."""
+        variant = self.config.method.variant
+        if variant in VARIANT_LOADERS:
+            return VARIANT_LOADERS[variant].format(folder=folder, denoiser=self.family.denoiser_name) + "\n"
+        denoiser = self.family.denoiser_name
+        return (
+            "# LoHa is saved in peft's own format (diffusers' LoRA loaders do not read LoHa):\n"
+            "from peft import LoHaConfig, inject_adapter_in_model, set_peft_model_state_dict\n"
+            "from safetensors.torch import load_file\n"
+            f'inject_adapter_in_model(LoHaConfig.from_pretrained("{folder}/{denoiser}"), pipe.{denoiser})\n'
+            f'set_peft_model_state_dict(pipe.{denoiser}, load_file("{folder}/{denoiser}/{PEFT_WEIGHT_NAME}"))\n'
+        )
+
     def card_details(self) -> dict[str, Any]:
         m = self.config.method
         pipe = self.family.pipeline_class().__name__
+        summary = {
+            "Method": VARIANT_TITLES[m.variant] + (" (denoiser + text encoder)" if m.train_text_encoder else ""),
+            "Rank / alpha": f"{m.rank} / {m.alpha if m.alpha is not None else m.rank}",
+            "Dropout": m.dropout,
+            "Target modules": ", ".join(self.denoiser_targets()),
+            "Loads with": VARIANT_CONSUMERS[m.variant],
+        }
+        if m.rank_pattern:
+            summary["Rank pattern"] = ", ".join(f"{k}: {v}" for k, v in m.rank_pattern.items())
+        if m.alpha_pattern:
+            summary["Alpha pattern"] = ", ".join(f"{k}: {v}" for k, v in m.alpha_pattern.items())
         return {
-            "summary": {
-                "Method": "LoRA" + (" (denoiser + text encoder)" if m.train_text_encoder else ""),
-                "Rank / alpha": f"{m.rank} / {m.alpha if m.alpha is not None else m.rank}",
-                "Dropout": m.dropout,
-                "Target modules": ", ".join(self.denoiser_targets()),
-            },
+            "summary": summary,
             "usage": (
                 "import torch\n"
                 f"from diffusers import {pipe}\n\n"
                 f'pipe = {pipe}.from_pretrained("{{base_model}}", torch_dtype=torch.float16).to("cuda")\n'
-                'pipe.load_lora_weights("{repo_or_folder}")\n'
-                'image = pipe("{prompt}").images[0]\n'
+                + self.load_snippet()
+                + 'image = pipe("{prompt}").images[0]\n'
             ),
-            "tags": ["lora"],
+            "tags": ["lora"] if m.variant == "lora" else ["lora", m.variant],
         }
+
+
+def adapter_config_dict(module: nn.Module) -> dict[str, Any]:
+    """The module's peft adapter config as JSON-ready values (sets become sorted lists)."""
+    config = module.peft_config["default"].to_dict()
+    return {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
+
+
+PEFT_WEIGHT_NAME = "adapter_model.safetensors"
+PEFT_CONFIG_NAME = "adapter_config.json"
+
+VARIANT_TITLES = {"lora": "LoRA", "dora": "DoRA (weight-decomposed LoRA)", "loha": "LoHa", "lokr": "LoKr"}
+
+#: Which consumers read each variant's file (kept in step with docs/methods.md).
+VARIANT_CONSUMERS = {
+    "lora": "diffusers `load_lora_weights`; tools that read diffusers-format LoRA keys",
+    "dora": "diffusers `load_lora_weights` (peft ≥ 0.9); other tools vary",
+    "lokr": "diffusers `unet.load_lora_adapter` (≥ 0.42); peft (`LoKrConfig`)",
+    "loha": "peft (`LoHaConfig` + `set_peft_model_state_dict`); not diffusers' LoRA loaders",
+}

@@ -72,6 +72,9 @@ class ModelFamily(ABC):
     default_text_encoder_lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
     #: Tags for the model card.
     card_tags: tuple[str, ...] = ()
+    #: Keys of a textual-inversion file, one per text encoder, for families with several encoders
+    #: (SDXL: ``("clip_l", "clip_g")``, as diffusers' SDXL examples load them). ``None``: the encoder names.
+    embedding_save_keys: tuple[str, ...] | None = None
 
     def __init__(self, config: Any | None = None) -> None:
         #: The run's :class:`~difftune.config.schema.Config`, or ``None`` (library use, tests). Families

@@ -31,3 +31,8 @@ class Objective(ABC):
         """Weighted MSE per sample, shape ``(batch,)``, computed in fp32."""
         err = (prediction.float() - noised.target.float()) ** 2
         return err.flatten(1).mean(dim=1) * noised.weights
+
+    def holdout_timesteps(self, count: int) -> torch.Tensor:
+        """``count`` fixed, evenly spaced timesteps for the held-out loss (objectives may override)."""
+        total = int(getattr(self, "num_train_timesteps", 1000))
+        return ((torch.arange(count, dtype=torch.float64) + 0.5) * total / count).long().clamp(0, total - 1)

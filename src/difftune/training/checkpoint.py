@@ -143,14 +143,16 @@ def load_checkpoint(folder: Path) -> TrainingState:
     return TrainingState(info["step"], trainable, blob["optimizer"], blob["scheduler"], extra)
 
 
-def prune(root: Path, keep: int) -> list[Path]:
-    """Delete all but the newest ``keep`` checkpoints (0 keeps all); also stale temporary folders."""
+def prune(root: Path, keep: int, protect: Path | None = None) -> list[Path]:
+    """Delete all but the newest ``keep`` checkpoints (0 keeps all) and ``protect``; also stale temporary folders."""
     removed = []
     for stale in root.glob(f".tmp-{PREFIX}*") if root.is_dir() else []:
         shutil.rmtree(stale, ignore_errors=True)
     if keep <= 0:
         return removed
     for folder in list_checkpoints(root)[:-keep]:
+        if protect is not None and folder.name == protect.name:
+            continue
         shutil.rmtree(folder, ignore_errors=True)
         removed.append(folder)
     return removed

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from difftune import __version__
 from difftune.config.loader import config_to_dict, dump_toml
 from difftune.config.schema import Config
+from difftune.data import prior
 from difftune.data.cache import frozen_encoders_on
 from difftune.data.pipeline import build_training_data, release_if_cached
 from difftune.errors import DifftuneError
@@ -26,6 +27,7 @@ from difftune.models import detect_family_for, get_family
 from difftune.models.loading import resolve_source
 from difftune.objectives import OBJECTIVES
 from difftune.training import checkpoint as ckpt
+from difftune.training import holdout
 from difftune.training.optim import build_optimizer, build_scheduler
 from difftune.training.run import (
     RunPaths,
@@ -58,7 +60,9 @@ def train(config: Config, log=print) -> RunResult:
     source = resolve_source(config.model.path, config.model.revision, config.model.variant, config.model.config)
     family = get_family(detect_family_for(source, config.model.family), config)
     components = family.load(source, dtype=weight_dtype(config))
+    class_examples = prior.class_examples(config, family, components, accelerator, log)  # base model, before training
     method = METHODS.get(config.method.type)(config, family)
+    torch.manual_seed(config.train.seed)  # new weights (LoRA A matrices, ...) start from the seed too
     method.prepare(components)
     objective = OBJECTIVES.get(family.objective)(family.objective_settings(components), config.train)
     for module in (components.vae, *components.text_encoders, components.denoiser):
@@ -69,9 +73,10 @@ def train(config: Config, log=print) -> RunResult:
             _enable_gradient_checkpointing(module)
 
     # Data: a deterministic, resumable order of micro-batches for this process (caches filled here).
-    data = build_training_data(config, family, components, rank=rank, world=world, is_main=main,
-                               barrier=accelerator.wait_for_everyone, log=log, progress=main)
+    data = build_training_data(config, family, components, class_examples=class_examples, rank=rank, world=world,
+                               is_main=main, barrier=accelerator.wait_for_everyone, log=log, progress=main)
     dataset, order = data.dataset, data.order
+    held_out = holdout.HeldOutLoss(data.held_out, config) if data.held_out else None
     release_if_cached(config, components)
     steps = total_steps(config, order.batches_per_epoch)
 
@@ -127,7 +132,7 @@ def train(config: Config, log=print) -> RunResult:
         # Every random draw of this step comes from a seed derived from (seed, step, process).
         torch.manual_seed(step_seed(config.train.seed, step, rank))
         for micro in range(config.train.gradient_accumulation):
-            batch = next(batches)
+            batch = method.prepare_batch(next(batches))
             last = micro == config.train.gradient_accumulation - 1
             sync = contextlib.nullcontext() if last or world == 1 else _no_sync(accelerator, wrapped.values())
             with sync:
@@ -141,6 +146,7 @@ def train(config: Config, log=print) -> RunResult:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        method.on_step_end(step, components)
         progress.update(1)
 
         if step % config.train.log_every == 0 or step == steps:
@@ -159,8 +165,19 @@ def train(config: Config, log=print) -> RunResult:
 
         if config.validation.prompts and config.validation.every and step % config.validation.every == 0:
             result.samples = _validate(accelerator, family, components, wrapped, config, paths, step)
+        if held_out and held_out.due(step, steps):
+            _evaluate_held_out(accelerator, held_out, family, components, objective, method, config, step, result,
+                               log)
         if config.train.checkpoint_every and step % config.train.checkpoint_every == 0 and step < steps:
-            _save_checkpoint(accelerator, method, components, optimizer, scheduler, config, paths, step, log)
+            _save_checkpoint(accelerator, method, components, optimizer, scheduler, config, paths, step, log,
+                             held_out)
+        if held_out and held_out.should_stop:
+            result.stopped_early = True
+            if main:
+                best = held_out.best_folder(paths.checkpoints)
+                log(f"early stop at step {step}: no held-out improvement in {config.validation.patience} "
+                    f"evaluations; best step {held_out.best[0]}" + (f" (checkpoint {best})" if best else ""))
+            break
     progress.close()
 
     if config.validation.prompts and not (config.validation.every and step % config.validation.every == 0):
@@ -179,7 +196,8 @@ def train(config: Config, log=print) -> RunResult:
 
 def _loss(family, components, objective, batch, device, config: Config) -> torch.Tensor:
     """Mean loss of one micro-batch."""
-    trains_text = config.method.train_text_encoder
+    trains_text = any(p.requires_grad for encoder in components.text_encoders if encoder is not None
+                      for p in encoder.parameters())
     if "latent_mean" in batch:  # cached: sample from the stored distribution with this step's seed
         mean = batch["latent_mean"].to(device)
         latents = mean + batch["latent_std"].to(device) * torch.randn_like(mean)
@@ -195,7 +213,21 @@ def _loss(family, components, objective, batch, device, config: Config) -> torch
     prediction = family.predict(
         components, components.denoiser, noised.noisy_latents, noised.timesteps, conditioning, batch
     )
-    return objective.per_sample_loss(prediction, noised).mean()
+    losses = objective.per_sample_loss(prediction, noised)
+    if "loss_weights" in batch:  # per-image weights from the data, e.g. the prior-preservation weight
+        losses = losses * batch["loss_weights"].to(losses.device)
+    return losses.mean()
+
+
+def _evaluate_held_out(accelerator, held_out, family, components, objective, method, config, step, result, log):
+    # Every process evaluates the same images, so all agree on early stopping without communicating.
+    with frozen_encoders_on(components, accelerator.device):
+        loss = held_out.evaluate(family, components, objective, method, accelerator.device, autocast_dtype(config))
+    improved = held_out.record(step, loss)
+    result.val_losses.append((step, loss))
+    accelerator.log({"val/loss": loss}, step=step)
+    if accelerator.is_main_process:
+        log(f"step {step}: held-out loss {loss:.5f}" + (" (best so far)" if improved else ""))
 
 
 def _check_replicas_agree(accelerator, params, log) -> None:
@@ -246,7 +278,8 @@ def _check_resume_compatible(config: Config, state, log) -> None:
         log("warning: the config differs from the one the checkpoint was written with; resuming anyway")
 
 
-def _save_checkpoint(accelerator, method, components, optimizer, scheduler, config, paths, step, log) -> None:
+def _save_checkpoint(accelerator, method, components, optimizer, scheduler, config, paths, step, log,
+                     held_out=None) -> None:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         raw_optimizer = getattr(optimizer, "optimizer", optimizer)
@@ -258,8 +291,13 @@ def _save_checkpoint(accelerator, method, components, optimizer, scheduler, conf
             extra={},
         )
         info = {"config_hash": config_hash(config), "difftune_version": __version__}
+        if held_out:
+            info.update(held_out.checkpoint_info(step))
         folder = ckpt.save_checkpoint(paths.checkpoints, state, info)
-        ckpt.prune(paths.checkpoints, config.train.checkpoints_keep)
+        if held_out:
+            held_out.mark_checkpoint(paths.checkpoints, folder, step, info)
+        ckpt.prune(paths.checkpoints, config.train.checkpoints_keep,
+                   protect=held_out.best_folder(paths.checkpoints) if held_out else None)
         log(f"checkpoint: {folder}")
     accelerator.wait_for_everyone()
 
@@ -312,6 +350,13 @@ def _write_card(config: Config, family, method, components, paths: RunPaths, ste
         "Noise offset": t.noise_offset,
         "Seed": t.seed,
     }
+    if result.val_losses:
+        best_step, best_loss = min(result.val_losses, key=lambda sl: sl[1])
+        training["Held-out loss"] = (f"{result.val_losses[-1][1]:.5f} at the end, best {best_loss:.5f} at step "
+                                     f"{best_step}" + (" (stopped early)" if result.stopped_early else ""))
+    if config.prior_preservation.class_prompt:
+        pp = config.prior_preservation
+        training["Prior preservation"] = f"`{pp.class_prompt}`, {pp.num_class_images} class images, weight {pp.loss_weight}"
     prompt = config.data.instance_prompt or (config.validation.prompts[0] if config.validation.prompts else "a photo")
     usage = details.get("usage", "").format(base_model=config.model.path, repo_or_folder=str(paths.root), prompt=prompt)
     write_model_card(

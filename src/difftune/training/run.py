@@ -41,6 +41,10 @@ class RunResult:
     steps: int
     losses: list[tuple[int, float]] = field(default_factory=list)
     samples: list[Path] = field(default_factory=list)
+    #: (step, held-out loss) for each evaluation; empty without ``validation.holdout``.
+    val_losses: list[tuple[int, float]] = field(default_factory=list)
+    #: True if ``validation.patience`` stopped the run early.
+    stopped_early: bool = False
 
 
 def make_accelerator(config: Config, paths: RunPaths):
@@ -90,6 +94,10 @@ RESUME_NEUTRAL = ("train.resume", "train.checkpoint_every", "train.checkpoints_k
                   "validation", "logging", "output", "data.num_workers")
 
 
+#: Exceptions inside the neutral sections: the held-out split decides which images train.
+RESUME_RELEVANT = ("validation.holdout",)
+
+
 def flat_config(config: Config) -> dict[str, object]:
     flat = {}
     for section, values in config_to_dict(config).items():
@@ -103,7 +111,7 @@ def flat_config(config: Config) -> dict[str, object]:
 def resume_relevant(config: Config) -> dict[str, object]:
     return {
         k: v for k, v in flat_config(config).items()
-        if not any(k == n or k.startswith(n + ".") for n in RESUME_NEUTRAL)
+        if k in RESUME_RELEVANT or not any(k == n or k.startswith(n + ".") for n in RESUME_NEUTRAL)
     }
 
 

@@ -1,0 +1,141 @@
+"""Full fine-tuning: every weight of the denoiser (and optionally the text encoders) trains.
+
+The result is a complete diffusers pipeline folder, ``<output>/pipeline``, which the family's
+pipeline class loads with ``from_pretrained``; with ``method.save_single_file`` also
+``<output>/model.safetensors`` in the original (LDM) layout, written by the family's
+``save_single_file`` converter. With ``method.ema`` an exponential moving average of the trained
+weights (``diffusers.training_utils.EMAModel``) is kept and exported instead.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from difftune.errors import ConfigError
+from difftune.methods.base import Method
+from difftune.models.base import Components, ModelFamily
+
+PIPELINE_FOLDER = "pipeline"
+SINGLE_FILE = "model.safetensors"
+
+
+def writes_single_file(family: ModelFamily) -> bool:
+    """True if the family converts its weights to an original-layout single file (it overrides ``save_single_file``)."""
+    impl = getattr(type(family), "save_single_file", None)
+    return callable(impl) and impl is not getattr(ModelFamily, "save_single_file", None)
+
+
+class FullFineTune(Method):
+    name = "full"
+    supports_prior_preservation = True
+
+    def __init__(self, config, family) -> None:
+        super().__init__(config, family)
+        self.ema: dict[str, Any] = {}
+
+    def prepare(self, components: Components) -> None:
+        from diffusers.training_utils import EMAModel
+
+        if self.config.method.save_single_file and not writes_single_file(self.family):
+            # A file of diffusers-format keys would not load in A1111 or ComfyUI, so none is written.
+            raise ConfigError(
+                f"method.save_single_file: {self.family.title} has no converter to the original single-file "
+                f"layout; unset it (the pipeline folder <output.dir>/{PIPELINE_FOLDER} loads with from_pretrained)"
+            )
+        components.vae.requires_grad_(False)
+        for encoder in components.text_encoders:
+            encoder.requires_grad_(False)
+        for module in self.trainable_modules(components).values():
+            module.to(torch.float32)  # trainable weights stay in fp32; autocast handles mixed precision
+            module.requires_grad_(True)
+        if self.config.method.ema:
+            self.ema = {
+                role: EMAModel(list(module.parameters()), decay=self.config.method.ema_decay)
+                for role, module in self.trainable_modules(components).items()
+            }
+
+    def trainable_modules(self, components: Components) -> dict[str, nn.Module]:
+        modules: dict[str, nn.Module] = {"denoiser": components.denoiser}
+        if self.config.method.train_text_encoder:
+            modules.update(zip(components.encoder_names, components.text_encoders, strict=True))
+        return modules
+
+    def on_step_end(self, step: int, components: Components) -> None:
+        for role, module in self.trainable_modules(components).items():
+            if role in self.ema:
+                params = list(module.parameters())
+                self.ema[role].to(device=params[0].device)
+                self.ema[role].step(params)
+
+    def trainable_state_dict(self, components: Components) -> dict[str, torch.Tensor]:
+        state = super().trainable_state_dict(components)
+        for role, ema in self.ema.items():
+            state.update({f"ema.{role}.{i}": p.detach().clone() for i, p in enumerate(ema.shadow_params)})
+            state[f"ema.{role}.optimization_step"] = torch.tensor(ema.optimization_step)
+        return state
+
+    def load_trainable_state_dict(self, components: Components, state: dict[str, torch.Tensor]) -> None:
+        expected = set(self.trainable_state_dict(components))
+        if set(state) != expected:
+            raise ValueError(f"checkpoint does not match this run: {sorted(expected ^ set(state))[:3]} differ")
+        modules = self.trainable_modules(components)
+        with torch.no_grad():
+            for key, value in state.items():
+                if not key.startswith("ema."):
+                    role, name = key.split(".", 1)
+                    modules[role].get_parameter(name).copy_(value)
+        for role, ema in self.ema.items():
+            ema.optimization_step = int(state[f"ema.{role}.optimization_step"])
+            ema.shadow_params = [state[f"ema.{role}.{i}"].to(p.device) for i, p in enumerate(ema.shadow_params)]
+
+    def exported_modules(self, components: Components) -> dict[str, nn.Module]:
+        """The trained modules as they are exported: EMA weights copied into a clone when EMA is on."""
+        out = {}
+        for role, module in self.trainable_modules(components).items():
+            if role in self.ema:
+                clone = copy.deepcopy(module)
+                self.ema[role].copy_to(clone.parameters())
+                module = clone
+            out[role] = module
+        return out
+
+    def export(self, components: Components, out_dir: Path, metadata: dict[str, str]) -> list[Path]:
+        trained = self.exported_modules(components)
+        denoiser = trained.get("denoiser", components.denoiser)
+        encoders = [trained.get(n, e) for n, e in zip(components.encoder_names, components.text_encoders, strict=True)]
+        pipe = self.family.build_pipeline(components, denoiser, encoders)
+        folder = out_dir / PIPELINE_FOLDER
+        pipe.save_pretrained(folder, safe_serialization=True)
+        files = [folder / "model_index.json"]
+        if self.config.method.save_single_file:
+            files.append(self.family.save_single_file(components, out_dir / SINGLE_FILE, denoiser, encoders,
+                                                      metadata=metadata))
+        return files
+
+    def card_details(self) -> dict[str, Any]:
+        m = self.config.method
+        pipe = self.family.pipeline_class().__name__
+        trained = self.family.denoiser_name + (" + text encoder(s)" if m.train_text_encoder else "")
+        return {
+            "summary": {
+                "Method": f"Full fine-tuning ({trained})",
+                "EMA": f"on (decay {m.ema_decay}; the EMA weights are exported)" if m.ema else "off",
+                "Saved as": f"diffusers pipeline folder `{PIPELINE_FOLDER}/`"
+                + (f" and single file `{SINGLE_FILE}` (original layout)" if m.save_single_file else ""),
+            },
+            "usage": (
+                "import torch\n"
+                f"from diffusers import {pipe}\n\n"
+                f'pipe = {pipe}.from_pretrained("{{repo_or_folder}}/{PIPELINE_FOLDER}", '
+                'torch_dtype=torch.float16).to("cuda")\n'
+                'image = pipe("{prompt}").images[0]\n'
+                + (f'# or the single file, e.g. for A1111 / ComfyUI: {pipe}.from_single_file('
+                   f'"{{repo_or_folder}}/{SINGLE_FILE}")\n' if m.save_single_file else "")
+            ),
+            "tags": ["full-fine-tune"],
+        }

@@ -1,0 +1,110 @@
+"""Pivotal tuning: textual inversion and LoRA trained together.
+
+The new token embeddings and the LoRA layers are separate optimizer groups (``method.text_learning_rate``
+for the embeddings); after ``method.embedding_stop_step`` the embeddings keep their values and only
+the LoRA trains. Saves the LoRA file and the embeddings file side by side.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from difftune.methods import embeddings
+from difftune.methods.lora import LoRA
+from difftune.methods.textual_inversion import embedding_save_keys
+from difftune.models.base import Components
+
+
+class PivotalTuning(LoRA):
+    name = "pivotal"
+    supports_prior_preservation = False
+
+    def __init__(self, config, family) -> None:
+        super().__init__(config, family)
+        self.embeddings = embeddings.from_config(config)
+        self._encoder_names: list[str] = []
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        super().check_config(config)
+        embeddings.check_token_config(config)
+
+    def prepare(self, components: Components) -> None:
+        from diffusers.training_utils import cast_training_params
+
+        super().prepare(components)  # freezes everything, adds the LoRA layers
+        self.embeddings.add(components)
+        self._encoder_names = list(components.encoder_names)
+        cast_training_params(components.text_encoders, dtype=torch.float32)
+
+    def trainable_modules(self, components: Components) -> dict[str, nn.Module]:
+        return {"denoiser": components.denoiser,
+                **dict(zip(components.encoder_names, components.text_encoders, strict=True))}
+
+    def param_groups(self, components: Components, learning_rate: float) -> list[dict[str, Any]]:
+        table = self.embeddings.embedding_weights(components)
+        ids = {id(p) for p in table}
+        lora = [p for m in self.trainable_modules(components).values() for p in m.parameters()
+                if p.requires_grad and id(p) not in ids]
+        text_lr = self.config.method.text_learning_rate or learning_rate
+        return [{"params": lora, "lr": learning_rate}, {"params": table, "lr": text_lr}]
+
+    def prepare_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return {**batch, "captions": self.embeddings.captions(batch["captions"])}
+
+    def on_step_end(self, step: int, components: Components) -> None:
+        stop = self.config.method.embedding_stop_step
+        if stop is not None and step >= stop:
+            self.embeddings.freeze_new_rows(components)
+        self.embeddings.restore(components)
+
+    def trainable_state_dict(self, components: Components) -> dict[str, torch.Tensor]:
+        table = {id(p) for p in self.embeddings.embedding_weights(components)}
+        state = {}
+        for role, module in self.trainable_modules(components).items():
+            for name, p in module.named_parameters():
+                if p.requires_grad and id(p) not in table:
+                    state[f"{role}.{name}"] = p.detach().clone()
+        return {**state, **self.embeddings.state_dict(components)}
+
+    def load_trainable_state_dict(self, components: Components, state: dict[str, torch.Tensor]) -> None:
+        expected = set(self.trainable_state_dict(components))
+        if set(state) != expected:
+            raise ValueError(f"checkpoint does not match this run: {sorted(expected ^ set(state))[:3]} differ")
+        self.embeddings.load_state_dict(components, {k: v for k, v in state.items() if k.startswith("embeddings.")})
+        modules = self.trainable_modules(components)
+        with torch.no_grad():
+            for key, value in state.items():
+                if not key.startswith("embeddings."):
+                    role, name = key.split(".", 1)
+                    modules[role].get_parameter(name).copy_(value)
+
+    def export(self, components: Components, out_dir: Path, metadata: dict[str, str]) -> list[Path]:
+        files = super().export(components, out_dir, metadata)
+        return files + self.embeddings.export(components, out_dir, embedding_save_keys(self.family, components),
+                                              metadata)
+
+    def card_details(self) -> dict[str, Any]:
+        details = super().card_details()
+        m = self.config.method
+        names = self._encoder_names or ["text_encoder"]
+        keys = self.family.embedding_save_keys
+        keys = list(keys) if keys and len(keys) == len(names) else None
+        details["summary"] = {
+            "Method": "Pivotal tuning (textual inversion + " + details["summary"]["Method"] + ")",
+            "Tokens": ", ".join(f"`{t}`" for t in m.token) + f" ({m.num_vectors} vector(s) each)",
+            "Embedding learning rate": m.text_learning_rate or "train.learning_rate",
+            "Embeddings train until step": m.embedding_stop_step if m.embedding_stop_step is not None else "the end",
+            **{k: v for k, v in details["summary"].items() if k != "Method"},
+        }
+        lora_line = self.load_snippet()
+        details["usage"] = details["usage"].replace(
+            lora_line, "# both parts: the LoRA and the token embeddings\n" + lora_line
+            + self.embeddings.load_snippet(names, keys)
+        ).replace('pipe("{prompt}")', f'pipe("a photo of {m.token[0]}")')
+        details["tags"] = [*details["tags"], "textual_inversion", "pivotal-tuning"]
+        return details

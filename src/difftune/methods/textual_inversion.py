@@ -1,0 +1,94 @@
+"""Textual inversion: learn the embedding of new placeholder tokens; every other weight stays frozen.
+
+The result is ``learned_embeds.safetensors``, which ``pipe.load_textual_inversion(folder, token=...)``
+loads; families with several text encoders get one entry per encoder under the family's save keys
+(``clip_l`` / ``clip_g`` for SDXL), as diffusers' SDXL examples load them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from difftune.methods import embeddings
+from difftune.methods.base import Method
+from difftune.models.base import Components
+
+
+def embedding_save_keys(family, components: Components) -> list[str] | None:
+    """Per-encoder keys of the embeddings file, from the family (``None``: use the encoder names)."""
+    keys = family.embedding_save_keys
+    return list(keys) if keys and len(keys) == len(components.text_encoders) else None
+
+
+class TextualInversion(Method):
+    name = "textual_inversion"
+
+    def __init__(self, config, family) -> None:
+        super().__init__(config, family)
+        self.embeddings = embeddings.from_config(config)
+        self._encoder_names: list[str] = []
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        embeddings.check_token_config(config)
+
+    def prepare(self, components: Components) -> None:
+        from diffusers.training_utils import cast_training_params
+
+        for module in (components.denoiser, components.vae, *components.text_encoders):
+            module.requires_grad_(False)
+        self.embeddings.add(components)
+        self._encoder_names = list(components.encoder_names)
+        cast_training_params(components.text_encoders, dtype=torch.float32)
+
+    def trainable_modules(self, components: Components) -> dict[str, nn.Module]:
+        return dict(zip(components.encoder_names, components.text_encoders, strict=True))
+
+    def param_groups(self, components: Components, learning_rate: float) -> list[dict[str, Any]]:
+        return [{"params": self.embeddings.embedding_weights(components), "lr": learning_rate}]
+
+    def prepare_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return {**batch, "captions": self.embeddings.captions(batch["captions"])}
+
+    def on_step_end(self, step: int, components: Components) -> None:
+        self.embeddings.restore(components)
+
+    def trainable_state_dict(self, components: Components) -> dict[str, torch.Tensor]:
+        return self.embeddings.state_dict(components)
+
+    def load_trainable_state_dict(self, components: Components, state: dict[str, torch.Tensor]) -> None:
+        expected = set(self.trainable_state_dict(components))
+        if set(state) != expected:
+            raise ValueError(f"checkpoint does not match this run: expected {sorted(expected)}, got {sorted(state)[:3]}")
+        self.embeddings.load_state_dict(components, state)
+
+    def export(self, components: Components, out_dir: Path, metadata: dict[str, str]) -> list[Path]:
+        return self.embeddings.export(components, out_dir, embedding_save_keys(self.family, components), metadata)
+
+    def card_details(self) -> dict[str, Any]:
+        m = self.config.method
+        pipe = self.family.pipeline_class().__name__
+        names = self._encoder_names or ["text_encoder"]
+        keys = self.family.embedding_save_keys
+        keys = list(keys) if keys and len(keys) == len(names) else None
+        return {
+            "summary": {
+                "Method": "Textual inversion",
+                "Tokens": ", ".join(f"`{t}`" for t in m.token),
+                "Vectors per token": m.num_vectors,
+                "Initialised from": ", ".join(f"`{t}`" for t in m.initializer_token),
+                "Prompt templates": m.templates,
+            },
+            "usage": (
+                "import torch\n"
+                f"from diffusers import {pipe}\n\n"
+                f'pipe = {pipe}.from_pretrained("{{base_model}}", torch_dtype=torch.float16).to("cuda")\n'
+                + self.embeddings.load_snippet(names, keys)
+                + f'image = pipe("a photo of {m.token[0]}").images[0]\n'
+            ),
+            "tags": ["textual_inversion"],
+        }

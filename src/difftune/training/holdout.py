@@ -1,0 +1,145 @@
+"""Held-out loss: the training objective on images the model never trains on.
+
+Each held-out image is noised at ``validation.loss_timesteps`` fixed timesteps with fixed noise
+(drawn from a generator seeded by the image's position), captions and latents are made under a
+fixed seed, and the models run in eval mode; so the number moves only when the weights do, and
+is comparable across steps and across runs with the same data and seed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from difftune.config.schema import Config
+from difftune.data.dataset import ImageCaptionDataset, collate
+from difftune.data.sources import Example, load_examples
+from difftune.errors import DifftuneError
+from difftune.fileio import atomic_write_text
+
+BEST_FILE = "best.json"
+
+
+def split(examples: list[Example], config: Config) -> tuple[list[Example], list[Example]]:
+    """(training examples, held-out examples): a seeded fraction of the data, or a separate folder."""
+    holdout = config.validation.holdout
+    if holdout is None:
+        return examples, []
+    if isinstance(holdout, str):
+        return examples, load_examples(dataclasses.replace(config.data, path=holdout))
+    count = max(1, round(len(examples) * holdout))
+    if count >= len(examples):
+        raise DifftuneError(
+            f"validation.holdout: {holdout} of {len(examples)} images leaves none to train on; "
+            "lower the fraction or give a folder"
+        )
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(config.train.seed)).tolist()
+    held = set(order[:count])
+    return ([e for i, e in enumerate(examples) if i not in held],
+            [e for i, e in enumerate(examples) if i in held])
+
+
+def _seed(*parts: object) -> int:
+    return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+class HeldOutLoss:
+    """Evaluates the held-out loss and keeps the early-stopping and best-checkpoint bookkeeping."""
+
+    def __init__(self, examples: list[Example], config: Config) -> None:
+        data = dataclasses.replace(config.data, center_crop=True, random_flip=False)
+        self.dataset = ImageCaptionDataset(examples, data, config.train.seed)
+        self.cfg = config.validation
+        self.seed = config.train.seed
+        self.batch_size = config.train.batch_size
+        self.history: list[tuple[int, float]] = []
+        self.best: tuple[int, float] | None = None
+        self.evals_without_improvement = 0
+        self.best_checkpoint: dict | None = None
+
+    def due(self, step: int, total: int) -> bool:
+        every = self.cfg.loss_every
+        return (every and step % every == 0) or step == total
+
+    @torch.no_grad()
+    def evaluate(self, family, components, objective, method, device: torch.device,
+                 autocast_dtype: torch.dtype | None) -> float:
+        """Mean held-out loss with fixed timesteps, noise, captions and VAE samples."""
+        modules = [components.denoiser, *components.text_encoders]
+        was_training = [m.training for m in modules]
+        for m in modules:
+            m.eval()
+        timesteps = objective.holdout_timesteps(self.cfg.loss_timesteps)
+        total, count = 0.0, 0
+        devices = [device] if device.type == "cuda" else []
+        amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+        try:
+            with torch.random.fork_rng(devices=devices), amp:
+                for start in range(0, len(self.dataset), self.batch_size):
+                    indices = list(range(start, min(start + self.batch_size, len(self.dataset))))
+                    torch.manual_seed(_seed(self.seed, "holdout", start))
+                    batch = method.prepare_batch(collate([self.dataset[(0, i)] for i in indices]))
+                    latents = family.encode_images(components, batch["pixels"].to(device)).float()
+                    conditioning = family.encode_prompt(components, batch["captions"])
+                    for k, t in enumerate(timesteps):
+                        noise = torch.stack([
+                            torch.randn(latents.shape[1:], generator=torch.Generator().manual_seed(
+                                _seed(self.seed, "holdout-noise", i, k)))
+                            for i in indices
+                        ]).to(device)
+                        t_batch = torch.full((len(indices),), t, device=device, dtype=timesteps.dtype)
+                        noised = objective.noise(latents, timesteps=t_batch, noise=noise)
+                        prediction = family.predict(components, components.denoiser, noised.noisy_latents,
+                                                    noised.timesteps, conditioning, batch)
+                        losses = objective.per_sample_loss(prediction, noised)
+                        total += float(losses.sum())
+                        count += len(indices)
+        finally:
+            for m, flag in zip(modules, was_training, strict=True):
+                m.train(flag)
+        return total / max(count, 1)
+
+    def record(self, step: int, loss: float) -> bool:
+        """Note an evaluation; True if it is the best so far."""
+        self.history.append((step, loss))
+        if math.isfinite(loss) and (self.best is None or loss < self.best[1]):
+            self.best = (step, loss)
+            self.evals_without_improvement = 0
+            return True
+        self.evals_without_improvement += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return bool(self.cfg.patience) and self.evals_without_improvement >= self.cfg.patience
+
+    def checkpoint_info(self, step: int) -> dict:
+        """Held-out facts for a checkpoint's info.json (empty if no evaluation happened at ``step``)."""
+        if not self.history or self.history[-1][0] != step:
+            return {}
+        loss = self.history[-1][1]
+        is_best = self.best_checkpoint is None or loss < self.best_checkpoint["val_loss"]
+        return {"holdout": {"val_loss": loss, "best": is_best}}
+
+    def mark_checkpoint(self, checkpoints: Path, folder: Path, step: int, info: dict) -> None:
+        """Point ``checkpoints/best.json`` at ``folder`` if it holds the lowest held-out loss so far."""
+        facts = info.get("holdout")
+        if not facts or not facts["best"]:
+            return
+        self.best_checkpoint = {"checkpoint": folder.name, "step": step, "val_loss": facts["val_loss"]}
+        atomic_write_text(checkpoints / BEST_FILE, json.dumps(self.best_checkpoint, indent=2))
+
+    def best_folder(self, checkpoints: Path) -> Path | None:
+        return checkpoints / self.best_checkpoint["checkpoint"] if self.best_checkpoint else None
+
+
+def read_best(checkpoints: Path) -> dict | None:
+    """The ``best.json`` record of a run's checkpoints folder, if any."""
+    path = checkpoints / BEST_FILE
+    return json.loads(path.read_text()) if path.is_file() else None

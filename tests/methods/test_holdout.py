@@ -1,0 +1,98 @@
+"""Held-out loss: a deterministic split, the same number for the same weights, best checkpoint, early stop."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from difftune.config import load_config
+from difftune.data.sources import load_examples
+from difftune.errors import ConfigError
+from difftune.tiny import make_tiny_dataset
+from difftune.training import holdout
+
+
+def test_split_is_deterministic_disjoint_and_follows_the_seed(run_config, tiny_sd, tmp_path):
+    data = make_tiny_dataset(tmp_path / "d", n=10, size=32)
+    cfg = load_config(data=run_config(tiny_sd, data, tmp_path / "o", validation={"holdout": 0.3}))
+    train_a, held_a = holdout.split(load_examples(cfg.data), cfg)
+    train_b, held_b = holdout.split(load_examples(cfg.data), cfg)
+    assert [e.name for e in held_a] == [e.name for e in held_b] and len(held_a) == 3
+    assert not {e.name for e in train_a} & {e.name for e in held_a} and len(train_a) == 7
+    other = load_config(data=run_config(tiny_sd, data, tmp_path / "o", validation={"holdout": 0.3},
+                                        train={"seed": 7}))
+    assert [e.name for e in holdout.split(load_examples(other.data), other)[1]] != [e.name for e in held_a]
+
+
+def test_holdout_folder_is_used_whole(run_config, tiny_sd, shapes_data, tmp_path):
+    folder = make_tiny_dataset(tmp_path / "val", n=2, size=32, seed=3)
+    cfg = load_config(data=run_config(tiny_sd, shapes_data, tmp_path / "o", validation={"holdout": str(folder)}))
+    train, held = holdout.split(load_examples(cfg.data), cfg)
+    assert len(train) == 4 and len(held) == 2
+
+
+def test_same_weights_give_the_same_held_out_loss(run_config, tiny_sd, shapes_data, tmp_path):
+    from difftune.methods import METHODS
+    from difftune.models import detect_family_for, get_family
+    from difftune.models.loading import resolve_source
+    from difftune.objectives import OBJECTIVES
+
+    cfg = load_config(data=run_config(tiny_sd, shapes_data, tmp_path / "o", validation={"holdout": 0.5}))
+    source = resolve_source(str(tiny_sd), None, None, None)
+    family = get_family(detect_family_for(source, "auto"))
+    components = family.load(source, dtype=torch.float32)
+    method = METHODS.get("lora")(cfg, family)
+    method.prepare(components)
+    objective = OBJECTIVES.get(family.objective)(family.objective_settings(components), cfg.train)
+    _, held = holdout.split(load_examples(cfg.data), cfg)
+    evaluator = holdout.HeldOutLoss(held, cfg)
+
+    def evaluate():
+        return evaluator.evaluate(family, components, objective, method, torch.device("cpu"), None)
+
+    torch.manual_seed(123)
+    first = evaluate()
+    torch.rand(10)  # the global RNG moves on, as it does during training
+    assert evaluate() == first
+    with torch.no_grad():
+        next(p for n, p in components.denoiser.named_parameters() if "lora_B" in n).add_(0.5)
+    assert evaluate() != first
+
+
+def test_early_stopping_bookkeeping(run_config, tiny_sd, shapes_data, tmp_path):
+    cfg = load_config(data=run_config(tiny_sd, shapes_data, tmp_path / "o",
+                                      validation={"holdout": 0.25, "patience": 2}))
+    evaluator = holdout.HeldOutLoss([], cfg)
+    assert evaluator.record(1, 1.0) and not evaluator.should_stop
+    assert not evaluator.record(2, 1.1) and not evaluator.should_stop
+    assert evaluator.record(3, 0.9)
+    assert not evaluator.record(4, 0.95) and not evaluator.record(5, 0.91)
+    assert evaluator.should_stop and evaluator.best == (3, 0.9)
+
+
+def test_run_logs_held_out_loss_and_marks_the_best_checkpoint(train_run):
+    result = train_run(validation={"holdout": 0.25, "loss_every": 1},
+                       train={"max_steps": 3, "checkpoint_every": 1, "checkpoints_keep": 1})
+    assert [s for s, _ in result.val_losses] == [1, 2, 3]
+    ckpts = result.output_dir / "checkpoints"
+    best = holdout.read_best(ckpts)
+    checkpointed = result.val_losses[:2]  # no checkpoint is written at the final step
+    best_step, best_loss = min(checkpointed, key=lambda sl: sl[1])
+    assert best == {"checkpoint": f"step-{best_step}", "step": best_step, "val_loss": best_loss}
+    info = json.loads((ckpts / best["checkpoint"] / "info.json").read_text())
+    assert info["holdout"] == {"val_loss": best_loss, "best": True}  # kept despite checkpoints_keep = 1
+    assert any("held-out loss" in m for m in result.messages)
+    assert "Held-out loss" in (result.output_dir / "README.md").read_text()
+
+
+def test_holdout_config_errors(run_config, tiny_sd, shapes_data, tmp_path):
+    base = run_config(tiny_sd, shapes_data, tmp_path)
+    with pytest.raises(ConfigError, match="validation.holdout: 1.5"):
+        load_config(data={**base, "validation": {"holdout": 1.5}})
+    with pytest.raises(ConfigError, match="validation.holdout: .*not a folder"):
+        load_config(data={**base, "validation": {"holdout": str(tmp_path / "missing")}})
+    with pytest.raises(ConfigError, match="validation.loss_every: needs validation.holdout"):
+        load_config(data={**base, "validation": {"loss_every": 5}})
+    assert load_config(data={**base, "validation": {"holdout": 0.2}}).validation.holdout == 0.2

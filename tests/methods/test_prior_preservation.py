@@ -1,0 +1,87 @@
+"""DreamBooth prior preservation: class images in every batch, the prior weight applied, images generated once."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from difftune.config import load_config
+from difftune.data import prior
+from difftune.data.sources import load_examples
+from difftune.errors import ConfigError
+from difftune.tiny import make_tiny_dataset
+
+
+def _config(run_config, tiny_sd, data, tmp_path, **pp):
+    raw = run_config(tiny_sd, data, tmp_path / "out", data={"instance_prompt": "a photo of sks shape",
+                                                            "caption_source": "instance_prompt"},
+                     prior_preservation={"class_prompt": "a photo of a shape", "class_data": str(tmp_path / "cls"),
+                                         "num_class_images": 2, "sample_steps": 2, **pp})
+    return load_config(data=raw)
+
+
+def test_batches_pair_instance_and_class_images_with_the_prior_weight(run_config, tiny_sd, shapes_data, tmp_path):
+    config = _config(run_config, tiny_sd, shapes_data, tmp_path, loss_weight=0.25)
+    classes = make_tiny_dataset(tmp_path / "cls", n=3, size=48, seed=1, captions=False)
+    class_examples = [prior.Example(p, "a photo of a shape", p.name) for p in prior.class_images(classes)]
+    dataset, collate = prior.training_data(config, load_examples(config.data), class_examples)
+    batch = collate([dataset[(0, 0)], dataset[(0, 1)]])
+    assert batch["pixels"].shape[0] == 4
+    assert batch["captions"] == ["a photo of sks shape"] * 2 + ["a photo of a shape"] * 2
+    assert batch["is_class_image"].tolist() == [False, False, True, True]
+    assert batch["loss_weights"].tolist() == [1.0, 1.0, 0.25, 0.25]
+
+
+def test_the_loss_applies_per_image_weights(tiny_sd):
+    from difftune.config.schema import Config
+    from difftune.models import detect_family_for, get_family
+    from difftune.models.loading import resolve_source
+    from difftune.objectives import OBJECTIVES
+    from difftune.training.loop import _loss
+
+    source = resolve_source(str(tiny_sd), None, None, None)
+    family = get_family(detect_family_for(source, "auto"))
+    components = family.load(source, dtype=torch.float32)
+    objective = OBJECTIVES.get(family.objective)(family.objective_settings(components), Config().train)
+    batch = {"pixels": torch.rand(2, 3, 32, 32) * 2 - 1, "captions": ["a", "b"]}
+
+    def loss(weights=None):
+        torch.manual_seed(0)
+        return _loss(family, components, objective, batch if weights is None else {**batch, "loss_weights": weights},
+                     torch.device("cpu"), Config())
+
+    unweighted = loss()
+    only_first, only_second = loss(torch.tensor([1.0, 0.0])), loss(torch.tensor([0.0, 1.0]))
+    torch.testing.assert_close(only_first + only_second, unweighted)
+    assert not torch.isclose(only_first, only_second)
+    torch.testing.assert_close(loss(torch.tensor([1.0, 0.5])), only_first + 0.5 * only_second)
+
+
+def test_class_images_are_generated_once_and_reused(train_run, tmp_path):
+    settings = dict(
+        data={"instance_prompt": "a photo of sks shape", "caption_source": "instance_prompt"},
+        prior_preservation={"class_prompt": "a photo of a shape", "class_data": str(tmp_path / "cls"),
+                            "num_class_images": 2, "sample_steps": 2, "loss_weight": 0.5},
+        train={"max_steps": 2},
+    )
+    first = train_run("first", **settings)
+    made = sorted((tmp_path / "cls").iterdir())
+    assert [p.name for p in made] == ["class-00000.png", "class-00001.png"]
+    assert any("generating 2 class images" in m for m in first.messages)
+    stamps = [p.stat().st_mtime_ns for p in made]
+
+    second = train_run("second", **settings)
+    assert not any("generating" in m for m in second.messages)
+    assert [p.stat().st_mtime_ns for p in sorted((tmp_path / "cls").iterdir())] == stamps
+    assert "Prior preservation" in (second.output_dir / "README.md").read_text()
+
+
+def test_prior_preservation_config_errors(run_config, tiny_sd, shapes_data, tmp_path):
+    base = run_config(tiny_sd, shapes_data, tmp_path)
+    with pytest.raises(ConfigError, match="prior_preservation.class_data: required"):
+        load_config(data={**base, "prior_preservation": {"class_prompt": "a dog"}})
+    with pytest.raises(ConfigError, match="prior_preservation.class_prompt"):
+        load_config(data={**base, "prior_preservation": {"class_prompt": "a dog", "class_data": "x"},
+                          "method": {"type": "textual_inversion", "token": "<a>", "initializer_token": "dog"}})
+    with pytest.raises(ConfigError, match="prior_preservation.class_prompt: required"):
+        load_config(data={**base, "prior_preservation": {"class_data": "x"}})
