@@ -68,8 +68,8 @@ def test_rank_and_alpha_patterns_are_saved_and_restored(train_run, tiny_sd):
                        train={"max_steps": 1})
     path = result.output_dir / "pytorch_lora_weights.safetensors"
     saved = load_file(path)
-    assert saved[f"unet.{module}.lora.down.weight"].shape[0] == 2
-    assert saved["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora.down.weight"].shape[0] == 4
+    assert saved[f"unet.{module}.lora_A.weight"].shape[0] == 2
+    assert saved["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight"].shape[0] == 4
     with safe_open(path, "pt") as fh:
         meta = json.loads(fh.metadata()["lora_adapter_metadata"])
     assert meta["unet.rank_pattern"] == {module: 2} and meta["unet.alpha_pattern"] == {module: 8.0}

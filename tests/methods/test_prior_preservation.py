@@ -7,7 +7,6 @@ import torch
 
 from difftune.config import load_config
 from difftune.data import prior
-from difftune.data.sources import load_examples
 from difftune.errors import ConfigError
 from difftune.tiny import make_tiny_dataset
 
@@ -24,7 +23,10 @@ def test_batches_pair_instance_and_class_images_with_the_prior_weight(run_config
     config = _config(run_config, tiny_sd, shapes_data, tmp_path, loss_weight=0.25)
     classes = make_tiny_dataset(tmp_path / "cls", n=3, size=48, seed=1, captions=False)
     class_examples = [prior.Example(p, "a photo of a shape", p.name) for p in prior.class_images(classes)]
-    dataset, collate = prior.training_data(config, load_examples(config.data), class_examples)
+    from difftune.data.pipeline import build_training_data
+
+    data = build_training_data(config, class_examples=class_examples)
+    dataset, collate = data.dataset, data.collate
     batch = collate([dataset[(0, 0)], dataset[(0, 1)]])
     assert batch["pixels"].shape[0] == 4
     assert batch["captions"] == ["a photo of sks shape"] * 2 + ["a photo of a shape"] * 2

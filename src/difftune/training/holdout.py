@@ -32,7 +32,9 @@ def split(examples: list[Example], config: Config) -> tuple[list[Example], list[
     if holdout is None:
         return examples, []
     if isinstance(holdout, str):
-        return examples, load_examples(dataclasses.replace(config.data, path=holdout))
+        # A separate folder: only the folder itself, never the training datasets listed in data.datasets.
+        held_cfg = dataclasses.replace(config.data, path=holdout, datasets=[])
+        return examples, load_examples(held_cfg).examples
     count = max(1, round(len(examples) * holdout))
     if count >= len(examples):
         raise DifftuneError(
