@@ -31,6 +31,8 @@ def writes_single_file(family: ModelFamily) -> bool:
 
 
 class FullFineTune(Method):
+    """Every weight of the denoiser (optionally the text encoders), with optional EMA; saves a pipeline folder."""
+
     name = "full"
     supports_prior_preservation = True
 

@@ -20,6 +20,8 @@ from difftune.models.base import Components
 
 
 class PivotalTuning(LoRA):
+    """Textual inversion and LoRA together, with separate learning rates and an embedding stop step."""
+
     name = "pivotal"
     supports_prior_preservation = False
 

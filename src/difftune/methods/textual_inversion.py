@@ -25,6 +25,8 @@ def embedding_save_keys(family, components: Components) -> list[str] | None:
 
 
 class TextualInversion(Method):
+    """Only new placeholder-token embeddings (1–N vectors each) in every text encoder."""
+
     name = "textual_inversion"
 
     def __init__(self, config, family) -> None:

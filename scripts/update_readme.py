@@ -1,0 +1,89 @@
+"""Regenerate the parts of README.md that come from the code: commands, families, methods,
+presets and the config reference. Run after changing the schema, the CLI or the presets:
+
+    python scripts/update_readme.py          # rewrite README.md
+    python scripts/update_readme.py --check  # exit 1 if README.md is stale
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+
+
+def commands_table() -> str:
+    from difftune.cli import COMMANDS
+
+    rows = ["| command | what it does |", "|---|---|"]
+    rows += [f"| `difftune {name}` | {entry[1]} |" for name, entry in COMMANDS.items()]
+    return "\n".join(rows)
+
+
+def families_and_methods() -> str:
+    from difftune.methods import METHODS
+    from difftune.models import FAMILIES
+    from difftune.objectives import OBJECTIVES
+
+    rows = ["| model family (`model.family`) | architecture | objective | default LoRA targets |", "|---|---|---|---|"]
+    for name in FAMILIES.names():
+        fam = FAMILIES.get(name)
+        rows.append(f"| `{name}` | {fam.title} | `{fam.objective}` | {', '.join(f'`{t}`' for t in fam.default_lora_targets)} |")
+    rows += ["", "| method (`method.type`) | what trains |", "|---|---|"]
+    for name in METHODS.names():
+        doc = (METHODS.get(name).__doc__ or "").strip().splitlines()[0]
+        rows.append(f"| `{name}` | {doc} |")
+    rows += ["", f"Objectives: {', '.join(f'`{n}`' for n in OBJECTIVES.names())}."]
+    return "\n".join(rows)
+
+
+def presets_table() -> str:
+    rows = ["| preset | what it is |", "|---|---|"]
+    for path in sorted((ROOT / "configs").glob("*.toml")):
+        first = path.read_text().splitlines()[0].lstrip("# ").strip()
+        rows.append(f"| [`configs/{path.name}`](configs/{path.name}) | {first} |")
+    return "\n".join(rows)
+
+
+def sections() -> dict[str, str]:
+    from difftune.config.reference import markdown_reference
+
+    return {
+        "commands": commands_table(),
+        "families": families_and_methods(),
+        "presets": presets_table(),
+        "config-reference": markdown_reference().strip(),
+    }
+
+
+def render(text: str) -> str:
+    for name, body in sections().items():
+        begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+        if begin not in text or end not in text:
+            raise SystemExit(f"README.md has no {begin} ... {end} markers")
+        head, rest = text.split(begin, 1)
+        _, tail = rest.split(end, 1)
+        text = f"{head}{begin}\n{body}\n{end}{tail}"
+    return text
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true")
+    args = parser.parse_args()
+    current = README.read_text()
+    updated = render(current)
+    if args.check:
+        if updated != current:
+            print("README.md is stale: run python scripts/update_readme.py", file=sys.stderr)
+            return 1
+        return 0
+    README.write_text(updated)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
