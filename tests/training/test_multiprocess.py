@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -22,12 +23,16 @@ def test_two_processes_end_with_identical_adapters(tmp_path, tiny_sd, shapes_dat
         '[train]\nmax_steps = 3\ncheckpoint_every = 2\nlog_every = 1\nlearning_rate = 1e-2\n'
         f'[logging]\nreport_to = "none"\n[output]\ndir = "{out}"\n'
     )
+    # A free rendezvous port, so parallel runs on the same machine cannot meet each other.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+         "--num_machines", "1", "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no",
          "-m", "difftune", "train", str(cfg)],
-        capture_output=True, text=True, timeout=240, env=env,
+        capture_output=True, text=True, timeout=420, env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "batch 1×1×2" in proc.stdout

@@ -50,7 +50,7 @@ def _fixed_loss(unet, vae, text_encoder, tokenizer, scheduler, data: Path) -> fl
     from difftune.data.sources import load_examples
     from difftune.data.transforms import prepare_image
 
-    examples = load_examples(DataConfig(path=str(data), resolution=32))
+    examples = load_examples(DataConfig(path=str(data), resolution=32)).examples
     pixels = torch.stack([prepare_image(e.image, (32, 32), center_crop=True, flip=False, rng=random.Random(0)).pixels
                           for e in examples])
     g = torch.Generator().manual_seed(0)
