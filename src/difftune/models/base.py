@@ -90,14 +90,21 @@ class ModelFamily(ABC):
 
     # --- detection and loading -------------------------------------------------------------
 
+    #: ``_class_name`` values in ``model_index.json`` that this family loads.
+    pipeline_class_names: tuple[str, ...] = ()
+    #: diffusers' inferred types of single-file checkpoints this family loads (``v1``, ``xl_base``, ...).
+    single_file_types: tuple[str, ...] = ()
+
     @classmethod
-    @abstractmethod
     def matches(cls, source: ModelSource, single_file_type: str | None) -> bool:
         """True if this family can load ``source``.
 
         ``single_file_type`` is diffusers' inferred model type for a single-file checkpoint
         (``v1``, ``v2``, ``xl_base``, ...), else ``None``.
         """
+        if single_file_type is not None:
+            return single_file_type in cls.single_file_types
+        return source.pipeline_class_name in cls.pipeline_class_names
 
     @abstractmethod
     def load(self, source: ModelSource, *, dtype: torch.dtype) -> Components:

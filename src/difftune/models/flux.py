@@ -38,12 +38,6 @@ class Flux(ModelFamily):
     pipeline_class_names = ("FluxPipeline", "FluxImg2ImgPipeline")
     single_file_types = ("flux-dev", "flux-schnell")
 
-    @classmethod
-    def matches(cls, source: ModelSource, single_file_type: str | None) -> bool:
-        if single_file_type is not None:
-            return single_file_type in cls.single_file_types
-        return source.pipeline_class_name in cls.pipeline_class_names
-
     def pipeline_class(self) -> type:
         from diffusers import FluxPipeline
 

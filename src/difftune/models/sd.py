@@ -27,18 +27,20 @@ class StableDiffusion(ModelFamily):
     default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
     card_tags = ("stable-diffusion", "stable-diffusion-diffusers")
     single_file_types: tuple[str, ...] = ("v1",)
+    is_v2 = False
     #: Text-encoder layout in an original-layout single file (see ``sd_single_file``).
     single_file_text_layout = "clip"
     #: Text-encoder width that tells SD 2.x (OpenCLIP-H, 1024) from SD 1.x (CLIP-L, 768) apart.
     cross_attention_dims: tuple[int, ...] | None = None
 
+    pipeline_class_names = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")
+
     @classmethod
     def matches(cls, source: ModelSource, single_file_type: str | None) -> bool:
-        if single_file_type is not None:
-            return single_file_type in cls.single_file_types
-        if source.pipeline_class_name not in ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"):
-            return False
-        return cls._is_v2(source) == (cls.name == "sd2")
+        # SD 1.x and 2.x share a pipeline class; the text-encoder width tells them apart.
+        if single_file_type is not None or not super().matches(source, None):
+            return super().matches(source, single_file_type)
+        return cls._is_v2(source) == cls.is_v2
 
     @staticmethod
     def _is_v2(source: ModelSource) -> bool:
@@ -159,6 +161,7 @@ class StableDiffusion2(StableDiffusion):
     name = "sd2"
     title = "Stable Diffusion 2.x"
     single_file_types = ("v2",)
+    is_v2 = True
     single_file_text_layout = "open_clip"
 
 

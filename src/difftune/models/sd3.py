@@ -38,12 +38,6 @@ class StableDiffusion3(ModelFamily):
     #: T5 tokens per prompt (the SD3 pipeline's default ``max_sequence_length``).
     t5_max_length = 256
 
-    @classmethod
-    def matches(cls, source: ModelSource, single_file_type: str | None) -> bool:
-        if single_file_type is not None:
-            return single_file_type in cls.single_file_types
-        return source.pipeline_class_name in cls.pipeline_class_names
-
     def pipeline_class(self) -> type:
         from diffusers import StableDiffusion3Pipeline
 

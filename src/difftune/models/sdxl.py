@@ -34,12 +34,6 @@ class StableDiffusionXL(ModelFamily):
     pipeline_class_names = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
     single_file_types = ("xl_base",)
 
-    @classmethod
-    def matches(cls, source: ModelSource, single_file_type: str | None) -> bool:
-        if single_file_type is not None:
-            return single_file_type in cls.single_file_types
-        return source.pipeline_class_name in cls.pipeline_class_names
-
     def pipeline_class(self) -> type:
         from diffusers import StableDiffusionXLPipeline
 
