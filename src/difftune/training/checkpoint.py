@@ -24,12 +24,13 @@ import numpy as np
 import torch
 
 from difftune.errors import DifftuneError
-from difftune.fileio import fsync_dir, save_safetensors
+from difftune.fileio import fsync_dir, replace_folder, save_safetensors
 
 MANIFEST = "manifest.json"
 PREFIX = "step-"
 STAGING = ".tmp-"
 OLD = ".old-"
+DELETING = ".del-"
 _DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
@@ -137,18 +138,8 @@ def save_checkpoint(root: Path, state: TrainingState, info: dict, rank: int = 0)
 
 
 def _move_into_place(staging: Path, final: Path) -> None:
-    if not final.exists():
-        os.replace(staging, final)
-    else:
-        # Never delete a complete checkpoint before its replacement is in place.
-        old = final.with_name(f"{OLD}{final.name}")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(final, old)
-        os.replace(staging, final)
-        fsync_dir(final.parent)
-        shutil.rmtree(old, ignore_errors=True)
-    fsync_dir(final.parent)
+    # Never delete a complete checkpoint before its replacement is in place (see :func:`repair`).
+    replace_folder(staging, final, final.with_name(f"{OLD}{final.name}"))
 
 
 def _estimated_bytes(state: TrainingState) -> int:
@@ -250,8 +241,13 @@ def repair(root: Path, log=print) -> None:
                 shutil.rmtree(old, ignore_errors=True)
         except OSError:
             pass
-    for stale in root.glob(f"{STAGING}{PREFIX}*"):
-        shutil.rmtree(stale, ignore_errors=True)
+    _remove_leftovers(root)
+
+
+def _remove_leftovers(root: Path) -> None:
+    for pattern in (f"{STAGING}{PREFIX}*", f"{DELETING}{PREFIX}*"):
+        for stale in root.glob(pattern):
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def find_resumable(root: Path, log=print, repair_first: bool = True) -> Path | None:
@@ -291,15 +287,19 @@ def prune(root: Path, keep: int, protect: Path | None = None) -> list[Path]:
     Only complete checkpoints count towards ``keep``, so a damaged newer folder never causes the
     last good one to be removed.
     """
-    removed = []
-    for stale in root.glob(f"{STAGING}{PREFIX}*") if root.is_dir() else []:
-        shutil.rmtree(stale, ignore_errors=True)
+    removed: list[Path] = []
+    if not root.is_dir():
+        return removed
+    _remove_leftovers(root)
     if keep <= 0:
         return removed
     complete = [f for f in list_checkpoints(root) if (f / MANIFEST).is_file()]
     for folder in complete[:-keep]:
         if protect is not None and folder.name == protect.name:
             continue
-        shutil.rmtree(folder, ignore_errors=True)
+        # Renamed first, so a kill during the deletion never leaves a half-deleted step-N behind.
+        doomed = root / f"{DELETING}{folder.name}"
+        os.replace(folder, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
         removed.append(folder)
     return removed

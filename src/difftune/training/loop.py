@@ -200,7 +200,8 @@ def _train(config: Config, log, stop: StopRequest) -> RunResult:
         if held_out and held_out.due(step, steps):
             _evaluate_held_out(accelerator, held_out, family, components, objective, method, config, step, result,
                                log)
-        if config.train.checkpoint_every and step % config.train.checkpoint_every == 0 and step < steps:
+        if (config.train.checkpoint_every and step % config.train.checkpoint_every == 0 and step < steps
+                and not guard.in_row):  # not while steps are being skipped: the last good state is older
             save(step)
             saved_step = step
         if stop_now and step < steps:
