@@ -183,6 +183,7 @@ def _train(config: Config, log, stop: StopRequest) -> RunResult:
         progress.update(1)
         if guard.should_stop:
             folder = save(guard.first_bad_step, guard.scheduler_before_streak, guard.skipped_before_streak)
+            progress.close()
             raise guard.error(folder)
 
         if step % config.train.log_every == 0 or step == steps:
