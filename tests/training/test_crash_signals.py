@@ -56,3 +56,25 @@ def test_cli_sigterm_writes_checkpoint_and_exits_143_with_resume_command(tmp_pat
     found = ckpt.find_resumable(tmp_path / "out" / "checkpoints")
     assert found is not None and ckpt.load_checkpoint(found).step >= 1
     assert not (tmp_path / "out" / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_cli_force_resume_flag_and_sigint_exit_code(tmp_path, tiny_sd, shapes_data, run_config, monkeypatch, capsys):
+    import difftune.training.loop as loop
+    from difftune.cli import main
+    from difftune.config.loader import dump_toml
+    from difftune.training.run import RunResult
+
+    seen = []
+
+    def fake_train(config, log=print):
+        seen.append(config)
+        return RunResult(tmp_path, [], 4, interrupted=signal.SIGINT)
+
+    monkeypatch.setattr(loop, "train", fake_train)
+    config_file = tmp_path / "run.toml"
+    config_file.write_text(dump_toml(run_config(tiny_sd, shapes_data, tmp_path / "out")))
+    code = main(["train", str(config_file), "--set", "train.resume=latest", "--force-resume"])
+    assert code == 130
+    assert seen[0].train.resume_force is True
+    out = capsys.readouterr().out
+    assert f"to resume: difftune train {config_file} --set train.resume=latest --force-resume" in out

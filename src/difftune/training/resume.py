@@ -110,7 +110,8 @@ def resume_micro_batch(state: TrainingState, gradient_accumulation: int) -> int:
 
 
 def restore_rng(state: TrainingState, rank: int, log) -> None:
+    """This process's Python, NumPy and torch random state (the loop also reseeds torch every step)."""
     if "rng" in state.extra:
         set_rng_state(state.extra["rng"])
-    elif "rng" not in state.extra and state.extra["info"].get("world_size") is not None:
+    else:
         log(f"note: the checkpoint has no random state for process {rank}; the loop reseeds every step anyway")
