@@ -18,10 +18,21 @@ def _load(args):
 
 
 def cmd_train(args) -> int:
+    """Train; a run stopped by SIGINT/SIGTERM exits with 128 + the signal number (130, 143) after its checkpoint."""
+    if args.force_resume:
+        args.set.append("train.resume_force=true")
     config = _load(args)
     from difftune.training.loop import train
 
-    train(config)
+    result = train(config)
+    if result.interrupted:
+        import shlex
+
+        sets = [s for s in args.set if not s.replace(" ", "").startswith(("train.resume=", "train.resume_force="))]
+        command = ["difftune", "train", args.config, *(a for s in sets for a in ("--set", s)),
+                   "--set", "train.resume=latest", *(["--force-resume"] if args.force_resume else [])]
+        print(f"to resume: {shlex.join(command)}")
+        return 128 + result.interrupted
     return 0
 
 
@@ -136,8 +147,15 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
                    help="override a config key, e.g. --set train.learning_rate=5e-5 (repeatable)")
 
 
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    _add_config_args(p)
+    p.add_argument("--force-resume", action="store_true",
+                   help="resume even if the model, method or data changed since the checkpoint "
+                        "(train.resume_force = true)")
+
+
 COMMANDS: dict[str, tuple[Callable, str, Callable[[argparse.ArgumentParser], None] | None]] = {
-    "train": (cmd_train, "train from a config file", _add_config_args),
+    "train": (cmd_train, "train from a config file", _add_train_args),
     "validate": (cmd_validate, "check a config and its paths without loading weights", _add_config_args),
     "init": (cmd_init, "print a commented starter config", None),
     "demo": (cmd_demo, "train a tiny model on a generated dataset (no download, CPU)",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -40,6 +41,10 @@ def test_two_processes_end_with_identical_adapters(tmp_path, tiny_sd, shapes_dat
     assert "all 2 processes hold identical trainable weights" in proc.stdout
     # Only the main process writes: one adapter, one checkpoint folder, no stray temporary folders.
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2"]
+    # ... but each process saved its own random state into it, covered by the manifest.
+    assert {"rng-0.pt", "rng-1.pt"} <= {p.name for p in (out / "checkpoints" / "step-2").iterdir()}
+    assert {"rng-0.pt", "rng-1.pt"} <= set(json.loads((out / "checkpoints" / "step-2" / "manifest.json")
+                                                      .read_text())["files"])
     adapter = load_file(out / "pytorch_lora_weights.safetensors")
     assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k or "lora.up" in k)
     assert proc.stdout.count("done: 3 steps") == 1

@@ -361,6 +361,17 @@ class TrainConfig:
     resume: str | None = opt(
         None, "Resume from `latest` (newest checkpoint in `output.dir`) or from a checkpoint folder.",
     )
+    resume_force: bool = opt(
+        False,
+        "Resume even if the model, the method or the training data changed since the checkpoint (normally "
+        "refused: it mixes two runs). Same as `difftune train --force-resume`.",
+    )
+    max_nan_steps: int = opt(
+        5,
+        "A step whose loss is NaN or infinite is skipped (no optimizer step); after this many in a row the run "
+        "stops, with the state from before them saved as a checkpoint.",
+        min=1,
+    )
     log_every: int = opt(10, "Log the loss and learning rate every N steps.", min=1)
 
 

@@ -96,6 +96,14 @@ class BucketBatches:
         perm = torch.randperm(len(batches), generator=_generator(self.seed, epoch, "buckets")).tolist()
         return [batches[p] for p in perm]
 
+    def position(self, micro_batch: int) -> tuple[int, int]:
+        """(epoch, batch within the epoch) of this process's ``micro_batch``-th micro-batch."""
+        epoch, skip = 0, micro_batch
+        while skip >= (per_process := len(self.epoch_batches(epoch)) // self.world):
+            skip -= per_process
+            epoch += 1
+        return epoch, skip
+
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         epoch, skip = 0, self.start
         while True:

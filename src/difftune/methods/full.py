@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from difftune.errors import ConfigError
+from difftune.fileio import atomic_folder
 from difftune.methods.base import Method
 from difftune.models.base import Components, ModelFamily
 
@@ -112,7 +113,8 @@ class FullFineTune(Method):
         encoders = [trained.get(n, e) for n, e in zip(components.encoder_names, components.text_encoders, strict=True)]
         pipe = self.family.build_pipeline(components, denoiser, encoders)
         folder = out_dir / PIPELINE_FOLDER
-        pipe.save_pretrained(folder, safe_serialization=True)
+        with atomic_folder(folder) as tmp:  # a kill mid-export never leaves a half-written pipeline
+            pipe.save_pretrained(tmp, safe_serialization=True)
         files = [folder / "model_index.json"]
         if self.config.method.save_single_file:
             files.append(self.family.save_single_file(components, out_dir / SINGLE_FILE, denoiser, encoders,

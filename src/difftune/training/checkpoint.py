@@ -1,9 +1,17 @@
-"""Training-state checkpoints: written to a temporary folder, flushed, verified by a manifest,
-then renamed into place in one step. Older checkpoints are pruned only after that.
+"""Training-state checkpoints that survive being killed at any moment.
+
+A checkpoint is written into a staging folder ``.tmp-step-N``: every process writes its own
+random state (``rng-<rank>.pt``), then the main process writes the weights, the training state
+and ``info.json``, flushes them, writes ``manifest.json`` (each file's checksum) last and renames
+the folder into place in one step. A folder without an intact manifest is never used. Re-saving
+an existing step moves the old folder aside first (``.old-step-N``), so a complete copy of that
+step exists at every moment; :func:`repair` puts it back if a kill came between the two renames.
+Older checkpoints are pruned only after the new one is complete.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -15,10 +23,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from difftune.fileio import fsync_dir, save_safetensors
+from difftune.errors import DifftuneError
+from difftune.fileio import fsync_dir, replace_folder, save_safetensors
 
 MANIFEST = "manifest.json"
 PREFIX = "step-"
+STAGING = ".tmp-"
+OLD = ".old-"
+DELETING = ".del-"
+_DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
 @dataclass
@@ -27,7 +40,13 @@ class TrainingState:
     trainable: dict[str, torch.Tensor]
     optimizer: dict
     scheduler: dict
+    #: Saved into ``training_state.pt`` beside optimizer and scheduler (e.g. ``scaler``); on load it
+    #: also holds ``info`` (info.json) and ``rng`` (this process's random state, if saved).
     extra: dict
+
+
+class DiskFullError(DifftuneError):
+    """The disk filled up while a checkpoint was written; the previous checkpoints are intact."""
 
 
 def _sha256(path: Path) -> str:
@@ -60,36 +79,110 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(root: Path, state: TrainingState, info: dict) -> Path:
-    """Write ``root/step-N`` atomically and return it."""
+def staging_folder(root: Path, step: int) -> Path:
+    """Where the checkpoint of ``step`` is assembled; every process can name it without talking."""
+    return root / f"{STAGING}{PREFIX}{step}"
+
+
+def begin(root: Path, step: int) -> Path:
+    """Create an empty staging folder for ``step`` (main process only) and return it."""
     root.mkdir(parents=True, exist_ok=True)
+    staging = staging_folder(root, step)
+    if staging.exists():  # left by a killed run
+        shutil.rmtree(staging)
+    staging.mkdir()
+    return staging
+
+
+def save_rng(staging: Path, rank: int) -> None:
+    """Write this process's random state into the staging folder (each process, before :func:`finish`)."""
+    with _disk_full_is_reported(staging.parent, staging, 1 << 20):
+        target = staging / f"rng-{rank}.pt"
+        torch.save(rng_state(), target)
+        _fsync_file(target)
+
+
+def finish(root: Path, staging: Path, state: TrainingState, info: dict) -> Path:
+    """Write the rest of the checkpoint into ``staging``, then rename it to ``root/step-N``; return that."""
     final = root / f"{PREFIX}{state.step}"
-    tmp = root / f".tmp-{PREFIX}{state.step}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        save_safetensors(state.trainable, tmp / "trainable.safetensors")
-        torch.save(
-            {"optimizer": state.optimizer, "scheduler": state.scheduler, "rng": rng_state(), **state.extra},
-            tmp / "training_state.pt",
-        )
-        (tmp / "info.json").write_text(json.dumps({"step": state.step, **info}, indent=2, sort_keys=True))
-        files = sorted(p for p in tmp.iterdir() if p.is_file())
-        for p in files:
-            _fsync_file(p)
-        manifest = {"step": state.step, "files": {p.name: _sha256(p) for p in files}}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        _fsync_file(tmp / MANIFEST)
-        fsync_dir(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        fsync_dir(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with _disk_full_is_reported(root, staging, _estimated_bytes(state)):
+        try:
+            save_safetensors(state.trainable, staging / "trainable.safetensors")
+            torch.save({"optimizer": state.optimizer, "scheduler": state.scheduler, **state.extra},
+                       staging / "training_state.pt")
+            (staging / "info.json").write_text(json.dumps({"step": state.step, **info}, indent=2, sort_keys=True,
+                                                          default=str))
+            files = sorted(p for p in staging.iterdir() if p.is_file() and p.name != MANIFEST)
+            for p in files:
+                _fsync_file(p)
+            manifest = {"step": state.step, "files": {p.name: _sha256(p) for p in files}}
+            (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
+            _fsync_file(staging / MANIFEST)
+            fsync_dir(staging)
+            _move_into_place(staging, final)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
     return final
+
+
+def save_checkpoint(root: Path, state: TrainingState, info: dict, rank: int = 0) -> Path:
+    """Write ``root/step-N`` atomically from one process and return it."""
+    staging = begin(root, state.step)
+    try:
+        save_rng(staging, rank)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return finish(root, staging, state, info)
+
+
+def _move_into_place(staging: Path, final: Path) -> None:
+    # Never delete a complete checkpoint before its replacement is in place (see :func:`repair`).
+    replace_folder(staging, final, final.with_name(f"{OLD}{final.name}"))
+
+
+def _estimated_bytes(state: TrainingState) -> int:
+    def size(obj) -> int:
+        if isinstance(obj, torch.Tensor):
+            return obj.numel() * obj.element_size()
+        if isinstance(obj, dict):
+            return sum(size(v) for v in obj.values())
+        if isinstance(obj, (list, tuple)):
+            return sum(size(v) for v in obj)
+        return 0
+
+    return size(state.trainable) + size(state.optimizer) + size(state.extra) + (1 << 20)
+
+
+class _disk_full_is_reported:
+    """Turn "no space left" into a :class:`DiskFullError` naming the folder and the space involved."""
+
+    def __init__(self, root: Path, staging: Path, needed: int) -> None:
+        self.root, self.staging, self.needed = root, staging, needed
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if not isinstance(exc, OSError) or exc.errno not in _DISK_FULL:
+            return False
+        shutil.rmtree(self.staging, ignore_errors=True)
+        try:
+            free = shutil.disk_usage(self.root).free
+        except OSError:
+            free = 0
+        previous = newest_complete(self.root)
+        raise DiskFullError(
+            f"the disk is full: writing checkpoint {self.staging.name.removeprefix(STAGING)} in {self.root} needs "
+            f"about {_mb(self.needed)}, {_mb(free)} free. "
+            + (f"The previous checkpoint {previous} is intact. " if previous else "No earlier checkpoint exists. ")
+            + "Free some space (or lower train.checkpoints_keep) and resume with --set train.resume=latest"
+        ) from exc
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.1f} MB"
 
 
 def verify(folder: Path) -> str | None:
@@ -99,7 +192,7 @@ def verify(folder: Path) -> str | None:
         return "no manifest (the save did not finish)"
     try:
         files = json.loads(manifest.read_text())["files"]
-    except (json.JSONDecodeError, KeyError):
+    except (json.JSONDecodeError, KeyError, OSError):
         return "manifest is unreadable"
     for name, digest in files.items():
         p = folder / name
@@ -110,16 +203,57 @@ def verify(folder: Path) -> str | None:
     return None
 
 
+def _step_of(name: str, prefix: str) -> int | None:
+    rest = name[len(prefix):] if name.startswith(prefix) else ""
+    return int(rest) if rest.isdigit() else None
+
+
 def list_checkpoints(root: Path) -> list[Path]:
-    """Checkpoint folders, oldest first."""
+    """Checkpoint folders, oldest first (staging and moved-aside folders are not checkpoints)."""
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+    found = [p for p in root.iterdir() if p.is_dir() and _step_of(p.name, PREFIX) is not None]
+    return sorted(found, key=lambda p: _step_of(p.name, PREFIX))
 
 
-def find_resumable(root: Path, log=print) -> Path | None:
+def newest_complete(root: Path) -> Path | None:
+    """The newest checkpoint with a manifest (not checksummed: for messages)."""
+    for folder in reversed(list_checkpoints(root)):
+        if (folder / MANIFEST).is_file():
+            return folder
+    return None
+
+
+def repair(root: Path, log=print) -> None:
+    """Undo what a kill during a save can leave: put a moved-aside complete checkpoint back, drop staging folders.
+
+    Call it from one process only.
+    """
+    if not root.is_dir():
+        return
+    for old in root.glob(f"{OLD}{PREFIX}*"):
+        final = root / old.name[len(OLD):]
+        try:
+            if not final.exists() and verify(old) is None:
+                os.replace(old, final)
+                log(f"note: restored checkpoint {final} (a save of the same step was interrupted)")
+            else:
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError:
+            pass
+    _remove_leftovers(root)
+
+
+def _remove_leftovers(root: Path) -> None:
+    for pattern in (f"{STAGING}{PREFIX}*", f"{DELETING}{PREFIX}*"):
+        for stale in root.glob(pattern):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def find_resumable(root: Path, log=print, repair_first: bool = True) -> Path | None:
     """The newest intact checkpoint; damaged newer ones are reported and skipped."""
+    if repair_first:
+        repair(root, log)
     for folder in reversed(list_checkpoints(root)):
         problem = verify(folder)
         if problem is None:
@@ -128,31 +262,44 @@ def find_resumable(root: Path, log=print) -> Path | None:
     return None
 
 
-def load_checkpoint(folder: Path) -> TrainingState:
+def load_checkpoint(folder: Path, rank: int = 0) -> TrainingState:
+    """Load a verified checkpoint; ``extra["rng"]`` is process ``rank``'s random state (if saved)."""
     from safetensors.torch import load_file
 
     problem = verify(folder)
     if problem:
-        raise ValueError(f"{folder}: damaged checkpoint ({problem})")
+        raise DifftuneError(f"{folder}: damaged checkpoint ({problem}); resume from an earlier one")
     trainable = load_file(folder / "trainable.safetensors")
     # Our own file, verified by checksum above; it holds optimizer state and Python RNG tuples.
     blob = torch.load(folder / "training_state.pt", map_location="cpu", weights_only=False)
     info = json.loads((folder / "info.json").read_text())
     extra = {k: v for k, v in blob.items() if k not in ("optimizer", "scheduler")}
     extra["info"] = info
+    rng_file = folder / f"rng-{rank}.pt"
+    if rng_file.is_file():
+        extra["rng"] = torch.load(rng_file, map_location="cpu", weights_only=False)
     return TrainingState(info["step"], trainable, blob["optimizer"], blob["scheduler"], extra)
 
 
 def prune(root: Path, keep: int, protect: Path | None = None) -> list[Path]:
-    """Delete all but the newest ``keep`` checkpoints (0 keeps all) and ``protect``; also stale temporary folders."""
-    removed = []
-    for stale in root.glob(f".tmp-{PREFIX}*") if root.is_dir() else []:
-        shutil.rmtree(stale, ignore_errors=True)
+    """Delete all but the newest ``keep`` checkpoints (0 keeps all) and ``protect``; also stale temporary folders.
+
+    Only complete checkpoints count towards ``keep``, so a damaged newer folder never causes the
+    last good one to be removed.
+    """
+    removed: list[Path] = []
+    if not root.is_dir():
+        return removed
+    _remove_leftovers(root)
     if keep <= 0:
         return removed
-    for folder in list_checkpoints(root)[:-keep]:
+    complete = [f for f in list_checkpoints(root) if (f / MANIFEST).is_file()]
+    for folder in complete[:-keep]:
         if protect is not None and folder.name == protect.name:
             continue
-        shutil.rmtree(folder, ignore_errors=True)
+        # Renamed first, so a kill during the deletion never leaves a half-deleted step-N behind.
+        doomed = root / f"{DELETING}{folder.name}"
+        os.replace(folder, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
         removed.append(folder)
     return removed

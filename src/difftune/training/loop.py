@@ -7,7 +7,6 @@ changes when one is added.
 from __future__ import annotations
 
 import contextlib
-import math
 from pathlib import Path
 
 import torch
@@ -27,13 +26,12 @@ from difftune.models import detect_family_for, get_family
 from difftune.models.loading import resolve_source
 from difftune.objectives import OBJECTIVES
 from difftune.training import checkpoint as ckpt
-from difftune.training import holdout
+from difftune.training import faults, holdout, resume
 from difftune.training.optim import build_optimizer, build_scheduler
 from difftune.training.run import (
     RunPaths,
     RunResult,
     autocast_dtype,
-    config_hash,
     learning_rate,
     make_accelerator,
     step_seed,
@@ -42,11 +40,21 @@ from difftune.training.run import (
     weight_dtype,
     with_modules,
 )
+from difftune.training.signals import StopRequest
 from difftune.training.validation import run_validation
 
 
 def train(config: Config, log=print) -> RunResult:
-    """Run a whole training job described by ``config`` and return what it produced."""
+    """Run a whole training job described by ``config`` and return what it produced.
+
+    SIGINT (Ctrl-C) or SIGTERM stops it after the current step with a checkpoint
+    (``RunResult.interrupted``); running out of GPU memory becomes a message saying what to change.
+    """
+    with faults.out_of_memory_advice(config), StopRequest(log) as stop:
+        return _train(config, log, stop)
+
+
+def _train(config: Config, log, stop: StopRequest) -> RunResult:
     paths = RunPaths(Path(config.output.dir))
     accelerator = make_accelerator(config, paths)
     main = accelerator.is_main_process
@@ -76,6 +84,7 @@ def train(config: Config, log=print) -> RunResult:
     data = build_training_data(config, family, components, class_examples=class_examples, rank=rank, world=world,
                                is_main=main, barrier=accelerator.wait_for_everyone, log=log, progress=main)
     dataset, order = data.dataset, data.order
+    fingerprint = resume.dataset_fingerprint(data.scan.examples)
     held_out = holdout.HeldOutLoss(data.held_out, config) if data.held_out else None
     release_if_cached(config, components)
     steps = total_steps(config, order.batches_per_epoch)
@@ -84,17 +93,18 @@ def train(config: Config, log=print) -> RunResult:
     lr = learning_rate(config, world)
     optimizer = build_optimizer(method.param_groups(components, lr), config.train, device)
     scheduler = build_scheduler(optimizer, config.train, steps)
-    step = 0
-    resume_from = _resume_folder(config, paths, log)
+    step, state = 0, None
+    resume_from = _resume_folder(config, paths, accelerator, log)
     if resume_from is not None:
-        state = ckpt.load_checkpoint(resume_from)
-        _check_resume_compatible(config, state, log)
+        state = ckpt.load_checkpoint(resume_from, rank)
+        resume.check_compatible(state.extra["info"], config, fingerprint, world, log if main else _quiet)
         method.load_trainable_state_dict(components, state.trainable)
         optimizer.load_state_dict(state.optimizer)
         scheduler.load_state_dict(state.scheduler)
         step = state.step
         if main:
             log(f"resumed from {resume_from} at step {step}")
+    guard = faults.NonFiniteGuard(config.train.max_nan_steps, state.extra["info"].get("skipped_steps", 0) if state else 0)
 
     wrapped_list = accelerator.prepare(*trainable.values(), optimizer)
     wrapped = dict(zip(trainable, wrapped_list[:-1], strict=True))
@@ -102,7 +112,17 @@ def train(config: Config, log=print) -> RunResult:
     train_view = with_modules(components, wrapped)
     params = [p for m in trainable.values() for p in m.parameters() if p.requires_grad]
 
-    order.start = step * config.train.gradient_accumulation
+    if state is not None:
+        _restore_after_prepare(accelerator, state, rank, log)
+    first_step, accumulation = step, config.train.gradient_accumulation
+    order.start = resume.resume_micro_batch(state, accumulation) if state else 0
+
+    def save(at_step: int, scheduler_state: dict | None = None, skipped: int | None = None) -> Path | None:
+        micro = order.start + (at_step - first_step) * accumulation
+        info = resume.checkpoint_info(config, fingerprint, len(data.scan.examples), order, micro, world,
+                                      guard.skipped if skipped is None else skipped)
+        return _save_checkpoint(accelerator, method, components, optimizer, scheduler_state or scheduler.state_dict(),
+                                config, paths, at_step, log, held_out, info)
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=order, collate_fn=data.collate, num_workers=config.data.num_workers,
         persistent_workers=config.data.num_workers > 0,
@@ -128,49 +148,70 @@ def train(config: Config, log=print) -> RunResult:
     for module in trainable.values():
         module.train()
 
+    saved_step = step
     while step < steps:
         # Every random draw of this step comes from a seed derived from (seed, step, process).
         torch.manual_seed(step_seed(config.train.seed, step, rank))
-        for micro in range(config.train.gradient_accumulation):
+        step_loss = torch.zeros((), device=device)
+        for micro in range(accumulation):
             batch = method.prepare_batch(next(batches))
-            last = micro == config.train.gradient_accumulation - 1
+            last = micro == accumulation - 1
             sync = contextlib.nullcontext() if last or world == 1 else _no_sync(accelerator, wrapped.values())
             with sync:
                 loss = _loss(family, train_view, objective, batch, device, config)
-                accelerator.backward(loss / config.train.gradient_accumulation)
-            running += loss.detach()
-            running_count += 1
+                accelerator.backward(loss / accumulation)
+            step_loss += loss.detach()
+        grad_norm = None
         if config.train.max_grad_norm is not None:
-            accelerator.clip_grad_norm_(params, config.train.max_grad_norm)
-        optimizer.step()
+            grad_norm = accelerator.clip_grad_norm_(params, config.train.max_grad_norm)
+        # The one device sync per step: is the step non-finite, and did anyone ask to stop?
+        bad, stop_now = faults.agree(accelerator, faults.nonfinite(step_loss, grad_norm, accelerator.scaler),
+                                     stop.requested)
+        stepped = faults.optimizer_step(optimizer, bad, accelerator.scaler)
+        guard.record(step, stepped, bad, scheduler)
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        method.on_step_end(step, components)
+        if stepped:
+            method.on_step_end(step, components)
+        elif bad and main:
+            log(f"step {step}: the loss is NaN or infinite; skipped it ({guard.in_row} in a row, "
+                f"limit train.max_nan_steps = {guard.limit})")
+        if not bad:
+            running += step_loss
+            running_count += accumulation
         progress.update(1)
+        if guard.should_stop:
+            folder = save(guard.first_bad_step, guard.scheduler_before_streak, guard.skipped_before_streak)
+            progress.close()
+            raise guard.error(folder)
 
         if step % config.train.log_every == 0 or step == steps:
-            mean_loss = (accelerator.reduce(running, reduction="mean") / running_count).item()
+            total = accelerator.reduce(running, reduction="mean")
+            mean_loss = (total / running_count).item() if running_count else float("nan")
             running.zero_()
             running_count = 0
             current_lr = scheduler.get_last_lr()[0]
             result.losses.append((step, mean_loss))
             accelerator.log({"train/loss": mean_loss, "train/lr": current_lr}, step=step)
             progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{current_lr:.2e}", refresh=False)
-            if not math.isfinite(mean_loss):
-                raise DifftuneError(
-                    f"the loss became {mean_loss} at step {step}; lower train.learning_rate, use "
-                    "train.mixed_precision = \"bf16\" instead of fp16, or check the data"
-                )
 
         if config.validation.prompts and config.validation.every and step % config.validation.every == 0:
             result.samples = _validate(accelerator, family, components, wrapped, config, paths, step)
         if held_out and held_out.due(step, steps):
             _evaluate_held_out(accelerator, held_out, family, components, objective, method, config, step, result,
                                log)
-        if config.train.checkpoint_every and step % config.train.checkpoint_every == 0 and step < steps:
-            _save_checkpoint(accelerator, method, components, optimizer, scheduler, config, paths, step, log,
-                             held_out)
+        if (config.train.checkpoint_every and step % config.train.checkpoint_every == 0 and step < steps
+                and not guard.in_row):  # not while steps are being skipped: the last good state is older
+            save(step)
+            saved_step = step
+        if stop_now and step < steps:
+            folder = save(step) if saved_step != step else paths.checkpoints / f"{ckpt.PREFIX}{step}"
+            result.interrupted, result.skipped_steps = stop.signum, guard.skipped
+            if main:
+                log(f"stopped by {stop.name} after step {step}; checkpoint {folder}. Resume with: "
+                    f"difftune train {paths.root / 'config.toml'} --set train.resume=latest")
+            break
         if held_out and held_out.should_stop:
             result.stopped_early = True
             if main:
@@ -179,6 +220,10 @@ def train(config: Config, log=print) -> RunResult:
                     f"evaluations; best step {held_out.best[0]}" + (f" (checkpoint {best})" if best else ""))
             break
     progress.close()
+    result.skipped_steps = guard.skipped
+    if result.interrupted:
+        accelerator.end_training()
+        return result
 
     if config.validation.prompts and not (config.validation.every and step % config.validation.every == 0):
         result.samples = _validate(accelerator, family, components, wrapped, config, paths, step)
@@ -256,13 +301,21 @@ def _enable_gradient_checkpointing(module: torch.nn.Module) -> None:
         module.gradient_checkpointing_enable()
 
 
-def _resume_folder(config: Config, paths: RunPaths, log) -> Path | None:
+def _quiet(_message: str) -> None:
+    pass
+
+
+def _resume_folder(config: Config, paths: RunPaths, accelerator, log) -> Path | None:
     resume = config.train.resume
     if not resume:
         return None
+    main = accelerator.is_main_process
     if resume == "latest":
-        folder = ckpt.find_resumable(paths.checkpoints, log)
-        if folder is None:
+        if main:  # a kill during a save may have left a staging folder or a moved-aside checkpoint
+            ckpt.repair(paths.checkpoints, log)
+        accelerator.wait_for_everyone()
+        folder = ckpt.find_resumable(paths.checkpoints, log if main else _quiet, repair_first=False)
+        if folder is None and main:
             log(f"train.resume = \"latest\": no checkpoint in {paths.checkpoints}, starting from step 0")
         return folder
     folder = Path(resume).expanduser()
@@ -272,34 +325,45 @@ def _resume_folder(config: Config, paths: RunPaths, log) -> Path | None:
     return folder
 
 
-def _check_resume_compatible(config: Config, state, log) -> None:
-    saved = state.extra.get("info", {}).get("config_hash")
-    if saved and saved != config_hash(config):
-        log("warning: the config differs from the one the checkpoint was written with; resuming anyway")
+def _restore_after_prepare(accelerator, state, rank: int, log) -> None:
+    """Gradient scaler (fp16) and this process's random state, once accelerate has set things up."""
+    if accelerator.scaler is not None and state.extra.get("scaler"):
+        accelerator.scaler.load_state_dict(state.extra["scaler"])
+    resume.restore_rng(state, rank, log if accelerator.is_main_process else _quiet)
 
 
-def _save_checkpoint(accelerator, method, components, optimizer, scheduler, config, paths, step, log,
-                     held_out=None) -> None:
+def _save_checkpoint(accelerator, method, components, optimizer, scheduler_state, config, paths, step, log,
+                     held_out, info) -> Path | None:
+    """Every process writes its random state into the staging folder, then the main process completes it."""
+    root = paths.checkpoints
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        ckpt.begin(root, step)
+    accelerator.wait_for_everyone()
+    ckpt.save_rng(ckpt.staging_folder(root, step), accelerator.process_index)
+    accelerator.wait_for_everyone()
+    folder = None
+    if accelerator.is_main_process:
         raw_optimizer = getattr(optimizer, "optimizer", optimizer)
+        scaler = accelerator.scaler
         state = ckpt.TrainingState(
             step=step,
             trainable=method.trainable_state_dict(components),
             optimizer=raw_optimizer.state_dict(),
-            scheduler=scheduler.state_dict(),
-            extra={},
+            scheduler=scheduler_state,
+            extra={"scaler": scaler.state_dict()} if scaler is not None else {},
         )
-        info = {"config_hash": config_hash(config), "difftune_version": __version__}
+        info = {"difftune_version": __version__, **info}
         if held_out:
             info.update(held_out.checkpoint_info(step))
-        folder = ckpt.save_checkpoint(paths.checkpoints, state, info)
+        folder = ckpt.finish(root, ckpt.staging_folder(root, step), state, info)
         if held_out:
-            held_out.mark_checkpoint(paths.checkpoints, folder, step, info)
-        ckpt.prune(paths.checkpoints, config.train.checkpoints_keep,
-                   protect=held_out.best_folder(paths.checkpoints) if held_out else None)
+            held_out.mark_checkpoint(root, folder, step, info)
+        ckpt.prune(root, config.train.checkpoints_keep,
+                   protect=held_out.best_folder(root) if held_out else None)
         log(f"checkpoint: {folder}")
     accelerator.wait_for_everyone()
+    return folder
 
 
 def _validate(accelerator, family, components, wrapped, config: Config, paths: RunPaths, step: int) -> list[Path]:

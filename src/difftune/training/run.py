@@ -45,6 +45,10 @@ class RunResult:
     val_losses: list[tuple[int, float]] = field(default_factory=list)
     #: True if ``validation.patience`` stopped the run early.
     stopped_early: bool = False
+    #: The signal number (SIGINT, SIGTERM) that stopped the run after a checkpoint; ``None`` if it finished.
+    interrupted: int | None = None
+    #: Optimizer steps skipped because the loss or gradients were NaN/inf (fp16: scaler skips too).
+    skipped_steps: int = 0
 
 
 def make_accelerator(config: Config, paths: RunPaths):
@@ -90,8 +94,8 @@ def step_seed(seed: int, step: int, rank: int) -> int:
 
 
 #: Keys whose change does not change what a resumed run computes.
-RESUME_NEUTRAL = ("train.resume", "train.checkpoint_every", "train.checkpoints_keep", "train.log_every",
-                  "validation", "logging", "output", "data.num_workers")
+RESUME_NEUTRAL = ("train.resume", "train.resume_force", "train.checkpoint_every", "train.checkpoints_keep",
+                  "train.log_every", "train.max_nan_steps", "validation", "logging", "output", "data.num_workers")
 
 
 #: Exceptions inside the neutral sections: the held-out split decides which images train.
