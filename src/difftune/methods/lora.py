@@ -228,7 +228,8 @@ VARIANT_TITLES = {"lora": "LoRA", "dora": "DoRA (weight-decomposed LoRA)", "loha
 
 #: Which consumers read each variant's file (kept in step with docs/methods.md).
 VARIANT_CONSUMERS = {
-    "lora": "diffusers `load_lora_weights`; tools that read diffusers-format LoRA keys",
+    "lora": "diffusers `load_lora_weights`; ComfyUI, Automatic1111 and Forge after "
+            "`difftune convert OUT_DIR --to kohya -o lora.safetensors`",
     "dora": "diffusers `load_lora_weights` (peft ≥ 0.9); other tools vary",
     "lokr": "diffusers `unet.load_lora_adapter` (≥ 0.42); peft (`LoKrConfig`)",
     "loha": "peft (`LoHaConfig` + `set_peft_model_state_dict`); not diffusers' LoRA loaders",

@@ -434,5 +434,6 @@ def _write_card(config: Config, family, method, components, paths: RunPaths, ste
         training=training,
         samples=sample_rel,
         usage=usage,
-        title=f"{method.name.upper()} for {Path(config.model.path).name or config.model.path}",
+        title=f"{details.get('summary', {}).get('Method', method.name)} for "
+              f"{Path(config.model.path).name or config.model.path}",
     )
