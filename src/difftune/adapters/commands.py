@@ -66,6 +66,8 @@ def add_merge_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=["diffusers", "kohya"], default="diffusers", help="output format")
     p.add_argument("--fuse", action="store_true", help="bake the adapters into --model and save a diffusers folder")
     p.add_argument("--model", default=None, help="base model for --fuse")
+    p.add_argument("--family", default=None,
+                   help="model family whose kohya names to write with --format kohya (default: recorded in the inputs)")
     _pickle_arg(p)
 
 
@@ -83,7 +85,7 @@ def cmd_merge(args) -> int:
         print(format_report(report))
         merged.metadata.update(report_metadata(report))
     merged.metadata["difftune.merge"] = json.dumps([[str(p), w] for p, w in specs])
-    out = write_adapter(merged, args.out, args.format)
+    out = write_adapter(merged, args.out, args.format, _family_arg(args.family))
     ranks = sorted({m.rank for m in merged.modules.values()})
     print(f"wrote {out}: {len(merged.modules)} modules, rank {'/'.join(map(str, ranks))}")
     return 0

@@ -147,7 +147,8 @@ def _peft_meta(metadata: dict[str, str]) -> dict[str, dict]:
     return out
 
 
-def _modules_meta(metadata: dict[str, str]) -> dict[str, list]:
+def recorded_modules(metadata: dict[str, str]) -> dict[str, list]:
+    """The ``difftune.modules`` header entry: ``{"role.path": [rank, alpha]}`` as difftune wrote it, or ``{}``."""
     raw = metadata.get(MODULES_META_KEY)
     if not raw:
         return {}
@@ -177,7 +178,7 @@ def from_diffusers(tensors: dict[str, torch.Tensor], metadata: dict[str, str], s
     ``strict``: other tensors (DoRA magnitudes...) are an error; otherwise they are ignored.
     """
     configs = _peft_meta(metadata)
-    recorded = _modules_meta(metadata)
+    recorded = recorded_modules(metadata)
     modules: dict[str, LoraModule] = {}
     left = set(tensors)
     for key in sorted(tensors):

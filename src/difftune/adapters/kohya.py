@@ -18,7 +18,13 @@ import json
 import torch
 
 from difftune.adapters import kohya_fused
-from difftune.adapters.formats import MODULES_META_KEY, LoraAdapter, LoraModule, _modules_meta, modules_metadata
+from difftune.adapters.formats import (
+    MODULES_META_KEY,
+    LoraAdapter,
+    LoraModule,
+    modules_metadata,
+    recorded_modules,
+)
 from difftune.errors import DifftuneError
 
 #: Module-name parts that themselves contain ``_`` (diffusers UNets and CLIP text encoders).
@@ -209,7 +215,7 @@ def from_kohya(tensors: dict[str, torch.Tensor], metadata: dict[str, str],
     if not pairs:
         raise DifftuneError("no kohya LoRA weights found (expected keys ending in .lora_down.weight)")
     layout = import_layout(list(pairs), metadata, family)
-    recorded = _modules_meta(metadata)
+    recorded = recorded_modules(metadata)
     modules: dict[str, LoraModule] = {}
     for base, m in pairs.items():
         role, flat = _prefix_role(base, layout)

@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 from difftune.models.base import Components, ModelFamily, ModelSource
-from difftune.models.kohya_names import KohyaModule, KohyaNames, modulation, single
 from difftune.models.components import (
     denoiser_load_kwargs,
     flow_match_settings,
@@ -26,6 +25,7 @@ from difftune.models.components import (
     vae_decode,
     vae_encode,
 )
+from difftune.models.kohya_names import KohyaModule, KohyaNames, modulation, single
 
 
 def _flux_kohya_names() -> KohyaNames:

@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 from difftune.models.base import Components, ModelFamily, ModelSource
-from difftune.models.kohya_names import KohyaModule, KohyaNames, modulation, single
 from difftune.models.components import (
     clip_features,
     denoiser_load_kwargs,
@@ -24,6 +23,7 @@ from difftune.models.components import (
     vae_decode,
     vae_encode,
 )
+from difftune.models.kohya_names import KohyaModule, KohyaNames, modulation, single
 
 
 def _sd3_kohya_names() -> KohyaNames:
