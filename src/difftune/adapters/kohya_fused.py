@@ -17,6 +17,7 @@ else it gives every part the shared down (exact, at rank R).
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -260,7 +261,8 @@ def _swap_halves_if_two_chunks(up: torch.Tensor, down: torch.Tensor) -> torch.Te
     return torch.cat([second, first], dim=0)
 
 
-def layouts() -> list[KohyaLayout]:
+@functools.lru_cache(maxsize=1)
+def layouts() -> tuple[KohyaLayout, ...]:
     """The kohya layouts of every registered family that has one."""
     from difftune.models import FAMILIES
 
@@ -269,7 +271,7 @@ def layouts() -> list[KohyaLayout]:
         cls = FAMILIES.get(name)
         if cls.kohya_names is not None:
             out.append(KohyaLayout(cls.kohya_names, name, cls.title))
-    return out
+    return tuple(out)
 
 
 def layout_for_family(name: str | None) -> KohyaLayout | None:
