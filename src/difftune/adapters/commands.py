@@ -66,6 +66,8 @@ def add_merge_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=["diffusers", "kohya"], default="diffusers", help="output format")
     p.add_argument("--fuse", action="store_true", help="bake the adapters into --model and save a diffusers folder")
     p.add_argument("--model", default=None, help="base model for --fuse")
+    p.add_argument("--family", default=None,
+                   help="model family whose kohya names to write with --format kohya (default: recorded in the inputs)")
     _pickle_arg(p)
 
 
@@ -83,7 +85,7 @@ def cmd_merge(args) -> int:
         print(format_report(report))
         merged.metadata.update(report_metadata(report))
     merged.metadata["difftune.merge"] = json.dumps([[str(p), w] for p, w in specs])
-    out = write_adapter(merged, args.out, args.format)
+    out = write_adapter(merged, args.out, args.format, _family_arg(args.family))
     ranks = sorted({m.rank for m in merged.modules.values()})
     print(f"wrote {out}: {len(merged.modules)} modules, rank {'/'.join(map(str, ranks))}")
     return 0
@@ -127,6 +129,9 @@ def add_convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rank", type=int, default=None, help="rank of the plain LoRA for --to-lora")
     p.add_argument("--model", default=None,
                    help="base model: resolves names exactly; needed by --to-lora for peft DoRA/LoHa/LoKr files")
+    p.add_argument("--family", default=None,
+                   help="model family whose kohya names to write (sd3, flux, ...); default: recorded in the file, "
+                        "else inferred from the module names or --model")
     _pickle_arg(p)
 
 
@@ -143,18 +148,34 @@ def cmd_convert(args) -> int:
         print(format_report(report))
         out = write_adapter(adapter, args.out, args.to)
     else:
-        target = {}
+        target = {"family": _family_arg(args.family)}
         if args.model:
             import torch
 
             from difftune.adapters.apply import pipeline_target
             from difftune.adapters.generate import load_pipeline
 
-            pipe, _, _ = load_pipeline(args.model, dtype=torch.float32)
-            target = pipeline_target(pipe)
+            pipe, family, _ = load_pipeline(args.model, dtype=torch.float32)
+            target.update(pipeline_target(pipe))
+            target["family"] = target["family"] or family.name
         out = convert(args.input, args.to, args.out, allow_pickle=args.allow_pickle, **target)
     print(f"wrote {out} ({args.to} format)")
+    if args.to == "kohya":
+        from difftune.adapters.kohya import diffusers_note
+        from difftune.adapters.safe_load import load_tensors
+
+        note = diffusers_note(*load_tensors(out))
+        if note:
+            print(f"note: {note}; `difftune convert --to diffusers` keeps every module for diffusers")
     return 0
+
+
+def _family_arg(name: str | None) -> str | None:
+    from difftune.models import FAMILIES
+
+    if name is not None and name not in FAMILIES:
+        raise DifftuneError(f"--family {name!r}: unknown model family; choose one of {', '.join(FAMILIES.names())}")
+    return name
 
 
 # --- inspect ----------------------------------------------------------------------------------

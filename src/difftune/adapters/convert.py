@@ -14,42 +14,48 @@ TARGET_FORMATS = ("kohya", "diffusers")
 
 
 def read_adapter(path: str | Path, *, allow_pickle: bool = False,
-                 module_names: dict[str, list[str]] | None = None, unet_config=None) -> LoraAdapter:
+                 module_names: dict[str, list[str]] | None = None, unet_config=None,
+                 family: str | None = None) -> LoraAdapter:
     """A LoRA file (diffusers or kohya) read safely; errors name the file.
 
-    ``module_names`` and ``unet_config`` describe the target model (see :func:`pipeline_target`).
+    ``module_names`` and ``unet_config`` describe the target model (see :func:`pipeline_target`);
+    ``family`` names its model family (kohya files of transformer families are recognised without it).
     """
     file = resolve_weight_file(path)
     tensors, metadata = load_tensors(file, allow_pickle=allow_pickle)
     try:
-        return adapter_from_tensors(tensors, metadata, module_names, unet_config)
+        return adapter_from_tensors(tensors, metadata, module_names, unet_config, family=family)
     except DifftuneError as exc:
         raise DifftuneError(f"{file}: {exc}") from None
 
 
-def adapter_tensors(adapter: LoraAdapter, fmt: str):
+def adapter_tensors(adapter: LoraAdapter, fmt: str, family: str | None = None):
     if fmt == "kohya":
-        return kohya.to_kohya(adapter)
+        return kohya.to_kohya(adapter, family)
     if fmt == "diffusers":
         return to_diffusers(adapter)
     raise DifftuneError(f"--to: unknown format {fmt!r}; choose one of {', '.join(TARGET_FORMATS)}")
 
 
-def write_adapter(adapter: LoraAdapter, out: str | Path, fmt: str = "diffusers") -> Path:
-    """Write ``adapter`` as one safetensors file (``out`` may be a folder: the diffusers file name is used)."""
+def write_adapter(adapter: LoraAdapter, out: str | Path, fmt: str = "diffusers", family: str | None = None) -> Path:
+    """Write ``adapter`` as one safetensors file (``out`` may be a folder: the diffusers file name is used).
+
+    ``family`` picks the kohya naming of transformer families (default: the adapter's recorded family).
+    """
     out = Path(out)
     if out.is_dir() or out.suffix != ".safetensors":
         out = out / "pytorch_lora_weights.safetensors"
-    tensors, header = adapter_tensors(adapter, fmt)
+    tensors, header = adapter_tensors(adapter, fmt, family)
     header["difftune.format"] = fmt
     save_safetensors({k: v.contiguous() for k, v in tensors.items()}, out, header)
     return out
 
 
 def convert(src: str | Path, to: str, out: str | Path, *, allow_pickle: bool = False,
-            module_names: dict[str, list[str]] | None = None, unet_config=None) -> Path:
-    adapter = read_adapter(src, allow_pickle=allow_pickle, module_names=module_names, unet_config=unet_config)
-    return write_adapter(adapter, out, to)
+            module_names: dict[str, list[str]] | None = None, unet_config=None, family: str | None = None) -> Path:
+    adapter = read_adapter(src, allow_pickle=allow_pickle, module_names=module_names, unet_config=unet_config,
+                           family=family)
+    return write_adapter(adapter, out, to, family)
 
 
 def describe(path: str | Path) -> str:

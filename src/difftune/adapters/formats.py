@@ -66,13 +66,16 @@ class FormatInfo:
     convertible: bool = False
     #: kohya names in the original LDM/sgm UNet layout (input_blocks/middle_block/output_blocks).
     sgm: bool = False
+    #: The model family whose original module names a kohya file uses (SD3, Flux), if recognised.
+    family: str | None = None
 
 
 def detect_format(keys: list[str], metadata: dict[str, str]) -> FormatInfo:
     """Recognise a weight file from its tensor names and header metadata alone."""
     keyset = set(keys)
     has = lambda s: any(s in k for k in keys)  # noqa: E731
-    kohya = any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_transformer_")) for k in keys)
+    kohya = any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_transformer_"))
+                for k in keys)
     by = " (kohya sd-scripts, ss_* training metadata)" if any(k.startswith("ss_") for k in metadata) else ""
     if kohya and has(".hada_w1_a"):
         return FormatInfo("kohya_loha", "LyCORIS LoHa, kohya naming" + by)
@@ -81,9 +84,13 @@ def detect_format(keys: list[str], metadata: dict[str, str]) -> FormatInfo:
     if kohya and has(".lora_down.weight"):
         sgm = has("_input_blocks_") or has("_output_blocks_") or has("_middle_block_")
         dora = " with DoRA scales" if has(".dora_scale") else ""
-        layout = "original (sgm/LDM) block names" if sgm else "diffusers block names"
+        family = _kohya_family(keys)
+        if family is not None:
+            layout = f"{family.title} original module names"
+        else:
+            layout = "original (sgm/LDM) block names" if sgm else "diffusers block names"
         return FormatInfo("kohya", f"kohya LoRA, {layout}{dora}{by}", convertible=not sgm and not dora,
-                          sgm=sgm and not dora)
+                          sgm=sgm and not dora and family is None, family=family.family if family else None)
     if has(".hada_w1_a"):
         return FormatInfo("peft_loha", "peft LoHa (diffusers prefixes)")
     if has(".lokr_w1") or has(".lokr_w2"):
@@ -105,6 +112,14 @@ def detect_format(keys: list[str], metadata: dict[str, str]) -> FormatInfo:
     if has("transformer_blocks.") or has("double_blocks."):
         return FormatInfo("checkpoint_transformer", "full transformer weights")
     return FormatInfo("unknown", "unrecognised weights (no LoRA, embedding or checkpoint key pattern)")
+
+
+def _kohya_family(keys: list[str]):
+    """The transformer family (a ``KohyaLayout``) whose original names a kohya file's ``lora_unet_`` keys use."""
+    from difftune.adapters.kohya_fused import layout_for_kohya_names
+
+    unet = sorted({k.split(".")[0][len("lora_unet_"):] for k in keys if k.startswith("lora_unet_")})
+    return layout_for_kohya_names(unet) if unet else None
 
 
 # --- diffusers / peft format ------------------------------------------------------------------
@@ -132,7 +147,8 @@ def _peft_meta(metadata: dict[str, str]) -> dict[str, dict]:
     return out
 
 
-def _modules_meta(metadata: dict[str, str]) -> dict[str, list]:
+def recorded_modules(metadata: dict[str, str]) -> dict[str, list]:
+    """The ``difftune.modules`` header entry: ``{"role.path": [rank, alpha]}`` as difftune wrote it, or ``{}``."""
     raw = metadata.get(MODULES_META_KEY)
     if not raw:
         return {}
@@ -162,7 +178,7 @@ def from_diffusers(tensors: dict[str, torch.Tensor], metadata: dict[str, str], s
     ``strict``: other tensors (DoRA magnitudes...) are an error; otherwise they are ignored.
     """
     configs = _peft_meta(metadata)
-    recorded = _modules_meta(metadata)
+    recorded = recorded_modules(metadata)
     modules: dict[str, LoraModule] = {}
     left = set(tensors)
     for key in sorted(tensors):
@@ -236,11 +252,13 @@ def to_diffusers(adapter: LoraAdapter) -> tuple[dict[str, torch.Tensor], dict[st
 
 
 def adapter_from_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str],
-                         module_names: dict[str, list[str]] | None = None, unet_config=None) -> LoraAdapter:
+                         module_names: dict[str, list[str]] | None = None, unet_config=None,
+                         family: str | None = None) -> LoraAdapter:
     """Any convertible LoRA file (diffusers or kohya) as a :class:`LoraAdapter`.
 
     ``module_names`` (role -> module paths of the target model) resolves kohya names exactly;
-    ``unet_config`` (the target UNet's config) lets kohya files with original sgm block names be read.
+    ``unet_config`` (the target UNet's config) lets kohya files with original sgm block names be read;
+    ``family`` (a family name) says which transformer naming a kohya file uses, if not recognisable.
     """
     from difftune.adapters import kohya
 
@@ -248,7 +266,7 @@ def adapter_from_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, s
     if fmt.name == "diffusers":
         return from_diffusers(tensors, metadata)
     if fmt.name == "kohya" and fmt.convertible:
-        return kohya.from_kohya(tensors, metadata, module_names)
+        return kohya.from_kohya(tensors, metadata, module_names, family)
     if fmt.name == "kohya" and fmt.sgm and unet_config is not None:
         return kohya.from_kohya(kohya.sgm_to_diffusers_names(tensors, unet_config), metadata, module_names)
     if fmt.name == "kohya" and fmt.sgm:

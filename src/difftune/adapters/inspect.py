@@ -39,6 +39,8 @@ def inspect_file(path: str | Path, *, allow_pickle: bool = False) -> dict[str, A
     info.update(format=fmt.name, format_title=fmt.title, tensors=len(shapes),
                 parameters=sum(n for _, _, n in shapes.values()),
                 dtypes=dict(collections.Counter(d for d, _, _ in shapes.values())))
+    if fmt.family:
+        info["kohya_family"] = fmt.family
     info["difftune"] = _difftune_metadata(metadata)
     if any(k.startswith("ss_") for k in metadata):
         info["kohya_training"] = kohya_training_summary(metadata)

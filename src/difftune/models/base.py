@@ -75,6 +75,9 @@ class ModelFamily(ABC):
     #: Keys of a textual-inversion file, one per text encoder, for families with several encoders
     #: (SDXL: ``("clip_l", "clip_g")``, as diffusers' SDXL examples load them). ``None``: the encoder names.
     embedding_save_keys: tuple[str, ...] | None = None
+    #: How kohya-format LoRA files name this family's modules (:mod:`difftune.models.kohya_names`);
+    #: ``None``: the diffusers module names with ``.`` -> ``_`` (the UNet families).
+    kohya_names: Any = None
 
     def __init__(self, config: Any | None = None) -> None:
         #: The run's :class:`~difftune.config.schema.Config`, or ``None`` (library use, tests). Families

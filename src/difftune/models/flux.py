@@ -25,6 +25,43 @@ from difftune.models.components import (
     vae_decode,
     vae_encode,
 )
+from difftune.models.kohya_names import KohyaModule, KohyaNames, modulation, single
+
+
+def _flux_kohya_names() -> KohyaNames:
+    """Black Forest Labs' module names, as kohya sd-scripts, ComfyUI and Forge use them for Flux LoRAs."""
+    d, s = "transformer_blocks.{i}.", "single_transformer_blocks.{i}."
+    mods = [
+        KohyaModule("double_blocks.{i}.img_attn.qkv", (d + "attn.to_q", d + "attn.to_k", d + "attn.to_v")),
+        single("double_blocks.{i}.img_attn.proj", d + "attn.to_out.0"),
+        single("double_blocks.{i}.img_mlp.0", d + "ff.net.0.proj"),
+        single("double_blocks.{i}.img_mlp.2", d + "ff.net.2"),
+        modulation("double_blocks.{i}.img_mod.lin", d + "norm1.linear"),
+        KohyaModule("double_blocks.{i}.txt_attn.qkv",
+                    (d + "attn.add_q_proj", d + "attn.add_k_proj", d + "attn.add_v_proj")),
+        single("double_blocks.{i}.txt_attn.proj", d + "attn.to_add_out"),
+        single("double_blocks.{i}.txt_mlp.0", d + "ff_context.net.0.proj"),
+        single("double_blocks.{i}.txt_mlp.2", d + "ff_context.net.2"),
+        modulation("double_blocks.{i}.txt_mod.lin", d + "norm1_context.linear"),
+        # linear1 computes q, k, v and the MLP input at once (MLP width 4x the model width).
+        KohyaModule("single_blocks.{i}.linear1", (s + "attn.to_q", s + "attn.to_k", s + "attn.to_v", s + "proj_mlp"),
+                    widths=(1, 1, 1, 4)),
+        single("single_blocks.{i}.linear2", s + "proj_out"),
+        modulation("single_blocks.{i}.modulation.lin", s + "norm.linear"),
+        single("img_in", "x_embedder"),
+        single("txt_in", "context_embedder"),
+        single("time_in.in_layer", "time_text_embed.timestep_embedder.linear_1"),
+        single("time_in.out_layer", "time_text_embed.timestep_embedder.linear_2"),
+        single("vector_in.in_layer", "time_text_embed.text_embedder.linear_1"),
+        single("vector_in.out_layer", "time_text_embed.text_embedder.linear_2"),
+        single("guidance_in.in_layer", "time_text_embed.guidance_embedder.linear_1"),
+        single("guidance_in.out_layer", "time_text_embed.guidance_embedder.linear_2"),
+        KohyaModule("final_layer.linear", ("proj_out",), diffusers_reads_alpha=False),
+        modulation("final_layer.adaLN_modulation.1", "norm_out.linear", diffusers_reads_alpha=False),
+    ]
+    # sd-scripts: lora_te1 is CLIP-L, lora_te3 is T5-XXL.
+    return KohyaNames(tuple(mods), {"text_encoder": "lora_te1", "text_encoder_2": "lora_te3"},
+                      diffusers_converter="diffusers.loaders.lora_conversion_utils._convert_kohya_flux_lora_to_diffusers")
 
 
 class Flux(ModelFamily):
@@ -37,6 +74,7 @@ class Flux(ModelFamily):
     card_tags = ("flux", "flux-diffusers")
     pipeline_class_names = ("FluxPipeline", "FluxImg2ImgPipeline")
     single_file_types = ("flux-dev", "flux-schnell")
+    kohya_names = _flux_kohya_names()
 
     def pipeline_class(self) -> type:
         from diffusers import FluxPipeline

@@ -23,6 +23,38 @@ from difftune.models.components import (
     vae_decode,
     vae_encode,
 )
+from difftune.models.kohya_names import KohyaModule, KohyaNames, modulation, single
+
+
+def _sd3_kohya_names() -> KohyaNames:
+    """Stability AI's MMDiT module names, as kohya sd-scripts and ComfyUI use them for SD3/3.5 LoRAs."""
+    b, x, c = "transformer_blocks.{i}.", "joint_blocks.{i}.x_block.", "joint_blocks.{i}.context_block."
+    mods = [
+        KohyaModule(x + "attn.qkv", (b + "attn.to_q", b + "attn.to_k", b + "attn.to_v")),
+        single(x + "attn.proj", b + "attn.to_out.0"),
+        KohyaModule(x + "attn2.qkv", (b + "attn2.to_q", b + "attn2.to_k", b + "attn2.to_v")),  # SD 3.5 medium
+        single(x + "attn2.proj", b + "attn2.to_out.0"),
+        single(x + "mlp.fc1", b + "ff.net.0.proj"),
+        single(x + "mlp.fc2", b + "ff.net.2"),
+        modulation(x + "adaLN_modulation.1", b + "norm1.linear"),
+        KohyaModule(c + "attn.qkv", (b + "attn.add_q_proj", b + "attn.add_k_proj", b + "attn.add_v_proj")),
+        single(c + "attn.proj", b + "attn.to_add_out"),
+        single(c + "mlp.fc1", b + "ff_context.net.0.proj"),
+        single(c + "mlp.fc2", b + "ff_context.net.2"),
+        # Two chunks (shift, scale) in the last block, whose context stream ends there.
+        modulation(c + "adaLN_modulation.1", b + "norm1_context.linear"),
+        single("x_embedder.proj", "pos_embed.proj"),
+        single("context_embedder", "context_embedder"),
+        single("t_embedder.mlp.0", "time_text_embed.timestep_embedder.linear_1"),
+        single("t_embedder.mlp.2", "time_text_embed.timestep_embedder.linear_2"),
+        single("y_embedder.mlp.0", "time_text_embed.text_embedder.linear_1"),
+        single("y_embedder.mlp.2", "time_text_embed.text_embedder.linear_2"),
+        single("final_layer.linear", "proj_out"),
+        modulation("final_layer.adaLN_modulation.1", "norm_out.linear"),
+    ]
+    # sd-scripts: lora_te1 CLIP-L, lora_te2 CLIP-G, lora_te3 T5-XXL. diffusers has no reader for these files.
+    return KohyaNames(tuple(mods), {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2",
+                                    "text_encoder_3": "lora_te3"})
 
 
 class StableDiffusion3(ModelFamily):
@@ -35,6 +67,7 @@ class StableDiffusion3(ModelFamily):
     card_tags = ("sd3", "sd3-diffusers")
     pipeline_class_names = ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline")
     single_file_types = ("sd3", "sd35_medium", "sd35_large")
+    kohya_names = _sd3_kohya_names()
     #: T5 tokens per prompt (the SD3 pipeline's default ``max_sequence_length``).
     t5_max_length = 256
 
