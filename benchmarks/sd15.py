@@ -66,8 +66,7 @@ def build_pipeline_folder(folder: Path, unet_width: float = 0.5, seed: int = 0) 
         pad_token_id=len(tokenizer) - 1, **CLIP_L,
     ))
     scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              num_train_timesteps=1000, prediction_type="epsilon", clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1)
+                              num_train_timesteps=1000, prediction_type="epsilon", clip_sample=False, steps_offset=1)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
@@ -76,6 +75,17 @@ def build_pipeline_folder(folder: Path, unet_width: float = 0.5, seed: int = 0) 
         f.unlink()
     (folder / "_tokenizer_src").rmdir()
     return folder
+
+
+def add_lora(unet, rank: int = 4) -> None:
+    """The LoRA difftune and the diffusers example train: rank 4 on the attention projections, fp32."""
+    from peft import LoraConfig
+
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    for p in unet.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
 
 
 def unet_step_flops(unet, latent: int, batch: int = 1, dtype=torch.bfloat16) -> int:

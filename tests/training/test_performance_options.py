@@ -131,3 +131,35 @@ def test_auto_mixed_precision_is_written_to_the_model_card(run_config, tiny_sd, 
     expected = performance.resolve_mixed_precision("auto")
     assert any(f"mixed precision {expected}" in m for m in logs)
     assert f"{expected} (auto)" in (tmp_path / "out" / "README.md").read_text()
+
+
+def _scalar_reads_outside_the_optimizer(run_config, tiny_sd, data, out, steps: int) -> int:
+    """Host reads of tensor values (``.item()``, ``float(t)``, ``if t:``) during a run, optimizer excluded.
+
+    torch's foreach AdamW reads its step counters, which live on the host even with CUDA
+    parameters; any other read inside the step would be a host-device synchronisation on a GPU.
+    """
+    import traceback
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    reads = []
+
+    class CountReads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                files = [f.filename for f in traceback.extract_stack()]
+                if not any("torch/optim/" in f for f in files):
+                    reads.append(files[-4:])
+            return func(*args, **(kwargs or {}))
+
+    cfg = load_config(data=run_config(tiny_sd, data, out, train={"max_steps": steps, "log_every": steps}))
+    with CountReads():
+        train(cfg, log=lambda _m: None)
+    return len(reads)
+
+
+def test_training_steps_do_not_read_values_back_except_to_log(run_config, tiny_sd, shapes_data, tmp_path):
+    short = _scalar_reads_outside_the_optimizer(run_config, tiny_sd, shapes_data, tmp_path / "short", 2)
+    long = _scalar_reads_outside_the_optimizer(run_config, tiny_sd, shapes_data, tmp_path / "long", 5)
+    assert long == short  # three more steps, not one more read: only the single log step reads the loss
