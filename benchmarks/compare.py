@@ -129,7 +129,6 @@ def parse_variant(text: str) -> tuple[str, dict]:
 def unet_figures(model: Path, threads: int) -> tuple[float, float]:
     import torch
     from diffusers import UNet2DConditionModel
-
     from sd15 import add_lora, matmul_peak, unet_step_flops
 
     torch.set_num_threads(threads)
@@ -155,8 +154,9 @@ def main() -> None:
                              "default: one run named difftune with caching on")
     args = parser.parse_args()
 
-    from difftune.tiny import make_tiny_dataset
     from sd15 import build_pipeline_folder
+
+    from difftune.tiny import make_tiny_dataset
 
     args.cache.mkdir(parents=True, exist_ok=True)
     model = build_pipeline_folder(args.cache / f"sd15-unet{args.unet_width:g}", unet_width=args.unet_width)
