@@ -32,9 +32,10 @@ def one_run(precision: str, steps: int, warmup: int, width: float) -> dict:
     from sd15 import add_lora, build_unet
 
     bf16 = precision == "bf16"
+    # Built straight in the weight dtype, so the peak memory is the training step's, not an fp32 copy's.
+    torch.set_default_dtype(torch.bfloat16 if bf16 else torch.float32)
     unet = build_unet(width).requires_grad_(False)
-    if bf16:
-        unet.to(torch.bfloat16)
+    torch.set_default_dtype(torch.float32)
     add_lora(unet)
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=True)

@@ -335,7 +335,8 @@ class TrainConfig:
     compile: bool = opt(
         False,
         "Compile the denoiser's training forward and backward with `torch.compile`. The first steps "
-        "take longer (the compile time is logged); sampling and saving use the uncompiled module.",
+        "take longer (the compile time is logged); sampling and saving use the uncompiled module. "
+        "CUDA only: on CPU, inductor gave wrong LoRA gradients and no speed-up (docs/performance.md).",
     )
     compile_mode: str = opt(
         "default",

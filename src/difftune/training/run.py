@@ -65,6 +65,10 @@ def make_accelerator(config: Config, paths: RunPaths):
         raise DifftuneError(
             "train.mixed_precision: fp16 needs a CUDA GPU (gradient scaling); on CPU use \"bf16\" or \"no\""
         )
+    if config.train.compile and cpu:
+        from difftune.training.performance import COMPILE_ON_CPU_PROBLEM
+
+        raise DifftuneError(f"train.compile: {COMPILE_ON_CPU_PROBLEM}; set train.compile = false on this machine")
     return Accelerator(
         mixed_precision=mp,
         log_with=report,
