@@ -136,6 +136,7 @@ class RunMonitor:
             "median_data_wait_seconds": round(statistics.median(waits), 4) if waits else 0.0,
             "peak_memory_bytes": peak,
             "peak_memory_kind": kind,
+            "step_seconds": [round(t, 4) for t in self.step_times],
         }
         if self.compiled and self.step_times:
             out["compile_seconds_estimate"] = round(max(0.0, self.step_times[0] - out["median_step_seconds"]), 2)
