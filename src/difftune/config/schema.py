@@ -329,8 +329,8 @@ class TrainConfig:
     gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass to save memory.")
     channels_last: bool = opt(
         False,
-        "Store the denoiser's convolution weights channels-last (NHWC). Often faster for "
-        "convolutions on GPUs with tensor cores; measure before keeping it (see docs/performance.md).",
+        "Store the denoiser's convolution weights channels-last (NHWC). Can speed up convolutions on "
+        "GPUs with tensor cores; it made no difference on CPU (docs/performance.md). Measure before keeping it.",
     )
     compile: bool = opt(
         False,
