@@ -319,12 +319,31 @@ class TrainConfig:
     weight_decay: float = opt(1e-2, "Decoupled weight decay.", min=0.0)
     adam_epsilon: float = opt(1e-8, "Adam ε.", min=0.0, min_exclusive=True)
     mixed_precision: str = opt(
-        "no",
+        "auto",
         "Autocast precision: `no` (fp32), `bf16` (fast on GPUs and on CPUs with AVX-512 BF16) or "
-        "`fp16` (CUDA only, with gradient scaling).",
-        choices=("no", "fp16", "bf16"),
+        "`fp16` (CUDA only, with gradient scaling). `auto` picks `bf16` where the hardware runs it "
+        "natively (a bf16-capable CUDA GPU, or a CPU with the `avx512_bf16` or `amx_bf16` flag) and "
+        "`no` elsewhere; the choice is logged and written to the model card.",
+        choices=("auto", "no", "fp16", "bf16"),
     )
     gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass to save memory.")
+    channels_last: bool = opt(
+        False,
+        "Store the denoiser's convolution weights channels-last (NHWC). Can speed up convolutions on "
+        "GPUs with tensor cores; it made no difference on CPU (docs/performance.md). Measure before keeping it.",
+    )
+    compile: bool = opt(
+        False,
+        "Compile the denoiser's training forward and backward with `torch.compile`. The first steps "
+        "take longer (the compile time is logged); sampling and saving use the uncompiled module. "
+        "CUDA only: on CPU, inductor gave wrong LoRA gradients and no speed-up (docs/performance.md).",
+    )
+    compile_mode: str = opt(
+        "default",
+        "`torch.compile` mode when `compile` is on: `default`, `reduce-overhead` (CUDA graphs on GPUs), "
+        "`max-autotune` or `max-autotune-no-cudagraphs`.",
+        choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+    )
     max_grad_norm: float | None = opt(1.0, "Clip the gradient norm to this value; unset to disable.", min=0)
     snr_gamma: float | None = opt(
         None, "Min-SNR-γ loss weighting (5.0 is the paper's recommendation); unset for plain MSE.", min=0,

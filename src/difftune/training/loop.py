@@ -26,7 +26,7 @@ from difftune.models import detect_family_for, get_family
 from difftune.models.loading import resolve_source
 from difftune.objectives import OBJECTIVES
 from difftune.training import checkpoint as ckpt
-from difftune.training import faults, holdout, resume
+from difftune.training import faults, holdout, performance, resume
 from difftune.training.optim import build_optimizer, build_scheduler
 from difftune.training.run import (
     RunPaths,
@@ -34,6 +34,7 @@ from difftune.training.run import (
     autocast_dtype,
     learning_rate,
     make_accelerator,
+    mixed_precision,
     step_seed,
     total_steps,
     tracker_hparams,
@@ -109,7 +110,7 @@ def _train(config: Config, log, stop: StopRequest) -> RunResult:
     wrapped_list = accelerator.prepare(*trainable.values(), optimizer)
     wrapped = dict(zip(trainable, wrapped_list[:-1], strict=True))
     optimizer = wrapped_list[-1]
-    train_view = with_modules(components, wrapped)
+    train_view = performance.apply(config, components, with_modules(components, wrapped), log if main else _quiet)
     params = [p for m in trainable.values() for p in m.parameters() if p.requires_grad]
 
     if state is not None:
@@ -127,7 +128,8 @@ def _train(config: Config, log, stop: StopRequest) -> RunResult:
         dataset, batch_sampler=order, collate_fn=data.collate, num_workers=config.data.num_workers,
         persistent_workers=config.data.num_workers > 0,
     )
-    batches = iter(loader)
+    monitor = performance.RunMonitor(device, compiled=config.train.compile)
+    batches = monitor.timed(iter(loader))
 
     if config.logging.report_to != "none":
         accelerator.init_trackers(
@@ -138,7 +140,8 @@ def _train(config: Config, log, stop: StopRequest) -> RunResult:
         log(
             f"training {family.title} with {method.name}: {len(dataset)} images, {steps} steps, "
             f"batch {config.train.batch_size}×{config.train.gradient_accumulation}×{world}, lr {lr:g}, "
-            f"{sum(p.numel() for p in params):,} trainable parameters, device {device}"
+            f"{sum(p.numel() for p in params):,} trainable parameters, device {device}, "
+            f"mixed precision {mixed_precision(config)}"
         )
 
     result = RunResult(paths.root, [], steps)
@@ -181,6 +184,7 @@ def _train(config: Config, log, stop: StopRequest) -> RunResult:
             running += step_loss
             running_count += accumulation
         progress.update(1)
+        monitor.step_done()
         if guard.should_stop:
             folder = save(guard.first_bad_step, guard.scheduler_before_streak, guard.skipped_before_streak)
             progress.close()
@@ -219,6 +223,7 @@ def _train(config: Config, log, stop: StopRequest) -> RunResult:
                 log(f"early stop at step {step}: no held-out improvement in {config.validation.patience} "
                     f"evaluations; best step {held_out.best[0]}" + (f" (checkpoint {best})" if best else ""))
             break
+        monitor.restart_clock()  # validation, evaluation and checkpoints are not part of the step time
     progress.close()
     result.skipped_steps = guard.skipped
     if result.interrupted:
@@ -230,13 +235,22 @@ def _train(config: Config, log, stop: StopRequest) -> RunResult:
     accelerator.wait_for_everyone()
     if world > 1:
         _check_replicas_agree(accelerator, params, log)
+    result.performance = monitor.summary()
+    accelerator.log({"perf/median_step_seconds": result.performance["median_step_seconds"],
+                     "perf/peak_memory_gib": result.performance["peak_memory_bytes"] / 2**30}, step=step)
     if main:
+        log(f"performance: {monitor.describe(result.performance)}")
+        monitor.write(paths.logs, result.performance)
         metadata = _adapter_metadata(config, family, method, components, step)
         result.files = method.export(components, paths.root, metadata)
         _write_card(config, family, method, components, paths, step, data.card_entry(), world, lr, result)
         log(f"done: {step} steps; adapter in {paths.root}")
     accelerator.end_training()
     return result
+
+
+def _quiet(_msg: str) -> None:
+    pass
 
 
 def _loss(family, components, objective, batch, device, config: Config) -> torch.Tensor:
@@ -409,11 +423,15 @@ def _write_card(config: Config, family, method, components, paths: RunPaths, ste
         "Batch": f"{t.batch_size} × {t.gradient_accumulation} accumulation × {world} process(es)",
         "Resolution": config.data.resolution,
         "Dataset": dataset_entry,
-        "Mixed precision": t.mixed_precision,
+        "Mixed precision": mixed_precision(config) + (" (auto)" if t.mixed_precision == "auto" else ""),
         "Min-SNR γ": t.snr_gamma if t.snr_gamma is not None else "off",
         "Noise offset": t.noise_offset,
         "Seed": t.seed,
     }
+    if result.performance:
+        perf = result.performance
+        training["Speed"] = f"{perf['median_step_seconds']:.3f} s per step (median, {perf['steps']} steps)"
+        training["Peak memory"] = f"{perf['peak_memory_bytes'] / 2**30:.2f} GiB ({perf['peak_memory_kind']})"
     if result.val_losses:
         best_step, best_loss = min(result.val_losses, key=lambda sl: sl[1])
         training["Held-out loss"] = (f"{result.val_losses[-1][1]:.5f} at the end, best {best_loss:.5f} at step "

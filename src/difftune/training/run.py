@@ -49,13 +49,15 @@ class RunResult:
     interrupted: int | None = None
     #: Optimizer steps skipped because the loss or gradients were NaN/inf (fp16: scaler skips too).
     skipped_steps: int = 0
+    #: Step times and peak memory (see ``training.performance.RunMonitor.summary``).
+    performance: dict = field(default_factory=dict)
 
 
 def make_accelerator(config: Config, paths: RunPaths):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
-    mp = config.train.mixed_precision
+    mp = mixed_precision(config)
     report = None if config.logging.report_to == "none" else config.logging.report_to
     if report == "wandb":
         try:
@@ -67,6 +69,10 @@ def make_accelerator(config: Config, paths: RunPaths):
         raise DifftuneError(
             "train.mixed_precision: fp16 needs a CUDA GPU (gradient scaling); on CPU use \"bf16\" or \"no\""
         )
+    if config.train.compile and cpu:
+        from difftune.training.performance import COMPILE_ON_CPU_PROBLEM
+
+        raise DifftuneError(f"train.compile: {COMPILE_ON_CPU_PROBLEM}; set train.compile = false on this machine")
     return Accelerator(
         mixed_precision=mp,
         log_with=report,
@@ -80,11 +86,18 @@ def weight_dtype(config: Config) -> torch.dtype:
     explicit = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     if config.model.dtype != "auto":
         return explicit[config.model.dtype]
-    return {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[config.train.mixed_precision]
+    return {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[mixed_precision(config)]
 
 
 def autocast_dtype(config: Config) -> torch.dtype | None:
-    return {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[config.train.mixed_precision]
+    return {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[mixed_precision(config)]
+
+
+def mixed_precision(config: Config) -> str:
+    """``train.mixed_precision`` with ``auto`` resolved for this machine: ``no``, ``fp16`` or ``bf16``."""
+    from difftune.training.performance import resolve_mixed_precision
+
+    return resolve_mixed_precision(config.train.mixed_precision, config.model.dtype)
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
