@@ -177,14 +177,16 @@ def main() -> None:
         cfg.write_text(difftune_config(model, data, args.cache / "latent-cache", out, args.steps, options))
         tools.append(Tool(name, [sys.executable, "-m", "difftune", "train", str(cfg)], "train", [out]))
     if args.example:
-        missing = [m for m in ("datasets", "torchvision") if importlib.util.find_spec(m) is None]
+        # torchvision is replaced by the stand-in in torchvision_shim/ when it is not installed.
+        missing = [m for m in ("datasets",) if importlib.util.find_spec(m) is None]
+        runner = [] if importlib.util.find_spec("torchvision") else [str(Path(__file__).parent / "run_diffusers_example.py")]
         if missing:
             print(f"note: the example script needs {', '.join(missing)} (pip install {' '.join(missing)}); "
                   "skipping it")
         else:
             out = work / "out-example"
             tools.append(Tool("example", [
-                sys.executable, str(args.example), "--pretrained_model_name_or_path", str(model),
+                sys.executable, *runner, str(args.example), "--pretrained_model_name_or_path", str(model),
                 "--train_data_dir", str(data), "--caption_column", "text", "--resolution", "256",
                 "--train_batch_size", "1", "--rank", "4", "--mixed_precision", "bf16",
                 "--max_train_steps", str(args.steps), "--learning_rate", "1e-4", "--seed", "42",
