@@ -8,7 +8,6 @@ bomb is refused without allocating its pixels.
 from __future__ import annotations
 
 import codecs
-import hashlib
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from difftune.data.transforms import has_transparency
+from difftune.fileio import file_sha256
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 #: Files that operating systems leave in folders, with what they are.
@@ -53,11 +53,7 @@ class ImageInfo:
 
 
 def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_sha256(path)
 
 
 def non_image_reason(path: Path) -> str:

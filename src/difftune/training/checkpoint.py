@@ -12,7 +12,6 @@ Older checkpoints are pruned only after the new one is complete.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import random
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 
 from difftune.errors import DifftuneError
-from difftune.fileio import fsync_dir, replace_folder, save_safetensors
+from difftune.fileio import file_sha256, fsync_dir, replace_folder, save_safetensors
 
 MANIFEST = "manifest.json"
 PREFIX = "step-"
@@ -49,12 +48,7 @@ class DiskFullError(DifftuneError):
     """The disk filled up while a checkpoint was written; the previous checkpoints are intact."""
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+_sha256 = file_sha256
 
 
 def _fsync_file(path: Path) -> None:
