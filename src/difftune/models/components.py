@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -183,3 +184,49 @@ def unwrap(module: torch.nn.Module) -> torch.nn.Module:
     while hasattr(module, "module") or hasattr(module, "_orig_mod"):
         module = getattr(module, "module", None) or module._orig_mod
     return module
+
+
+@dataclass(frozen=True)
+class ModelParts:
+    """What a family's model is made of, for :func:`load_components`.
+
+    ``encoders`` lists (text-encoder class, tokenizer class) for ``text_encoder``,
+    ``text_encoder_2``, ...; ``vae_dtype`` keeps the model's own VAE in a fixed dtype (SDXL: fp32).
+    """
+
+    denoiser: type
+    scheduler: type
+    encoders: tuple[tuple[type, type], ...]
+    vae_dtype: torch.dtype | None = None
+    single_file_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def load_components(family, parts: ModelParts, source: ModelSource, dtype: torch.dtype):
+    """Load every component of ``family`` from a diffusers folder, Hub id or single file."""
+    from difftune.models.base import Components
+
+    # Checked first, so a machine that cannot quantise fails before any weights load.
+    denoiser_kwargs = denoiser_load_kwargs(family.option("model", "quantize", "none"), dtype)
+    user_vae = family.option("model", "vae")
+    vae_dtype = parts.vae_dtype or dtype
+    names = ["text_encoder" + (f"_{i + 1}" if i else "") for i in range(len(parts.encoders))]
+    tokenizer_names = [n.replace("text_encoder", "tokenizer") for n in names]
+    if source.kind == "single_file":
+        pipe = pipeline_from_single_file(
+            family.pipeline_class(), source, dtype, denoiser_name=family.denoiser_name, denoiser_cls=parts.denoiser,
+            denoiser_kwargs=denoiser_kwargs, **parts.single_file_kwargs,
+        )
+        denoiser = getattr(pipe, family.denoiser_name)
+        encoders = [getattr(pipe, n) for n in names]
+        tokenizers = [getattr(pipe, n) for n in tokenizer_names]
+        vae = load_vae(user_vae, source, dtype, dtype) if user_vae else pipe.vae.to(vae_dtype)
+        scheduler = parts.scheduler.from_config(pipe.scheduler.config)
+    else:
+        tokenizers = [load_subfolder(tok, source, n) for (_, tok), n in zip(parts.encoders, tokenizer_names,
+                                                                            strict=True)]
+        encoders = [load_subfolder(enc, source, n, dtype) for (enc, _), n in zip(parts.encoders, names, strict=True)]
+        vae = load_vae(user_vae, source, dtype, vae_dtype)
+        denoiser = load_subfolder(parts.denoiser, source, family.denoiser_name, dtype, **denoiser_kwargs)
+        scheduler = load_subfolder(parts.scheduler, source, "scheduler")
+    return Components(denoiser=denoiser, vae=vae, text_encoders=encoders, tokenizers=tokenizers,
+                      noise_scheduler=scheduler, source=source, encoder_names=names)

@@ -13,12 +13,10 @@ from torch import nn
 
 from difftune.models.base import Components, ModelFamily, ModelSource
 from difftune.models.components import (
-    denoiser_load_kwargs,
+    ModelParts,
     flow_match_settings,
-    load_subfolder,
-    load_vae,
+    load_components,
     module_device,
-    pipeline_from_single_file,
     t5_features,
     tokenize,
     unwrap,
@@ -85,26 +83,9 @@ class Flux(ModelFamily):
         from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
         from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-        kwargs = denoiser_load_kwargs(self.option("model", "quantize", "none"), dtype)
-        user_vae = self.option("model", "vae")
-        if source.kind == "single_file":
-            pipe = pipeline_from_single_file(self.pipeline_class(), source, dtype, denoiser_name="transformer",
-                                             denoiser_cls=FluxTransformer2DModel, denoiser_kwargs=kwargs)
-            transformer, scheduler = pipe.transformer, pipe.scheduler
-            encoders, tokenizers = [pipe.text_encoder, pipe.text_encoder_2], [pipe.tokenizer, pipe.tokenizer_2]
-            vae = load_vae(user_vae, source, dtype, dtype) if user_vae else pipe.vae
-        else:
-            tokenizers = [load_subfolder(CLIPTokenizer, source, "tokenizer"),
-                          load_subfolder(T5TokenizerFast, source, "tokenizer_2")]
-            encoders = [load_subfolder(CLIPTextModel, source, "text_encoder", dtype),
-                        load_subfolder(T5EncoderModel, source, "text_encoder_2", dtype)]
-            vae = load_vae(user_vae, source, dtype, dtype)
-            transformer = load_subfolder(FluxTransformer2DModel, source, "transformer", dtype, **kwargs)
-            scheduler = load_subfolder(FlowMatchEulerDiscreteScheduler, source, "scheduler")
-        return Components(
-            denoiser=transformer, vae=vae, text_encoders=encoders, tokenizers=tokenizers,
-            noise_scheduler=scheduler, source=source, encoder_names=["text_encoder", "text_encoder_2"],
-        )
+        parts = ModelParts(FluxTransformer2DModel, FlowMatchEulerDiscreteScheduler,
+                           ((CLIPTextModel, CLIPTokenizer), (T5EncoderModel, T5TokenizerFast)))
+        return load_components(self, parts, source, dtype)
 
     def objective_settings(self, components: Components) -> dict:
         # The shift's sequence length counts packed 2×2 patches.

@@ -10,10 +10,9 @@ from torch import nn
 
 from difftune.models.base import Components, ModelFamily, ModelSource
 from difftune.models.components import (
-    denoiser_load_kwargs,
+    ModelParts,
+    load_components,
     load_subfolder,
-    load_vae,
-    pipeline_from_single_file,
 )
 
 __all__ = ["StableDiffusion", "StableDiffusion2", "load_subfolder", "register"]
@@ -64,31 +63,9 @@ class StableDiffusion(ModelFamily):
         from diffusers import DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
-        # Checked first, so a machine that cannot quantise fails before any weights load.
-        unet_kwargs = denoiser_load_kwargs(self.option("model", "quantize", "none"), dtype)
-        user_vae = self.option("model", "vae")
-        if source.kind == "single_file":
-            pipe = pipeline_from_single_file(
-                self.pipeline_class(), source, dtype, denoiser_name="unet", denoiser_cls=UNet2DConditionModel,
-                denoiser_kwargs=unet_kwargs, safety_checker=None, requires_safety_checker=False,
-            )
-            unet, text_encoder, tokenizer = pipe.unet, pipe.text_encoder, pipe.tokenizer
-            vae = load_vae(user_vae, source, dtype, dtype) if user_vae else pipe.vae
-            scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        else:
-            tokenizer = load_subfolder(CLIPTokenizer, source, "tokenizer")
-            text_encoder = load_subfolder(CLIPTextModel, source, "text_encoder", dtype)
-            vae = load_vae(user_vae, source, dtype, dtype)
-            unet = load_subfolder(UNet2DConditionModel, source, "unet", dtype, **unet_kwargs)
-            scheduler = load_subfolder(DDPMScheduler, source, "scheduler")
-        return Components(
-            denoiser=unet,
-            vae=vae,
-            text_encoders=[text_encoder],
-            tokenizers=[tokenizer],
-            noise_scheduler=scheduler,
-            source=source,
-        )
+        parts = ModelParts(UNet2DConditionModel, DDPMScheduler, ((CLIPTextModel, CLIPTokenizer),),
+                           single_file_kwargs={"safety_checker": None, "requires_safety_checker": False})
+        return load_components(self, parts, source, dtype)
 
     def load_tokenizers(self, source: ModelSource) -> list[Any]:
         from transformers import CLIPTokenizer

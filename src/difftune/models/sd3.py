@@ -12,12 +12,10 @@ from torch import nn
 
 from difftune.models.base import Components, ModelFamily, ModelSource
 from difftune.models.components import (
+    ModelParts,
     clip_features,
-    denoiser_load_kwargs,
     flow_match_settings,
-    load_subfolder,
-    load_vae,
-    pipeline_from_single_file,
+    load_components,
     t5_features,
     unwrap,
     vae_decode,
@@ -80,30 +78,10 @@ class StableDiffusion3(ModelFamily):
         from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
         from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-        kwargs = denoiser_load_kwargs(self.option("model", "quantize", "none"), dtype)
-        user_vae = self.option("model", "vae")
-        if source.kind == "single_file":
-            pipe = pipeline_from_single_file(self.pipeline_class(), source, dtype, denoiser_name="transformer",
-                                             denoiser_cls=SD3Transformer2DModel, denoiser_kwargs=kwargs)
-            transformer, scheduler = pipe.transformer, pipe.scheduler
-            encoders = [pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3]
-            tokenizers = [pipe.tokenizer, pipe.tokenizer_2, pipe.tokenizer_3]
-            vae = load_vae(user_vae, source, dtype, dtype) if user_vae else pipe.vae
-        else:
-            tokenizers = [load_subfolder(CLIPTokenizer, source, "tokenizer"),
-                          load_subfolder(CLIPTokenizer, source, "tokenizer_2"),
-                          load_subfolder(T5TokenizerFast, source, "tokenizer_3")]
-            encoders = [load_subfolder(CLIPTextModelWithProjection, source, "text_encoder", dtype),
-                        load_subfolder(CLIPTextModelWithProjection, source, "text_encoder_2", dtype),
-                        load_subfolder(T5EncoderModel, source, "text_encoder_3", dtype)]
-            vae = load_vae(user_vae, source, dtype, dtype)
-            transformer = load_subfolder(SD3Transformer2DModel, source, "transformer", dtype, **kwargs)
-            scheduler = load_subfolder(FlowMatchEulerDiscreteScheduler, source, "scheduler")
-        return Components(
-            denoiser=transformer, vae=vae, text_encoders=encoders, tokenizers=tokenizers,
-            noise_scheduler=scheduler, source=source,
-            encoder_names=["text_encoder", "text_encoder_2", "text_encoder_3"],
-        )
+        parts = ModelParts(SD3Transformer2DModel, FlowMatchEulerDiscreteScheduler,
+                           ((CLIPTextModelWithProjection, CLIPTokenizer), (CLIPTextModelWithProjection, CLIPTokenizer),
+                            (T5EncoderModel, T5TokenizerFast)))
+        return load_components(self, parts, source, dtype)
 
     def objective_settings(self, components: Components) -> dict:
         return flow_match_settings(components.noise_scheduler, unwrap(components.denoiser).config.patch_size)

@@ -14,11 +14,9 @@ from torch import nn
 
 from difftune.models.base import Components, ModelFamily, ModelSource
 from difftune.models.components import (
+    ModelParts,
     clip_features,
-    denoiser_load_kwargs,
-    load_subfolder,
-    load_vae,
-    pipeline_from_single_file,
+    load_components,
     vae_decode,
     vae_encode,
 )
@@ -43,27 +41,11 @@ class StableDiffusionXL(ModelFamily):
         from diffusers import DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-        unet_kwargs = denoiser_load_kwargs(self.option("model", "quantize", "none"), dtype)
-        user_vae = self.option("model", "vae")
-        if source.kind == "single_file":
-            pipe = pipeline_from_single_file(self.pipeline_class(), source, dtype, denoiser_name="unet",
-                                             denoiser_cls=UNet2DConditionModel, denoiser_kwargs=unet_kwargs)
-            unet, encoders = pipe.unet, [pipe.text_encoder, pipe.text_encoder_2]
-            tokenizers = [pipe.tokenizer, pipe.tokenizer_2]
-            vae = load_vae(user_vae, source, dtype, dtype) if user_vae else pipe.vae.to(torch.float32)
-            scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        else:
-            tokenizers = [load_subfolder(CLIPTokenizer, source, "tokenizer"),
-                          load_subfolder(CLIPTokenizer, source, "tokenizer_2")]
-            encoders = [load_subfolder(CLIPTextModel, source, "text_encoder", dtype),
-                        load_subfolder(CLIPTextModelWithProjection, source, "text_encoder_2", dtype)]
-            vae = load_vae(user_vae, source, dtype, torch.float32)
-            unet = load_subfolder(UNet2DConditionModel, source, "unet", dtype, **unet_kwargs)
-            scheduler = load_subfolder(DDPMScheduler, source, "scheduler")
-        return Components(
-            denoiser=unet, vae=vae, text_encoders=encoders, tokenizers=tokenizers, noise_scheduler=scheduler,
-            source=source, encoder_names=["text_encoder", "text_encoder_2"],
-        )
+        # The SDXL VAE overflows in fp16: its own VAE stays in fp32 (a model.vae replacement does not).
+        parts = ModelParts(UNet2DConditionModel, DDPMScheduler,
+                           ((CLIPTextModel, CLIPTokenizer), (CLIPTextModelWithProjection, CLIPTokenizer)),
+                           vae_dtype=torch.float32)
+        return load_components(self, parts, source, dtype)
 
     def encode_prompt(self, components: Components, captions: list[str]) -> dict[str, torch.Tensor]:
         hidden, pooled = [], None
