@@ -3,6 +3,10 @@
 Run: ``PYTHONPATH=src python benchmarks/caching.py [--steps 40] [--resolution 128]``. Prints figures;
 it is not a test. The model is a tiny SD-architecture one (random weights, nothing downloaded),
 widened a little so the VAE and text encoder cost something, as they do in real models.
+
+On the benchmark model (SD 1.5 architecture, half-width UNet, full-size VAE and text encoder) the
+same comparison is ``benchmarks/compare.py --variant "cached:data.cache_latents=true,data.cache_text=true"
+--variant "uncached:data.cache_latents=false,data.cache_text=false"``; figures in docs/performance.md.
 """
 
 from __future__ import annotations
