@@ -18,7 +18,6 @@ from difftune.errors import DifftuneError
 
 ADAPTER_META_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
 MODULES_META_KEY = "difftune.modules"
-ROLES = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
 
 
 @dataclass

@@ -56,10 +56,6 @@ class Header:
     tensors: dict[str, TensorInfo]
     metadata: dict[str, str] = field(default_factory=dict)
 
-    @property
-    def total_numel(self) -> int:
-        return sum(t.numel for t in self.tensors.values())
-
 
 def resolve_weight_file(path: str | Path) -> Path:
     """A file as given, or the adapter file inside a folder (a difftune run folder, a diffusers LoRA folder)."""

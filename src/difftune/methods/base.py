@@ -54,16 +54,25 @@ class Method(ABC):
         return state
 
     def load_trainable_state_dict(self, components: Components, state: dict[str, torch.Tensor]) -> None:
-        expected = self.trainable_state_dict(components)
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
+        self.check_state_keys(components, state)
+        self.copy_parameters(components, state)
+
+    def check_state_keys(self, components: Components, state: dict[str, torch.Tensor]) -> None:
+        """A checkpoint must hold exactly the tensors this run trains."""
+        expected = set(self.trainable_state_dict(components))
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
         if missing or unexpected:
             raise ValueError(f"checkpoint does not match this run: missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+    def copy_parameters(self, components: Components, state: dict[str, torch.Tensor],
+                        skip_prefix: str | None = None) -> None:
+        """Copy ``role.parameter_name`` tensors into the trainable modules (keys under ``skip_prefix`` are not)."""
         modules = self.trainable_modules(components)
         with torch.no_grad():
             for key, value in state.items():
-                role, name = key.split(".", 1)
-                modules[role].get_parameter(name).copy_(value)
+                if skip_prefix is None or not key.startswith(skip_prefix):
+                    role, name = key.split(".", 1)
+                    modules[role].get_parameter(name).copy_(value)
 
     @abstractmethod
     def export(self, components: Components, out_dir: Path, metadata: dict[str, str]) -> list[Path]:
@@ -72,9 +81,6 @@ class Method(ABC):
     def card_details(self) -> dict[str, Any]:
         """Facts for the model card: a ``summary`` table and a ``usage`` code snippet."""
         return {}
-
-    def denoiser_for_sampling(self, components: Components) -> nn.Module:
-        return components.denoiser
 
     # --- hooks the loop calls; the defaults do nothing ----------------------------------------
 

@@ -201,3 +201,38 @@ class PlaceholderEmbeddings:
 def from_config(config) -> PlaceholderEmbeddings:
     m = config.method
     return PlaceholderEmbeddings(list(m.token), list(m.initializer_token), m.num_vectors, m.templates)
+
+
+class LearnsTokens:
+    """Mixin for methods that learn new placeholder-token embeddings (textual inversion, pivotal).
+
+    Put it before the method base class: ``class TextualInversion(LearnsTokens, Method)``.
+    """
+
+    def __init__(self, config, family) -> None:
+        super().__init__(config, family)
+        self.embeddings = from_config(config)
+        self._encoder_names: list[str] = []
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        super().check_config(config)
+        check_token_config(config)
+
+    def add_tokens(self, components: Components) -> None:
+        """Add the new rows to every text encoder; the embedding tables train in fp32."""
+        from diffusers.training_utils import cast_training_params
+
+        self.embeddings.add(components)
+        self._encoder_names = list(components.encoder_names)
+        cast_training_params(components.text_encoders, dtype=torch.float32)
+
+    def prepare_batch(self, batch: dict) -> dict:
+        return {**batch, "captions": self.embeddings.captions(batch["captions"])}
+
+    def embeddings_load_snippet(self) -> str:
+        """Code that loads the saved embeddings into ``pipe`` (per encoder where there are several)."""
+        names = self._encoder_names or ["text_encoder"]
+        keys = self.family.embedding_save_keys
+        keys = list(keys) if keys and len(keys) == len(names) else None
+        return self.embeddings.load_snippet(names, keys)

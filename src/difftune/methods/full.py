@@ -83,15 +83,8 @@ class FullFineTune(Method):
         return state
 
     def load_trainable_state_dict(self, components: Components, state: dict[str, torch.Tensor]) -> None:
-        expected = set(self.trainable_state_dict(components))
-        if set(state) != expected:
-            raise ValueError(f"checkpoint does not match this run: {sorted(expected ^ set(state))[:3]} differ")
-        modules = self.trainable_modules(components)
-        with torch.no_grad():
-            for key, value in state.items():
-                if not key.startswith("ema."):
-                    role, name = key.split(".", 1)
-                    modules[role].get_parameter(name).copy_(value)
+        self.check_state_keys(components, state)
+        self.copy_parameters(components, state, skip_prefix="ema.")
         for role, ema in self.ema.items():
             ema.optimization_step = int(state[f"ema.{role}.optimization_step"])
             ema.shadow_params = [state[f"ema.{role}.{i}"].to(p.device) for i, p in enumerate(ema.shadow_params)]

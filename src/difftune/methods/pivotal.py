@@ -19,29 +19,15 @@ from difftune.methods.textual_inversion import embedding_save_keys
 from difftune.models.base import Components
 
 
-class PivotalTuning(LoRA):
+class PivotalTuning(embeddings.LearnsTokens, LoRA):
     """Textual inversion and LoRA together, with separate learning rates and an embedding stop step."""
 
     name = "pivotal"
     supports_prior_preservation = False
 
-    def __init__(self, config, family) -> None:
-        super().__init__(config, family)
-        self.embeddings = embeddings.from_config(config)
-        self._encoder_names: list[str] = []
-
-    @classmethod
-    def check_config(cls, config) -> None:
-        super().check_config(config)
-        embeddings.check_token_config(config)
-
     def prepare(self, components: Components) -> None:
-        from diffusers.training_utils import cast_training_params
-
         super().prepare(components)  # freezes everything, adds the LoRA layers
-        self.embeddings.add(components)
-        self._encoder_names = list(components.encoder_names)
-        cast_training_params(components.text_encoders, dtype=torch.float32)
+        self.add_tokens(components)
 
     def trainable_modules(self, components: Components) -> dict[str, nn.Module]:
         return {"denoiser": components.denoiser,
@@ -54,9 +40,6 @@ class PivotalTuning(LoRA):
                 if p.requires_grad and id(p) not in ids]
         text_lr = self.config.method.text_learning_rate or learning_rate
         return [{"params": lora, "lr": learning_rate}, {"params": table, "lr": text_lr}]
-
-    def prepare_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
-        return {**batch, "captions": self.embeddings.captions(batch["captions"])}
 
     def on_step_end(self, step: int, components: Components) -> None:
         stop = self.config.method.embedding_stop_step
@@ -74,16 +57,9 @@ class PivotalTuning(LoRA):
         return {**state, **self.embeddings.state_dict(components)}
 
     def load_trainable_state_dict(self, components: Components, state: dict[str, torch.Tensor]) -> None:
-        expected = set(self.trainable_state_dict(components))
-        if set(state) != expected:
-            raise ValueError(f"checkpoint does not match this run: {sorted(expected ^ set(state))[:3]} differ")
+        self.check_state_keys(components, state)
         self.embeddings.load_state_dict(components, {k: v for k, v in state.items() if k.startswith("embeddings.")})
-        modules = self.trainable_modules(components)
-        with torch.no_grad():
-            for key, value in state.items():
-                if not key.startswith("embeddings."):
-                    role, name = key.split(".", 1)
-                    modules[role].get_parameter(name).copy_(value)
+        self.copy_parameters(components, state, skip_prefix="embeddings.")
 
     def export(self, components: Components, out_dir: Path, metadata: dict[str, str]) -> list[Path]:
         files = super().export(components, out_dir, metadata)
@@ -93,9 +69,6 @@ class PivotalTuning(LoRA):
     def card_details(self) -> dict[str, Any]:
         details = super().card_details()
         m = self.config.method
-        names = self._encoder_names or ["text_encoder"]
-        keys = self.family.embedding_save_keys
-        keys = list(keys) if keys and len(keys) == len(names) else None
         details["summary"] = {
             "Method": "Pivotal tuning (textual inversion + " + details["summary"]["Method"] + ")",
             "Tokens": ", ".join(f"`{t}`" for t in m.token) + f" ({m.num_vectors} vector(s) each)",
@@ -106,7 +79,7 @@ class PivotalTuning(LoRA):
         lora_line = self.load_snippet()
         details["usage"] = details["usage"].replace(
             lora_line, "# both parts: the LoRA and the token embeddings\n" + lora_line
-            + self.embeddings.load_snippet(names, keys)
+            + self.embeddings_load_snippet()
         ).replace('pipe("{prompt}")', f'pipe("a photo of {m.token[0]}")')
         details["tags"] = [*details["tags"], "textual_inversion", "pivotal-tuning"]
         return details

@@ -24,37 +24,21 @@ def embedding_save_keys(family, components: Components) -> list[str] | None:
     return list(keys) if keys and len(keys) == len(components.text_encoders) else None
 
 
-class TextualInversion(Method):
+class TextualInversion(embeddings.LearnsTokens, Method):
     """Only new placeholder-token embeddings (1–N vectors each) in every text encoder."""
 
     name = "textual_inversion"
 
-    def __init__(self, config, family) -> None:
-        super().__init__(config, family)
-        self.embeddings = embeddings.from_config(config)
-        self._encoder_names: list[str] = []
-
-    @classmethod
-    def check_config(cls, config) -> None:
-        embeddings.check_token_config(config)
-
     def prepare(self, components: Components) -> None:
-        from diffusers.training_utils import cast_training_params
-
         for module in (components.denoiser, components.vae, *components.text_encoders):
             module.requires_grad_(False)
-        self.embeddings.add(components)
-        self._encoder_names = list(components.encoder_names)
-        cast_training_params(components.text_encoders, dtype=torch.float32)
+        self.add_tokens(components)
 
     def trainable_modules(self, components: Components) -> dict[str, nn.Module]:
         return dict(zip(components.encoder_names, components.text_encoders, strict=True))
 
     def param_groups(self, components: Components, learning_rate: float) -> list[dict[str, Any]]:
         return [{"params": self.embeddings.embedding_weights(components), "lr": learning_rate}]
-
-    def prepare_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
-        return {**batch, "captions": self.embeddings.captions(batch["captions"])}
 
     def on_step_end(self, step: int, components: Components) -> None:
         self.embeddings.restore(components)
@@ -63,9 +47,7 @@ class TextualInversion(Method):
         return self.embeddings.state_dict(components)
 
     def load_trainable_state_dict(self, components: Components, state: dict[str, torch.Tensor]) -> None:
-        expected = set(self.trainable_state_dict(components))
-        if set(state) != expected:
-            raise ValueError(f"checkpoint does not match this run: expected {sorted(expected)}, got {sorted(state)[:3]}")
+        self.check_state_keys(components, state)
         self.embeddings.load_state_dict(components, state)
 
     def export(self, components: Components, out_dir: Path, metadata: dict[str, str]) -> list[Path]:
@@ -74,9 +56,6 @@ class TextualInversion(Method):
     def card_details(self) -> dict[str, Any]:
         m = self.config.method
         pipe = self.family.pipeline_class().__name__
-        names = self._encoder_names or ["text_encoder"]
-        keys = self.family.embedding_save_keys
-        keys = list(keys) if keys and len(keys) == len(names) else None
         return {
             "summary": {
                 "Method": "Textual inversion",
@@ -89,7 +68,7 @@ class TextualInversion(Method):
                 "import torch\n"
                 f"from diffusers import {pipe}\n\n"
                 f'pipe = {pipe}.from_pretrained("{{base_model}}", torch_dtype=torch.float16).to("cuda")\n'
-                + self.embeddings.load_snippet(names, keys)
+                + self.embeddings_load_snippet()
                 + f'image = pipe("a photo of {m.token[0]}").images[0]\n'
             ),
             "tags": ["textual_inversion"],

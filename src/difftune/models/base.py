@@ -31,12 +31,6 @@ class ModelSource:
     # Folder (or Hub id) holding component configs for a single-file checkpoint.
     config_source: str | None = None
 
-    def model_index(self) -> dict[str, Any] | None:
-        if self.kind != "folder":
-            return None
-        index = Path(self.path) / "model_index.json"
-        return json.loads(index.read_text()) if index.is_file() else None
-
 
 @dataclass
 class Components:
@@ -146,9 +140,6 @@ class ModelFamily(ABC):
     def objective_settings(self, components: Components) -> dict[str, Any]:
         """Settings the objective needs from the model (e.g. ``prediction_type``)."""
         return {"noise_scheduler": components.noise_scheduler}
-
-    def max_caption_tokens(self, components: Components) -> int:
-        return int(components.tokenizers[0].model_max_length)
 
     def latent_distribution(self, components: Components, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and std of the scaled latents of images in [-1, 1], for the latent cache.

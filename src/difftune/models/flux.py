@@ -13,6 +13,7 @@ from torch import nn
 
 from difftune.models.base import Components, ModelFamily, ModelSource
 from difftune.models.components import (
+    MMDIT_LORA_TARGETS,
     ModelParts,
     flow_match_settings,
     load_components,
@@ -67,8 +68,7 @@ class Flux(ModelFamily):
     title = "Flux.1"
     objective = "flow_match"
     denoiser_name = "transformer"
-    default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
-                            "to_add_out")
+    default_lora_targets = MMDIT_LORA_TARGETS
     card_tags = ("flux", "flux-diffusers")
     pipeline_class_names = ("FluxPipeline", "FluxImg2ImgPipeline")
     single_file_types = ("flux-dev", "flux-schnell")

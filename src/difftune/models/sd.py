@@ -29,8 +29,6 @@ class StableDiffusion(ModelFamily):
     is_v2 = False
     #: Text-encoder layout in an original-layout single file (see ``sd_single_file``).
     single_file_text_layout = "clip"
-    #: Text-encoder width that tells SD 2.x (OpenCLIP-H, 1024) from SD 1.x (CLIP-L, 768) apart.
-    cross_attention_dims: tuple[int, ...] | None = None
 
     pipeline_class_names = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")
 

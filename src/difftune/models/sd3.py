@@ -12,6 +12,7 @@ from torch import nn
 
 from difftune.models.base import Components, ModelFamily, ModelSource
 from difftune.models.components import (
+    MMDIT_LORA_TARGETS,
     ModelParts,
     clip_features,
     flow_match_settings,
@@ -60,8 +61,7 @@ class StableDiffusion3(ModelFamily):
     title = "Stable Diffusion 3"
     objective = "flow_match"
     denoiser_name = "transformer"
-    default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
-                            "to_add_out")
+    default_lora_targets = MMDIT_LORA_TARGETS
     card_tags = ("sd3", "sd3-diffusers")
     pipeline_class_names = ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline")
     single_file_types = ("sd3", "sd35_medium", "sd35_large")

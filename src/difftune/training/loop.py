@@ -111,6 +111,7 @@ def _train(config: Config, log, stop: StopRequest) -> RunResult:
     wrapped = dict(zip(trainable, wrapped_list[:-1], strict=True))
     optimizer = wrapped_list[-1]
     train_view = performance.apply(config, components, with_modules(components, wrapped), log if main else _quiet)
+    trains_text = _trains_text(train_view)  # once, not per micro-batch
     params = [p for m in trainable.values() for p in m.parameters() if p.requires_grad]
 
     if state is not None:
@@ -161,7 +162,7 @@ def _train(config: Config, log, stop: StopRequest) -> RunResult:
             last = micro == accumulation - 1
             sync = contextlib.nullcontext() if last or world == 1 else _no_sync(accelerator, wrapped.values())
             with sync:
-                loss = _loss(family, train_view, objective, batch, device, config)
+                loss = _loss(family, train_view, objective, batch, device, config, trains_text)
                 accelerator.backward(loss / accumulation)
             step_loss += loss.detach()
         grad_norm = None
@@ -253,10 +254,16 @@ def _quiet(_msg: str) -> None:
     pass
 
 
-def _loss(family, components, objective, batch, device, config: Config) -> torch.Tensor:
-    """Mean loss of one micro-batch."""
-    trains_text = any(p.requires_grad for encoder in components.text_encoders if encoder is not None
-                      for p in encoder.parameters())
+def _trains_text(components) -> bool:
+    """True if any text-encoder weight trains (then prompt encoding keeps its graph)."""
+    return any(p.requires_grad for encoder in components.text_encoders if encoder is not None
+               for p in encoder.parameters())
+
+
+def _loss(family, components, objective, batch, device, config: Config, trains_text: bool | None = None) -> torch.Tensor:
+    """Mean loss of one micro-batch. ``trains_text`` is worked out from the encoders when not given."""
+    if trains_text is None:
+        trains_text = _trains_text(components)
     if "latent_mean" in batch:  # cached: sample from the stored distribution with this step's seed
         mean = batch["latent_mean"].to(device)
         latents = mean + batch["latent_std"].to(device) * torch.randn_like(mean)
