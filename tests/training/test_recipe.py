@@ -120,3 +120,15 @@ def test_gradient_checkpointing_gives_the_same_update(tmp_path, tiny_sd, shapes_
         outs.append(load_file(out / "pytorch_lora_weights.safetensors"))
     for k in outs[0]:
         torch.testing.assert_close(outs[0][k], outs[1][k], atol=1e-6, rtol=1e-5)
+
+
+def test_progress_bar_shows_loss_learning_rate_speed_and_time_left(tmp_path, tiny_sd, shapes_data, run_config,
+                                                                    capsys):
+    from difftune.training.loop import train
+
+    train(load_config(data=run_config(tiny_sd, shapes_data, tmp_path, train={"max_steps": 3, "log_every": 1})))
+    bar = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    last = [line for line in bar if line.startswith("train:") and "3/3" in line][-1]
+    assert "loss=" in last and "lr=" in last
+    assert "step/s" in last or "s/step" in last  # speed
+    assert "<00:00" in last  # elapsed<remaining
