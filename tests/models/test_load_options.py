@@ -102,3 +102,22 @@ def test_unsupported_single_file_names_what_was_found(tmp_path):
     save_file({"conditioner.embedders.0.model.transformer.resblocks.9.mlp.c_proj.bias": torch.zeros(1)}, path)
     with pytest.raises(DifftuneError, match="xl_refiner"):
         detect_family(resolve_source(str(path)))
+
+
+def test_the_denoiser_loads_before_anything_else(tiny_sd, tmp_path, monkeypatch):
+    """Its dtype conversion holds the file and the converted copy at once: the load's peak memory is
+    lowest while nothing else is loaded (2.06 → 1.66 GiB on the SD 1.5 benchmark model)."""
+    from difftune.models import components
+
+    loaded = []
+    real = components.load_subfolder
+
+    def recording(cls, source, subfolder, *args, **kwargs):
+        loaded.append(subfolder)
+        return real(cls, source, subfolder, *args, **kwargs)
+
+    monkeypatch.setattr(components, "load_subfolder", recording)
+    family = get_family("sd1", _config(tmp_path, path=str(tiny_sd)))
+    parts = family.load(resolve_source(str(tiny_sd)), dtype=torch.bfloat16)
+    assert loaded[0] == "unet" and {"text_encoder", "tokenizer", "scheduler"} <= set(loaded)
+    assert parts.denoiser.dtype == torch.bfloat16

@@ -226,11 +226,13 @@ def load_components(family, parts: ModelParts, source: ModelSource, dtype: torch
         vae = load_vae(user_vae, source, dtype, dtype) if user_vae else pipe.vae.to(vae_dtype)
         scheduler = parts.scheduler.from_config(pipe.scheduler.config)
     else:
+        # The denoiser first: converting its file to the weight dtype holds the file and the converted
+        # copy at once, and that peak is lowest while nothing else is loaded yet.
+        denoiser = load_subfolder(parts.denoiser, source, family.denoiser_name, dtype, **denoiser_kwargs)
         tokenizers = [load_subfolder(tok, source, n) for (_, tok), n in zip(parts.encoders, tokenizer_names,
                                                                             strict=True)]
         encoders = [load_subfolder(enc, source, n, dtype) for (enc, _), n in zip(parts.encoders, names, strict=True)]
         vae = load_vae(user_vae, source, dtype, vae_dtype)
-        denoiser = load_subfolder(parts.denoiser, source, family.denoiser_name, dtype, **denoiser_kwargs)
         scheduler = load_subfolder(parts.scheduler, source, "scheduler")
     return Components(denoiser=denoiser, vae=vae, text_encoders=encoders, tokenizers=tokenizers,
                       noise_scheduler=scheduler, source=source, encoder_names=names)

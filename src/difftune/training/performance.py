@@ -1,7 +1,8 @@
 """Speed settings of a training run, applied in one place, and the run's speed and memory report.
 
-``train.mixed_precision = "auto"`` resolves here; ``train.channels_last`` and ``train.compile`` are
-applied by :func:`apply`; :class:`RunMonitor` times steps (and the wait for data) without adding
+``train.mixed_precision = "auto"`` resolves here; ``train.channels_last``, ``train.compile`` and
+``train.keep_freed_memory`` are applied by :func:`apply`, which also lets LoRA layers under autocast
+skip peft's input casts; :class:`RunMonitor` times steps (and the wait for data) without adding
 any host-device synchronisation, and reports peak memory at the end of the run.
 """
 
@@ -60,12 +61,20 @@ def resolve_mixed_precision(value: str, model_dtype: str = "auto", cuda: bool | 
 
 
 def apply(config, components, train_view, log=print):
-    """Apply ``train.channels_last`` and ``train.compile``; return the view the training step uses.
+    """Apply the speed settings; return the view the training step uses.
 
     Compiling wraps only the training view's denoiser, so validation, held-out evaluation and
     export keep using the eager module (their no-grad calls would otherwise trigger recompiles).
     """
+    from difftune.training import host_memory
+    from difftune.training.run import autocast_dtype
+
     t = config.train
+    device = next(components.denoiser.parameters()).device
+    if t.keep_freed_memory and device.type == "cpu" and host_memory.keep_freed_memory():
+        log("host memory: freed activations stay in the process between steps (train.keep_freed_memory)")
+    if autocast_dtype(config) is not None:
+        skip_lora_input_casts(train_view)
     if t.channels_last:
         # Only the denoiser: latents from a channels-last VAE would make ``randn_like`` lay the same
         # random numbers out differently, so a seed would no longer give the same noise.
@@ -78,6 +87,25 @@ def apply(config, components, train_view, log=print):
         log(f"torch.compile ({t.compile_mode}): the first steps compile the denoiser; the compile time is "
             "reported at the end of the run")
     return train_view
+
+
+def skip_lora_input_casts(train_view) -> int:
+    """Let plain LoRA layers pass their bf16/fp16 input straight to autocast; return how many.
+
+    peft casts a LoRA layer's input to the LoRA weights' dtype (fp32) before ``lora_A``, and
+    autocast casts it straight back to bf16 for the matmul: two copies of the activation, and two
+    more in the backward, for every LoRA layer in every step. Under autocast the product is the
+    same bf16 matmul either way, so the result is bit-for-bit the same (``tests/test_performance.py``).
+    Variant layers (DoRA, LoHa, LoKr) keep peft's behaviour.
+    """
+    changed = 0
+    roots = [m for m in (train_view.denoiser, *train_view.text_encoders) if m is not None]
+    for module in (m for root in roots for m in root.modules()):
+        variants = getattr(module, "lora_variant", None)
+        if hasattr(module, "lora_A") and isinstance(variants, dict) and not variants:
+            module.cast_input_dtype_enabled = False
+            changed += 1
+    return changed
 
 
 def peak_memory(device: torch.device) -> tuple[int, str]:
