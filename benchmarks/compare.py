@@ -19,7 +19,9 @@ of them alike. A step's time is read from each tool's progress bar as it arrives
 tqdm), so both are measured the same way: steady-state seconds per step = time from step
 ``warmup`` to the last step, divided by the steps between. Peak memory is each child's peak RSS
 (``os.wait4``). The UNet's FLOPs per step are counted with ``FlopCounterMode`` and compared with
-a bf16 matmul measured here.
+a bf16 matmul measured here. ``--profile`` then runs ``step_profile.py``: where difftune's step
+spends its time by kernel class, and the most that removing everything outside the attention,
+convolution and matmul kernels could give against the example.
 """
 
 from __future__ import annotations
@@ -149,6 +151,9 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "difftune-bench",
                         help="where the model, data and latent cache are kept between runs")
     parser.add_argument("--unet-width", type=float, default=0.5, help="UNet channel scale (1.0: full SD 1.5)")
+    parser.add_argument("--profile", action="store_true",
+                        help="then profile difftune's step by kernel class (step_profile.py) and print the "
+                             "largest ratio to the example that work outside those kernels could give")
     parser.add_argument("--variant", action="append", default=[],
                         help="a difftune run to include, NAME:section.key=value,... (repeatable); "
                              "default: one run named difftune with caching on")
@@ -229,6 +234,11 @@ def main() -> None:
             if name != "example":
                 print(f"example / {name}: {medians['example'] / med:.2f}× (higher: {name} is faster)")
     print("(GFLOP/s counts the UNet's FLOPs over the whole step, so it is a lower bound for the UNet itself.)")
+    if args.profile:
+        example = ["--example-seconds", f"{medians['example']:.4f}"] if "example" in medians else []
+        print("\nprofile of difftune's step (benchmarks/step_profile.py):", flush=True)
+        subprocess.run([sys.executable, str(HERE / "step_profile.py"), "--threads", str(args.threads),
+                        "--unet-width", str(args.unet_width), *example], env=env, check=False)
 
 
 if __name__ == "__main__":

@@ -43,21 +43,37 @@ def _relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
 
 
 @pytest.mark.slow
-def test_channels_last_learns_what_the_default_layout_learns(run_config, tiny_sd, shapes_data, tmp_path):
+def test_speed_options_learn_what_the_defaults_learn(run_config, tiny_sd, shapes_data, tmp_path):
     from accelerate.state import AcceleratorState
 
     _, plain = _run(run_config, tiny_sd, shapes_data, tmp_path / "plain")
     _, nhwc = _run(run_config, tiny_sd, shapes_data, tmp_path / "nhwc", channels_last=True)
+    _, foreach = _run(run_config, tiny_sd, shapes_data, tmp_path / "foreach", fused_optimizer=False)
     AcceleratorState._reset_state()
     _, bf16 = _run(run_config, tiny_sd, shapes_data, tmp_path / "bf16", mixed_precision="bf16")
-    # Same fp32 maths in another memory layout: only the order of the convolutions' sums changes.
-    # Tolerance: an order of magnitude below what bf16 autocast alone does to the same 20-step run
-    # (the noise the project accepts), and below 1e-3 in absolute terms.
-    layout = _relative_difference(plain, nhwc)
+    # channels-last: the same fp32 maths in another memory layout, only the order of the
+    # convolutions' sums changes. foreach against the default fused AdamW: the same update, rounded
+    # differently. Tolerance for both: an order of magnitude below what bf16 autocast alone does to
+    # the same 20-step run (the noise the project accepts), and below 1e-3 in absolute terms.
     bf16_noise = _relative_difference(plain, bf16)
-    assert layout < 1e-3
-    assert layout < 0.1 * bf16_noise
-    assert any(v.abs().sum() > 0 for k, v in nhwc.items() if "lora_B" in k or "lora.up" in k)
+    for option, weights in {"channels_last": nhwc, "fused_optimizer": foreach}.items():
+        difference = _relative_difference(plain, weights)
+        assert difference < 1e-3, option
+        assert difference < 0.1 * bf16_noise, option
+        assert any(v.abs().sum() > 0 for k, v in weights.items() if "lora_B" in k or "lora.up" in k), option
+
+
+def test_adamw_is_fused_where_torch_has_the_kernel():
+    from difftune.config.schema import TrainConfig
+    from difftune.training.optim import build_optimizer
+
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    fused = build_optimizer([{"params": params}], TrainConfig(), torch.device("cpu"))
+    assert fused.defaults["fused"] and not fused.defaults["foreach"]
+    plain = build_optimizer([{"params": params}], TrainConfig(fused_optimizer=False), torch.device("cpu"))
+    assert plain.defaults["foreach"] and not plain.defaults["fused"]
+    meta = [torch.nn.Parameter(torch.zeros(3, device="meta"))]  # no fused kernel there: foreach instead
+    assert build_optimizer([{"params": meta}], TrainConfig(), torch.device("meta")).defaults["foreach"]
 
 
 def test_compile_wraps_only_the_training_forward(run_config, tiny_sd, shapes_data, tmp_path, monkeypatch):

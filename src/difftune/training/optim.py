@@ -7,14 +7,24 @@ import torch
 from difftune.config.schema import TrainConfig
 from difftune.errors import DifftuneError
 
+#: Devices with a fused AdamW kernel in torch (``torch.optim.AdamW(fused=True)``).
+FUSED_ADAMW_DEVICES = ("cpu", "cuda")
+
+
+def _fused_adamw_supported(param_groups: list[dict]) -> bool:
+    params = [p for group in param_groups for p in group["params"]]
+    return bool(params) and all(p.is_floating_point() and p.device.type in FUSED_ADAMW_DEVICES for p in params)
+
 
 def build_optimizer(param_groups: list[dict], cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     betas = (cfg.adam_beta1, cfg.adam_beta2)
     if cfg.optimizer == "adamw":
-        # foreach keeps the step to a few large kernels instead of one per LoRA matrix.
+        # One fused kernel per device and dtype where torch has one; else foreach, which still keeps
+        # the step to a few large kernels instead of one per LoRA matrix.
+        kernel = {"fused": True} if cfg.fused_optimizer and _fused_adamw_supported(param_groups) else {"foreach": True}
         return torch.optim.AdamW(
             param_groups, lr=cfg.learning_rate, betas=betas, weight_decay=cfg.weight_decay,
-            eps=cfg.adam_epsilon, foreach=True,
+            eps=cfg.adam_epsilon, **kernel,
         )
     if cfg.optimizer == "adamw8bit":
         if device.type != "cuda":

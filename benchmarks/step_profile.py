@@ -1,0 +1,197 @@
+"""Where the time of a cached LoRA step goes, kernel class by kernel class, and what that bounds.
+
+Run (CPU, about a minute)::
+
+    PYTHONPATH=src python benchmarks/step_profile.py [--threads N] [--steps 8] [--unet-width 0.5]
+        [--example-seconds 1.5]
+
+It runs difftune's steady-state training step on the benchmark UNet (SD 1.5 architecture, half
+width, random weights, ``sd15.py``) as a run with cached latents and prompt embeddings does: bf16
+frozen weights under bf16 autocast, a rank-4 LoRA on the attention projections in fp32 with peft's
+input casts skipped (``performance.skip_lora_input_casts``), freed memory kept in the process
+(``host_memory``) and a fused AdamW step, at 256 px (32×32 latents), batch 1.
+
+It prints the median wall time of a step, then the profiled time per step of each kernel class —
+attention (PyTorch's flash-attention kernel), convolutions (oneDNN, forward and input gradients),
+matrix products — with its FLOPs and GFLOP/s, the rest (norms, activations, adds, copies) and the
+Python/dispatch time between kernels; then each attention shape on its own. With
+``--example-seconds`` (the diffusers example's s/step from ``compare.py``) it prints the ratio the
+step reaches and the most any change outside those three kernel classes could reach: the example's
+time divided by the time spent inside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "src"))
+
+CLASSES = {
+    "attention": ("scaled_dot_product",),
+    "convolution": ("mkldnn_convolution", "convolution_backward"),
+    "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"),
+}
+
+
+def kernel_class(name: str) -> str:
+    for cls, markers in CLASSES.items():
+        if any(marker in name for marker in markers):
+            return cls
+    return "other"
+
+
+def build_step(width: float):
+    import torch
+    from sd15 import add_lora, build_unet
+
+    from difftune.training import host_memory, performance
+
+    host_memory.keep_freed_memory()
+    torch.set_default_dtype(torch.bfloat16)
+    unet = build_unet(width).requires_grad_(False)
+    torch.set_default_dtype(torch.float32)
+    add_lora(unet)
+
+    class View:  # the one attribute skip_lora_input_casts reads besides text_encoders
+        denoiser, text_encoders = unet, []
+
+    performance.skip_lora_input_casts(View)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    latents = torch.randn(1, 4, 32, 32, dtype=torch.bfloat16)
+    text = torch.randn(1, 77, unet.config.cross_attention_dim, dtype=torch.bfloat16)
+
+    def step():
+        noise = torch.randn(latents.shape)
+        t = torch.randint(0, 1000, (1,))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            prediction = unet(latents.float() + noise, t, encoder_hidden_states=text, return_dict=False)[0]
+        torch.nn.functional.mse_loss(prediction.float(), noise).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return unet, step
+
+
+def flops_by_class(unet) -> tuple[dict[str, float], dict[tuple, float]]:
+    """FLOPs of one forward+backward per kernel class, and of each attention call shape."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    attention: dict[tuple, float] = defaultdict(float)
+
+    class Attention(TorchDispatchMode):
+        """Counts attention FLOPs: 4·B·H·Nq·Nk·D forward, twice that backward (dQ, dK, dV, dP)."""
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default:
+                q, k = args[0], args[1]
+                b, h, nq, d = q.shape
+                attention[(nq, k.shape[2], d)] += 12 * b * h * nq * k.shape[2] * d
+            return func(*args, **(kwargs or {}))
+
+    counter = FlopCounterMode(display=False)
+    x = torch.randn(1, 4, 32, 32)
+    text = torch.randn(1, 77, unet.config.cross_attention_dim)
+    with counter, Attention(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = unet(x, torch.tensor([500]), encoder_hidden_states=text, return_dict=False)[0]
+        out.float().pow(2).mean().backward()
+    unet.zero_grad(set_to_none=True)
+    totals: dict[str, float] = defaultdict(float)
+    for op, flops in counter.get_flop_counts()["Global"].items():
+        name = str(op)
+        totals["convolution" if "convolution" in name else "matmul"] += flops
+    totals["attention"] = sum(attention.values())
+    return totals, attention
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--steps", type=int, default=8, help="timed steps (after 3 warm-up steps)")
+    parser.add_argument("--unet-width", type=float, default=0.5)
+    parser.add_argument("--example-seconds", type=float, help="the diffusers example's s/step (compare.py)")
+    args = parser.parse_args()
+
+    import torch
+    from sd15 import matmul_peak
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.set_num_threads(args.threads)
+    unet, step = build_step(args.unet_width)
+    for _ in range(3):
+        step()
+    wall = []
+    for _ in range(args.steps):
+        started = time.perf_counter()
+        step()
+        wall.append(time.perf_counter() - started)
+    seconds = statistics.median(wall)
+
+    profiled = max(2, args.steps // 2)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(profiled):
+            step()
+    by_class: dict[str, float] = defaultdict(float)
+    for event in prof.key_averages():
+        by_class[kernel_class(event.key)] += event.self_cpu_time_total / 1e6 / profiled
+    ops_total = sum(by_class.values())
+    flops, attention_shapes = flops_by_class(unet)
+    peak = matmul_peak()
+
+    print(f"UNet width ×{args.unet_width:g}, LoRA rank 4, 256 px, batch 1, bf16, {args.threads} thread(s); "
+          f"bf16 matmul peak {peak / 1e9:.0f} GFLOP/s")
+    print(f"step: {seconds:.3f} s median wall time ({args.steps} steps); profiled kernels add up to "
+          f"{ops_total:.3f} s per step under the profiler\n")
+    print(f"{'kernels':>14} {'s/step':>8} {'GFLOP':>7} {'GFLOP/s':>8} {'% of peak':>10}")
+    for cls in (*CLASSES, "other"):
+        t = by_class[cls]
+        if cls in flops:
+            rate = flops[cls] / t
+            print(f"{cls:>14} {t:8.3f} {flops[cls] / 1e9:7.1f} {rate / 1e9:8.0f} {100 * rate / peak:9.0f}%")
+        else:
+            print(f"{cls:>14} {t:8.3f}")
+    heavy = sum(by_class[c] for c in CLASSES)
+    print(f"{'python/dispatch':>14} {max(0.0, seconds - ops_total):8.3f}  (wall time not inside any kernel)")
+
+    print("\nattention calls per step (query tokens, key tokens, head width): time fwd+bwd, GFLOP/s")
+    for (nq, nk, d), f in sorted(attention_shapes.items(), key=lambda item: -item[1]):
+        t = _time_attention(nq, nk, d, heads=8)
+        calls = round(f / (12 * 8 * nq * nk * d))
+        print(f"  {nq:5d} × {nk:5d}, d={d:3d}: {calls:2d} calls × {t * 1e3:6.2f} ms = {calls * t * 1e3:6.1f} ms, "
+              f"{f / calls / t / 1e9:5.0f} GFLOP/s")
+
+    if args.example_seconds:
+        print(f"\nexample {args.example_seconds:.3f} s/step ÷ this step {seconds:.3f} s = "
+              f"{args.example_seconds / seconds:.2f}×")
+        print(f"inside attention, convolution and matmul kernels: {heavy:.3f} s per step, so with everything "
+              f"else removed the ratio could reach at most {args.example_seconds / heavy:.2f}×")
+
+
+def _time_attention(nq: int, nk: int, d: int, heads: int, repeats: int = 15) -> float:
+    import torch
+    import torch.nn.functional as F
+
+    q = torch.randn(1, heads, nq, d, dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(1, heads, nk, d, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    grad = torch.randn(1, heads, nq, d, dtype=torch.bfloat16)
+    times = []
+    for i in range(repeats + 3):
+        started = time.perf_counter()
+        F.scaled_dot_product_attention(q, k, v).backward(grad)
+        if i >= 3:
+            times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+if __name__ == "__main__":
+    main()
