@@ -339,13 +339,6 @@ class TrainConfig:
         "benchmark LoRA on CPU. The results agree with `foreach` to fp32 rounding (tests); set to false "
         "for the `foreach` kernels.",
     )
-    keep_freed_memory: bool = opt(
-        True,
-        "CPU training on Linux (glibc): keep the memory a step frees in the process for the next step "
-        "instead of returning it to the system, so the next step does not page-fault it back in "
-        "(about 16,000 faults and 10 % of a step on the SD 1.5 benchmark model). Results are "
-        "unchanged; no effect on GPUs or other C libraries.",
-    )
     compile: bool = opt(
         False,
         "Compile the denoiser's training forward and backward with `torch.compile`. The first steps "

@@ -23,7 +23,6 @@ from difftune.data.sampling import batch_order, item_sizes
 from difftune.data.sources import ScanResult, load_examples
 from difftune.data.transforms import parse_colour
 from difftune.errors import DifftuneError
-from difftune.training import host_memory
 
 
 @dataclass
@@ -124,7 +123,6 @@ def release_if_cached(config: Config, components) -> bool:
         # Validation samples and the held-out loss still need them: keep them on the CPU then.
         needed_later = bool(config.validation.prompts) or config.validation.holdout is not None
         release_frozen_encoders(components, keep_on_cpu=needed_later)
-        host_memory.return_freed_memory()  # their memory goes back to the system, not into the step's peak
         return True
     return False
 

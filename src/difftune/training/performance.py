@@ -1,8 +1,7 @@
 """Speed settings of a training run, applied in one place, and the run's speed and memory report.
 
-``train.mixed_precision = "auto"`` resolves here; ``train.channels_last``, ``train.compile`` and
-``train.keep_freed_memory`` are applied by :func:`apply`, which also lets LoRA layers under autocast
-skip peft's input casts; :class:`RunMonitor` times steps (and the wait for data) without adding
+``train.mixed_precision = "auto"`` resolves here; ``train.channels_last`` and ``train.compile`` are
+applied by :func:`apply`, which also lets LoRA layers under autocast skip peft's input casts; :class:`RunMonitor` times steps (and the wait for data) without adding
 any host-device synchronisation, and reports peak memory at the end of the run.
 """
 
@@ -66,13 +65,9 @@ def apply(config, components, train_view, log=print):
     Compiling wraps only the training view's denoiser, so validation, held-out evaluation and
     export keep using the eager module (their no-grad calls would otherwise trigger recompiles).
     """
-    from difftune.training import host_memory
     from difftune.training.run import autocast_dtype
 
     t = config.train
-    device = next(components.denoiser.parameters()).device
-    if t.keep_freed_memory and device.type == "cpu" and host_memory.keep_freed_memory():
-        log("host memory: freed activations stay in the process between steps (train.keep_freed_memory)")
     if autocast_dtype(config) is not None:
         skip_lora_input_casts(train_view)
     if t.channels_last:
