@@ -235,7 +235,8 @@ def main() -> None:
                 print(f"example / {name}: {medians['example'] / med:.2f}× (higher: {name} is faster)")
     print("(GFLOP/s counts the UNet's FLOPs over the whole step, so it is a lower bound for the UNet itself.)")
     if args.profile:
-        example = ["--example-seconds", f"{medians['example']:.4f}"] if "example" in medians else []
+        ours = next((m for name, m in medians.items() if name != "example"), None)
+        example = ["--ratio", f"{medians['example'] / ours:.3f}"] if "example" in medians and ours else []
         print("\nprofile of difftune's step (benchmarks/step_profile.py):", flush=True)
         subprocess.run([sys.executable, str(HERE / "step_profile.py"), "--threads", str(args.threads),
                         "--unet-width", str(args.unet_width), *example], env=env, check=False)

@@ -3,7 +3,7 @@
 Run (CPU, about a minute)::
 
     PYTHONPATH=src python benchmarks/step_profile.py [--threads N] [--steps 8] [--unet-width 0.5]
-        [--example-seconds 1.5]
+        [--ratio 2.7]
 
 It runs difftune's steady-state training step on the benchmark UNet (SD 1.5 architecture, half
 width, random weights, ``sd15.py``) as a run with cached latents and prompt embeddings does: bf16
@@ -13,10 +13,11 @@ input casts skipped (``performance.skip_lora_input_casts``) and a fused AdamW st
 It prints the median wall time of a step, then the profiled time per step of each kernel class —
 attention (PyTorch's flash-attention kernel), convolutions (oneDNN, forward and input gradients),
 matrix products — with its FLOPs and GFLOP/s, the rest (norms, activations, adds, copies) and the
-Python/dispatch time between kernels; then each attention shape on its own. With
-``--example-seconds`` (the diffusers example's s/step from ``compare.py``) it prints the ratio the
-step reaches and the most any change outside those three kernel classes could reach: the example's
-time divided by the time spent inside them.
+Python/dispatch time between kernels; then each attention shape on its own. With ``--ratio`` (the
+example's s/step over difftune's, measured side by side by ``compare.py``) it prints the most any
+change outside those three kernel classes could make of that ratio: the ratio divided by the share
+of the step spent inside them. A share, not seconds, because this machine's speed drifts by tens of
+percent between runs while the shares hold.
 """
 
 from __future__ import annotations
@@ -120,7 +121,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--steps", type=int, default=8, help="timed steps (after 3 warm-up steps)")
     parser.add_argument("--unet-width", type=float, default=0.5)
-    parser.add_argument("--example-seconds", type=float, help="the diffusers example's s/step (compare.py)")
+    parser.add_argument("--ratio", type=float, help="example s/step ÷ difftune s/step, as compare.py measured it")
     args = parser.parse_args()
 
     import torch
@@ -175,11 +176,11 @@ def main() -> None:
         print(f"  {nq:5d} × {nk:5d}, d={d:3d}: {calls:2d} calls × {t * 1e3:6.2f} ms = {calls * t * 1e3:6.1f} ms, "
               f"{f / calls / t / 1e9:5.0f} GFLOP/s")
 
-    if args.example_seconds:
-        print(f"\nexample {args.example_seconds:.3f} s/step ÷ this step {seconds:.3f} s = "
-              f"{args.example_seconds / seconds:.2f}×")
-        print(f"inside attention, convolution and matmul kernels: {heavy:.3f} s per step, so with everything "
-              f"else removed the ratio could reach at most {args.example_seconds / heavy:.2f}×")
+    share = heavy / profiled_seconds
+    print(f"\nattention, convolution and matmul kernels: {100 * share:.0f} % of the step")
+    if args.ratio:
+        print(f"measured ratio to the example {args.ratio:.2f}×; with everything outside those kernels removed it "
+              f"could reach at most {args.ratio:.2f} / {share:.2f} = {args.ratio / share:.2f}×")
 
 
 def _time_attention(nq: int, nk: int, d: int, heads: int, repeats: int = 15) -> float:

@@ -204,6 +204,14 @@ def _lora_unet(tiny_sd):
     return unet
 
 
+def _view(unet):
+    """The training view of a run whose only trainable module is ``unet``."""
+    from difftune.models.base import Components
+
+    return Components(denoiser=unet, vae=None, text_encoders=[None], tokenizers=[], noise_scheduler=None,
+                      source=None, encoder_names=["text_encoder"])
+
+
 def _lora_step(unet) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
     """Output, LoRA gradients and the number of dtype conversions of one bf16-autocast step."""
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -229,13 +237,9 @@ def _lora_step(unet) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
 
 
 def test_skipping_peft_input_casts_under_autocast_changes_no_bit(tiny_sd):
-    from difftune.models.base import Components
-
     unet = _lora_unet(tiny_sd)
     out_before, grads_before, casts_before = _lora_step(unet)
-    view = Components(denoiser=unet, vae=None, text_encoders=[None], tokenizers=[], noise_scheduler=None,
-                      source=None, encoder_names=["text_encoder"])
-    assert performance.skip_lora_input_casts(view) == len([m for m in unet.modules() if hasattr(m, "lora_A")])
+    assert performance.skip_lora_input_casts(_view(unet)) == len([m for m in unet.modules() if hasattr(m, "lora_A")])
     out_after, grads_after, casts_after = _lora_step(unet)
     assert casts_after < casts_before  # the activation copies are gone ...
     assert torch.equal(out_after, out_before)  # ... and nothing else changed, to the bit
@@ -249,11 +253,7 @@ def test_dora_layers_keep_peft_input_casts(tiny_sd):
     from diffusers import UNet2DConditionModel
     from peft import LoraConfig
 
-    from difftune.models.base import Components
-
     unet = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")
     unet.add_adapter(LoraConfig(r=4, lora_alpha=4, use_dora=True, target_modules=["to_q"]))
-    view = Components(denoiser=unet, vae=None, text_encoders=[None], tokenizers=[], noise_scheduler=None,
-                      source=None, encoder_names=["text_encoder"])
-    assert performance.skip_lora_input_casts(view) == 0
+    assert performance.skip_lora_input_casts(_view(unet)) == 0
     assert all(getattr(m, "cast_input_dtype_enabled", True) for m in unet.modules())
