@@ -271,10 +271,6 @@ def _validate_method_and_extras(config: Config, check_paths: bool) -> None:
             raise ConfigError("prior_preservation.class_data: required with class_prompt (a folder for class images)")
         if check_paths and Path(prior.class_data).expanduser().is_file():
             raise ConfigError(f"prior_preservation.class_data: {prior.class_data} is a file, not a folder")
-        if config.data.cache_latents:
-            # Class images are not part of the latent cache, and a batch cannot mix cached and raw images.
-            raise ConfigError("data.cache_latents: not supported together with prior preservation yet; "
-                              "set data.cache_latents = false")
     elif prior.class_data:
         raise ConfigError("prior_preservation.class_prompt: required when class_data is set")
     val = config.validation

@@ -59,6 +59,7 @@ def build_training_data(config: Config, family=None, components=None, *, class_e
     from difftune.training.holdout import split
 
     cfg = config.data
+    classes = list(class_examples)
     scan = load_examples(cfg, log if is_main else None)
     train_examples, held_out = split(scan.examples, config)
     scan = dataclasses.replace(scan, examples=train_examples)
@@ -71,12 +72,16 @@ def build_training_data(config: Config, family=None, components=None, *, class_e
             latent_cache = latent_cache_for(folder, components)
             latent_stats = FillStats()
             if is_main:
-                latent_stats = fill_latents(latent_cache, family, components, scan.examples, sizes,
-                                            flips=cfg.random_flip, background=parse_colour(cfg.background),
-                                            progress=progress)
+                # A class image takes the size of the instance it is paired with: one latent per bucket.
+                class_jobs = [(ex, size) for ex in classes for size in sorted(set(sizes))]
+                latent_stats = fill_latents(latent_cache, family, components,
+                                            scan.examples + [ex for ex, _ in class_jobs],
+                                            sizes + [size for _, size in class_jobs], flips=cfg.random_flip,
+                                            background=parse_colour(cfg.background), progress=progress)
         if cfg.cache_text:
             text_cache = text_cache_for(folder, components)
-            captions = sorted({c for ex in scan.examples for c in possible_captions(ex.caption, ex.trigger, cfg)})
+            captions = sorted({c for ex in scan.examples + classes
+                               for c in possible_captions(ex.caption, ex.trigger, cfg)})
             text_stats = fill_text(text_cache, family, components, captions, progress=progress) if is_main else None
         barrier()
         if is_main:
@@ -85,30 +90,52 @@ def build_training_data(config: Config, family=None, components=None, *, class_e
                     log(f"{name} cache {folder}: {stats.hits} reused, {stats.misses} computed")
         if latent_cache is not None:
             _drop_nonfinite(scan, sizes, latent_cache, cfg, log if is_main else _quiet)
+            classes = _finite_class_examples(classes, sorted(set(sizes)), latent_cache, cfg, log if is_main else _quiet)
     dataset = ImageCaptionDataset(scan.examples, cfg, config.train.seed, sizes, latent_cache, text_cache)
     try:
         order = batch_order(scan, sizes, cfg, config.train.batch_size, config.train.seed, rank, world)
     except ValueError as exc:
         raise DifftuneError(str(exc)) from None
-    dataset, collate_fn = with_class_images(config, dataset, list(class_examples))
+    dataset, collate_fn = with_class_images(config, dataset, classes, latent_cache, text_cache)
     return TrainingData(scan, dataset, order, collate_fn, latent_stats, text_stats, held_out)
 
 
-def _drop_nonfinite(scan: ScanResult, sizes, cache, cfg, log) -> None:
-    """Examples whose VAE latents are NaN/inf are reported by name and skipped (or stop the run)."""
+def _nonfinite(cache, ex, sizes, cfg) -> bool:
+    """Whether the VAE gave NaN/inf latents for ``ex`` at any of ``sizes`` (and flips)."""
     flips = (False, True) if cfg.random_flip else (False,)
-    bad = [i for i, (ex, size) in enumerate(zip(scan.examples, sizes, strict=True))
-           if any(cache.bad_marker(cache.key_for(ex, size, f)).is_file() for f in flips)]
-    if not bad:
-        return
-    problems = [Problem(scan.examples[i].name, "non-finite latents", "the VAE produced NaN/inf latents "
-                        "(try model.dtype = \"fp32\" for the VAE, or check the image)") for i in bad]
-    if cfg.on_bad_file == "error":
+    return any(cache.bad_marker(cache.key_for(ex, size, f)).is_file() for size in sizes for f in flips)
+
+
+def _report_nonfinite(examples, cfg, log) -> list[Problem]:
+    """Name each example with NaN/inf latents; stop the run instead with ``data.on_bad_file = "error"``."""
+    problems = [Problem(ex.name, "non-finite latents", "the VAE produced NaN/inf latents "
+                        "(try model.dtype = \"fp32\" for the VAE, or check the image)") for ex in examples]
+    if problems and cfg.on_bad_file == "error":
         raise DifftuneError("NaN/inf latents, and data.on_bad_file = \"error\":\n" +
                             "\n".join(f"  {p.line}" for p in problems))
     for p in problems:
         log(f"skipping {p.line}")
-    scan.problems += problems
+    return problems
+
+
+def _finite_class_examples(classes, sizes, cache, cfg, log) -> list:
+    """Class images whose latents are finite at every bucket size; the others are reported and skipped."""
+    bad = [ex for ex in classes if _nonfinite(cache, ex, sizes, cfg)]
+    _report_nonfinite(bad, cfg, log)
+    kept = [ex for ex in classes if ex not in bad]
+    if classes and not kept:
+        raise DifftuneError("no usable class images left: every class image gave NaN/inf latents "
+                            "(delete prior_preservation.class_data to generate new ones)")
+    return kept
+
+
+def _drop_nonfinite(scan: ScanResult, sizes, cache, cfg, log) -> None:
+    """Examples whose VAE latents are NaN/inf are reported by name and skipped (or stop the run)."""
+    bad = [i for i, (ex, size) in enumerate(zip(scan.examples, sizes, strict=True))
+           if _nonfinite(cache, ex, [size], cfg)]
+    if not bad:
+        return
+    scan.problems += _report_nonfinite([scan.examples[i] for i in bad], cfg, log)
     keep = [i for i in range(len(scan.examples)) if i not in set(bad)]
     scan.examples[:] = [scan.examples[i] for i in keep]
     sizes[:] = [sizes[i] for i in keep]
@@ -141,7 +168,20 @@ def fill_caches(config: Config, log=print) -> TrainingData:
     source = resolve_source(config.model.path, config.model.revision, config.model.variant, config.model.config)
     family = get_family(detect_family_for(source, config.model.family), config)
     components = family.load(source, dtype=weight_dtype(config))
-    return build_training_data(config, family, components, log=log, progress=True)
+    # Prior preservation: class images are generated now if missing, and cached with the rest.
+    from types import SimpleNamespace
+
+    import torch
+
+    from difftune.data.prior import class_examples
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    single = SimpleNamespace(is_main_process=True, device=device, wait_for_everyone=lambda: None)
+    sampling = [components.denoiser] if config.prior_preservation.class_prompt else []
+    for module in (components.vae, *components.text_encoders, *sampling):
+        module.to(device)
+    classes = class_examples(config, family, components, single, log)
+    return build_training_data(config, family, components, class_examples=classes, log=log, progress=True)
 
 
 def load_tokenizers_for(config: Config) -> list:

@@ -15,6 +15,7 @@ from torch.utils.data import Dataset
 
 from difftune.config.schema import Config, PriorPreservationConfig
 from difftune.data.dataset import ImageCaptionDataset, collate
+from difftune.data.probe import Problem, probe_image
 from difftune.data.sources import IMAGE_SUFFIXES, Example
 from difftune.errors import DifftuneError
 
@@ -77,7 +78,18 @@ def class_examples(config: Config, family, components, accelerator, log=print) -
     paths = class_images(Path(cfg.class_data).expanduser())[: cfg.num_class_images]
     if not paths:
         raise DifftuneError(f"prior_preservation.class_data: no images in {cfg.class_data}")
-    return [Example(p, cfg.class_prompt, p.name) for p in paths]
+    # Probed like training images: the size and byte digest key the latent cache, and a bad file
+    # in a folder of the user's own class images is named and skipped.
+    examples = []
+    for path in paths:
+        info = probe_image(path, min_size=config.data.min_size, max_pixels=config.data.max_pixels)
+        if isinstance(info, Problem):
+            log(f"skipping class image {info.line}")
+            continue
+        examples.append(Example(path, cfg.class_prompt, path.name, info.size, info.digest))
+    if not examples:
+        raise DifftuneError(f"prior_preservation.class_data: no usable images in {cfg.class_data} (see above)")
+    return examples
 
 
 class PriorPreservationDataset(Dataset):
@@ -109,10 +121,16 @@ def collate_with_class_images(pairs: list[tuple[dict, dict]]) -> dict:
     return batch
 
 
-def with_class_images(config: Config, dataset: ImageCaptionDataset, classes: list[Example]):
-    """The training dataset and its collate function: instance images, paired with class images if any."""
+def with_class_images(config: Config, dataset: ImageCaptionDataset, classes: list[Example], latent_cache=None,
+                      text_cache=None):
+    """The training dataset and its collate function: instance images, paired with class images if any.
+
+    With the caches on, class images are read from them like the instance images (filled by
+    ``build_training_data`` at every bucket size), so a batch is all latents or all pixels.
+    """
     if not classes:
         return dataset, collate
-    class_set = ImageCaptionDataset(classes, config.data, config.train.seed + 1)
+    class_set = ImageCaptionDataset(classes, config.data, config.train.seed + 1, latent_cache=latent_cache,
+                                    text_cache=text_cache)
     paired = PriorPreservationDataset(dataset, class_set, config.prior_preservation.loss_weight)
     return paired, collate_with_class_images

@@ -246,6 +246,7 @@ def _train(config: Config, log, stop: StopRequest) -> RunResult:
         result.files = method.export(components, paths.root, metadata)
         _write_card(config, family, method, components, paths, step, data.card_entry(), world, lr, result)
         log(f"done: {step} steps; adapter in {paths.root}")
+    accelerator.wait_for_everyone()  # every process ends together, with no collective in flight
     accelerator.end_training()
     return result
 
@@ -302,6 +303,10 @@ def _check_replicas_agree(accelerator, params, log) -> None:
     weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device)
     fingerprint = torch.stack([flat.sum(), (flat * weights).sum(), flat.abs().max()]).unsqueeze(0)
     everyone = accelerator.gather(fingerprint)
+    # The gather's tensors are released by a gloo worker thread, which needs the GIL for that: wait
+    # here (GIL released) until it has, or tearing the process group down at the end of the run
+    # (its destructor joins the workers while holding the GIL) can deadlock.
+    accelerator.wait_for_everyone()
     if not torch.equal(everyone, fingerprint.expand_as(everyone)):
         raise DifftuneError("the training processes ended with different weights; gradients were not synchronised")
     if accelerator.is_main_process:
