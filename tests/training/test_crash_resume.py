@@ -49,6 +49,8 @@ def _interrupt_at_micro_batch(monkeypatch, k: int, signum=signal.SIGINT):
 
 def test_chained_interruptions_give_bit_identical_adapter_and_losses(tmp_path, tiny_sd, shapes_data, run_config,
                                                                     monkeypatch):
+    # Whatever the test process started with (a shell running it in the background ignores SIGINT).
+    sigint_before, sigterm_before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     straight = train(_cfg(run_config, tiny_sd, shapes_data, tmp_path / "a"))
     out = tmp_path / "b"
     losses, messages = [], []
@@ -83,7 +85,8 @@ def test_chained_interruptions_give_bit_identical_adapter_and_losses(tmp_path, t
     a, b = load_file(tmp_path / "a" / ADAPTER), load_file(out / ADAPTER)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert signal.getsignal(signal.SIGINT) is sigint_before  # handlers restored
+    assert signal.getsignal(signal.SIGTERM) is sigterm_before
 
 
 @pytest.fixture
