@@ -88,19 +88,30 @@ def add_lora(unet, rank: int = 4) -> None:
             p.data = p.data.float()
 
 
-def unet_step_flops(unet, latent: int, batch: int = 1, dtype=torch.bfloat16) -> int:
-    """FLOPs of one forward + backward of ``unet`` (as in LoRA training: inputs need no grad)."""
+def count_unet_step(unet, latent: int, batch: int = 1, dtype=torch.bfloat16, modes=()):
+    """Run one forward + backward of ``unet`` (as in LoRA training: inputs need no grad) under a
+    ``FlopCounterMode`` and any other dispatch ``modes``; return the counter."""
+    import contextlib
+
     from torch.utils.flop_counter import FlopCounterMode
 
     x = torch.randn(batch, 4, latent, latent)
     t = torch.randint(0, 1000, (batch,))
     text = torch.randn(batch, 77, unet.config.cross_attention_dim)
     counter = FlopCounterMode(display=False)
-    with counter, torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+    with contextlib.ExitStack() as stack:
+        for mode in (counter, *modes):
+            stack.enter_context(mode)
+        stack.enter_context(torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32))
         out = unet(x, t, encoder_hidden_states=text, return_dict=False)[0]
         out.float().pow(2).mean().backward()
     unet.zero_grad(set_to_none=True)
-    return counter.get_total_flops()
+    return counter
+
+
+def unet_step_flops(unet, latent: int, batch: int = 1, dtype=torch.bfloat16) -> int:
+    """FLOPs of one forward + backward of ``unet``."""
+    return count_unet_step(unet, latent, batch, dtype).get_total_flops()
 
 
 def matmul_peak(dtype=torch.bfloat16, n: int = 2048, repeats: int = 5) -> float:

@@ -29,6 +29,7 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
+from types import SimpleNamespace
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -62,10 +63,7 @@ def build_step(width: float):
     unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.bfloat16).requires_grad_(False)
     add_lora(unet)
 
-    class View:  # the one attribute skip_lora_input_casts reads besides text_encoders
-        denoiser, text_encoders = unet, []
-
-    performance.skip_lora_input_casts(View)
+    performance.skip_lora_input_casts(SimpleNamespace(denoiser=unet, text_encoders=[]))
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
     latents = torch.randn(1, 4, 32, 32, dtype=torch.bfloat16)
@@ -86,8 +84,8 @@ def build_step(width: float):
 def flops_by_class(unet) -> tuple[dict[str, float], dict[tuple, float]]:
     """FLOPs of one forward+backward per kernel class, and of each attention call shape."""
     import torch
+    from sd15 import count_unet_step
     from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils.flop_counter import FlopCounterMode
 
     attention: dict[tuple, float] = defaultdict(float)
 
@@ -101,13 +99,7 @@ def flops_by_class(unet) -> tuple[dict[str, float], dict[tuple, float]]:
                 attention[(nq, k.shape[2], d)] += 12 * b * h * nq * k.shape[2] * d
             return func(*args, **(kwargs or {}))
 
-    counter = FlopCounterMode(display=False)
-    x = torch.randn(1, 4, 32, 32)
-    text = torch.randn(1, 77, unet.config.cross_attention_dim)
-    with counter, Attention(), torch.autocast("cpu", dtype=torch.bfloat16):
-        out = unet(x, torch.tensor([500]), encoder_hidden_states=text, return_dict=False)[0]
-        out.float().pow(2).mean().backward()
-    unet.zero_grad(set_to_none=True)
+    counter = count_unet_step(unet, latent=32, modes=(Attention(),))
     totals: dict[str, float] = defaultdict(float)
     for op, flops in counter.get_flop_counts()["Global"].items():
         name = str(op)

@@ -26,14 +26,19 @@ def test_exact_merge_equals_weighted_sum(lora_a, lora_b, tmp_path):
         assert m.rank == (4 if name in a.modules else 0) + (2 if name in b.modules else 0)
 
 
-def test_exact_merge_output_matches_both_adapters_applied(tiny_sd, lora_a, lora_b, tmp_path):
-    out = tmp_path / "merged.safetensors"
-    assert main(["merge", f"{lora_a}:0.7", f"{lora_b}:1.5", "-o", str(out)]) == 0
+def _both_applied(tiny_sd, lora_a, lora_b):
+    """The base pipeline with both adapters loaded at weights 0.7 and 1.5, and its image."""
     pipe = pipeline(tiny_sd)
     pipe.load_lora_weights(str(lora_a.parent), weight_name=lora_a.name, adapter_name="a")
     pipe.load_lora_weights(str(lora_b.parent), weight_name=lora_b.name, adapter_name="b")
     pipe.set_adapters(["a", "b"], adapter_weights=[0.7, 1.5])
-    both = run(pipe)
+    return pipe, run(pipe)
+
+
+def test_exact_merge_output_matches_both_adapters_applied(tiny_sd, lora_a, lora_b, tmp_path):
+    out = tmp_path / "merged.safetensors"
+    assert main(["merge", f"{lora_a}:0.7", f"{lora_b}:1.5", "-o", str(out)]) == 0
+    pipe, both = _both_applied(tiny_sd, lora_a, lora_b)
     pipe = pipeline(tiny_sd)
     pipe.load_lora_weights(str(out.parent), weight_name=out.name)
     assert (run(pipe) - both).abs().max() <= 1e-5
@@ -82,11 +87,7 @@ def test_fuse_bakes_adapters_into_a_diffusers_folder(tiny_sd, lora_a, lora_b, tm
     out = tmp_path / "fused"
     assert main(["merge", f"{lora_a}:0.7", f"{lora_b}:1.5", "--fuse", "--model", str(tiny_sd), "-o", str(out)]) == 0
     assert (out / "model_index.json").is_file()
-    pipe = pipeline(tiny_sd)
-    pipe.load_lora_weights(str(lora_a.parent), weight_name=lora_a.name, adapter_name="a")
-    pipe.load_lora_weights(str(lora_b.parent), weight_name=lora_b.name, adapter_name="b")
-    pipe.set_adapters(["a", "b"], adapter_weights=[0.7, 1.5])
-    expected = run(pipe)
+    pipe, expected = _both_applied(tiny_sd, lora_a, lora_b)
     fused = pipeline(out)
     fused.scheduler = pipe.scheduler
     assert (run(fused) - expected).abs().max() <= 1e-4

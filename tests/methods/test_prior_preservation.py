@@ -91,15 +91,6 @@ def test_prior_preservation_config_errors(run_config, tiny_sd, shapes_data, tmp_
         load_config(data={**base, "prior_preservation": {"class_data": "x"}})
 
 
-class _NoGeneration:
-    """The accelerator ``prior.class_examples`` expects, for a class folder that is already full."""
-
-    is_main_process = False
-
-    def wait_for_everyone(self):
-        pass
-
-
 def test_class_images_are_cached_with_the_instance_images(run_config, tiny_sd, shapes_data, tmp_path):
     """With both caches on, class images come from the caches too: every batch is all latents."""
     from difftune.data.pipeline import build_training_data
@@ -110,7 +101,8 @@ def test_class_images_are_cached_with_the_instance_images(run_config, tiny_sd, s
     config.data.cache_latents = config.data.cache_text = True
     config.data.cache_dir = str(tmp_path / "cache")
     make_tiny_dataset(tmp_path / "cls", n=3, size=48, seed=1, captions=False)
-    class_examples = prior.class_examples(config, None, None, _NoGeneration(), log=print)
+    # The folder is full: nothing to generate (is_main=False would not generate either way).
+    class_examples = prior.class_examples(config, None, None, torch.device("cpu"), is_main=False)
     assert len(class_examples) == 2  # prior_preservation.num_class_images
     assert len({ex.digest for ex in class_examples}) == 2 and all(ex.size == (48, 48) for ex in class_examples)
     source = resolve_source(str(tiny_sd))

@@ -64,6 +64,7 @@ def build_training_data(config: Config, family=None, components=None, *, class_e
     train_examples, held_out = split(scan.examples, config)
     scan = dataclasses.replace(scan, examples=train_examples)
     sizes = item_sizes(scan.examples, cfg)
+    buckets = sorted(set(sizes))
     latent_cache = text_cache = None
     latent_stats = text_stats = None
     if cfg.cache_latents or cfg.cache_text:
@@ -73,10 +74,9 @@ def build_training_data(config: Config, family=None, components=None, *, class_e
             latent_stats = FillStats()
             if is_main:
                 # A class image takes the size of the instance it is paired with: one latent per bucket.
-                class_jobs = [(ex, size) for ex in classes for size in sorted(set(sizes))]
                 latent_stats = fill_latents(latent_cache, family, components,
-                                            scan.examples + [ex for ex, _ in class_jobs],
-                                            sizes + [size for _, size in class_jobs], flips=cfg.random_flip,
+                                            scan.examples + [ex for ex in classes for _ in buckets],
+                                            sizes + buckets * len(classes), flips=cfg.random_flip,
                                             background=parse_colour(cfg.background), progress=progress)
         if cfg.cache_text:
             text_cache = text_cache_for(folder, components)
@@ -90,7 +90,8 @@ def build_training_data(config: Config, family=None, components=None, *, class_e
                     log(f"{name} cache {folder}: {stats.hits} reused, {stats.misses} computed")
         if latent_cache is not None:
             _drop_nonfinite(scan, sizes, latent_cache, cfg, log if is_main else _quiet)
-            classes = _finite_class_examples(classes, sorted(set(sizes)), latent_cache, cfg, log if is_main else _quiet)
+            classes = _finite_class_examples(classes, sorted(set(sizes)), latent_cache, cfg,  # after drops
+                                             log if is_main else _quiet)
     dataset = ImageCaptionDataset(scan.examples, cfg, config.train.seed, sizes, latent_cache, text_cache)
     try:
         order = batch_order(scan, sizes, cfg, config.train.batch_size, config.train.seed, rank, world)
@@ -136,7 +137,8 @@ def _drop_nonfinite(scan: ScanResult, sizes, cache, cfg, log) -> None:
     if not bad:
         return
     scan.problems += _report_nonfinite([scan.examples[i] for i in bad], cfg, log)
-    keep = [i for i in range(len(scan.examples)) if i not in set(bad)]
+    dropped = set(bad)
+    keep = [i for i in range(len(scan.examples)) if i not in dropped]
     scan.examples[:] = [scan.examples[i] for i in keep]
     sizes[:] = [sizes[i] for i in keep]
     if not scan.examples:
@@ -168,19 +170,15 @@ def fill_caches(config: Config, log=print) -> TrainingData:
     source = resolve_source(config.model.path, config.model.revision, config.model.variant, config.model.config)
     family = get_family(detect_family_for(source, config.model.family), config)
     components = family.load(source, dtype=weight_dtype(config))
-    # Prior preservation: class images are generated now if missing, and cached with the rest.
-    from types import SimpleNamespace
-
     import torch
 
     from difftune.data.prior import class_examples
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    single = SimpleNamespace(is_main_process=True, device=device, wait_for_everyone=lambda: None)
-    sampling = [components.denoiser] if config.prior_preservation.class_prompt else []
-    for module in (components.vae, *components.text_encoders, *sampling):
+    for module in (components.vae, *components.text_encoders):
         module.to(device)
-    classes = class_examples(config, family, components, single, log)
+    # Prior preservation: class images are generated now if missing, and cached with the rest.
+    classes = class_examples(config, family, components, device, log=log)
     return build_training_data(config, family, components, class_examples=classes, log=log, progress=True)
 
 

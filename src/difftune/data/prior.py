@@ -66,15 +66,18 @@ def generate_class_images(cfg: PriorPreservationConfig, family, components, devi
     return written
 
 
-def class_examples(config: Config, family, components, accelerator, log=print) -> list[Example]:
-    """The class examples of this run (``[]`` without prior preservation), generating missing ones first."""
+def class_examples(config: Config, family, components, device: torch.device, *, is_main: bool = True,
+                   barrier=lambda: None, log=print) -> list[Example]:
+    """The class examples of this run (``[]`` without prior preservation), generating missing ones first.
+
+    Only the main process generates (on ``device``); ``barrier`` makes the others wait for it.
+    """
     cfg = config.prior_preservation
     if not cfg.class_prompt:
         return []
-    if accelerator.is_main_process:
-        generate_class_images(cfg, family, components, accelerator.device, config.data.resolution,
-                              config.train.seed, log)
-    accelerator.wait_for_everyone()
+    if is_main:
+        generate_class_images(cfg, family, components, device, config.data.resolution, config.train.seed, log)
+    barrier()
     paths = class_images(Path(cfg.class_data).expanduser())[: cfg.num_class_images]
     if not paths:
         raise DifftuneError(f"prior_preservation.class_data: no images in {cfg.class_data}")

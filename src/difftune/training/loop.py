@@ -69,7 +69,8 @@ def _train(config: Config, log, stop: StopRequest) -> RunResult:
     source = resolve_source(config.model.path, config.model.revision, config.model.variant, config.model.config)
     family = get_family(detect_family_for(source, config.model.family), config)
     components = family.load(source, dtype=weight_dtype(config))
-    class_examples = prior.class_examples(config, family, components, accelerator, log)  # base model, before training
+    class_examples = prior.class_examples(config, family, components, device, is_main=main,  # base model, before training
+                                          barrier=accelerator.wait_for_everyone, log=log)
     method = METHODS.get(config.method.type)(config, family)
     torch.manual_seed(config.train.seed)  # new weights (LoRA A matrices, ...) start from the seed too
     method.prepare(components)

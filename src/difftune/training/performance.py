@@ -1,8 +1,9 @@
 """Speed settings of a training run, applied in one place, and the run's speed and memory report.
 
 ``train.mixed_precision = "auto"`` resolves here; ``train.channels_last`` and ``train.compile`` are
-applied by :func:`apply`, which also lets LoRA layers under autocast skip peft's input casts; :class:`RunMonitor` times steps (and the wait for data) without adding
-any host-device synchronisation, and reports peak memory at the end of the run.
+applied by :func:`apply`, which also lets LoRA layers under autocast skip peft's input casts;
+:class:`RunMonitor` times steps (and the wait for data) without adding any host-device
+synchronisation, and reports peak memory at the end of the run.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def skip_lora_input_casts(train_view) -> int:
     peft casts a LoRA layer's input to the LoRA weights' dtype (fp32) before ``lora_A``, and
     autocast casts it straight back to bf16 for the matmul: two copies of the activation, and two
     more in the backward, for every LoRA layer in every step. Under autocast the product is the
-    same bf16 matmul either way, so the result is bit-for-bit the same (``tests/test_performance.py``).
+    same bf16 matmul either way, so the result is bit-for-bit the same (``tests/training/test_performance_options.py``).
     Variant layers (DoRA, LoHa, LoKr) keep peft's behaviour.
     """
     changed = 0
