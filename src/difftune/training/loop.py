@@ -28,6 +28,7 @@ from difftune.objectives import OBJECTIVES
 from difftune.training import checkpoint as ckpt
 from difftune.training import faults, holdout, performance, resume
 from difftune.training.optim import build_optimizer, build_scheduler
+from difftune.training.progress import RunProgress
 from difftune.training.run import (
     RunPaths,
     RunResult,
@@ -119,6 +120,7 @@ def _train(config: Config, log, stop: StopRequest) -> RunResult:
         _restore_after_prepare(accelerator, state, rank, log)
     first_step, accumulation = step, config.train.gradient_accumulation
     order.start = resume.resume_micro_batch(state, accumulation) if state else 0
+    live = RunProgress(paths.logs, steps, step, enabled=main)  # logs/progress.json, logs/metrics.jsonl
 
     def save(at_step: int, scheduler_state: dict | None = None, skipped: int | None = None) -> Path | None:
         micro = order.start + (at_step - first_step) * accumulation
@@ -187,6 +189,7 @@ def _train(config: Config, log, stop: StopRequest) -> RunResult:
             running_count += accumulation
         progress.update(1)
         monitor.step_done()
+        live.step_done(step)
         if guard.should_stop:
             folder = save(guard.first_bad_step, guard.scheduler_before_streak, guard.skipped_before_streak)
             progress.close()
@@ -199,6 +202,7 @@ def _train(config: Config, log, stop: StopRequest) -> RunResult:
             running_count = 0
             current_lr = scheduler.get_last_lr()[0]
             result.losses.append((step, mean_loss))
+            live.metrics(step, loss=mean_loss, lr=current_lr)
             accelerator.log({"train/loss": mean_loss, "train/lr": current_lr}, step=step)
             progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{current_lr:.2e}", refresh=False)
 
@@ -207,6 +211,7 @@ def _train(config: Config, log, stop: StopRequest) -> RunResult:
         if held_out and held_out.due(step, steps):
             _evaluate_held_out(accelerator, held_out, family, components, objective, method, config, step, result,
                                log)
+            live.metrics(step, val_loss=result.val_losses[-1][1])
         if (config.train.checkpoint_every and step % config.train.checkpoint_every == 0 and step < steps
                 and not guard.in_row):  # not while steps are being skipped: the last good state is older
             save(step)
@@ -229,6 +234,7 @@ def _train(config: Config, log, stop: StopRequest) -> RunResult:
     progress.close()
     result.skipped_steps = guard.skipped
     if result.interrupted:
+        live.finish("stopped")
         accelerator.end_training()
         return result
 
@@ -247,6 +253,7 @@ def _train(config: Config, log, stop: StopRequest) -> RunResult:
         result.files = method.export(components, paths.root, metadata)
         _write_card(config, family, method, components, paths, step, data.card_entry(), world, lr, result)
         log(f"done: {step} steps; adapter in {paths.root}")
+        live.finish("done")
     accelerator.wait_for_everyone()  # every process ends together, with no collective in flight
     accelerator.end_training()
     return result
