@@ -56,6 +56,14 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_env(args) -> int:
+    """Versions for a bug report; works even when the installed packages are known not to work together."""
+    from difftune.compat import environment_report
+
+    sys.stdout.write(environment_report())
+    return 0
+
+
 def cmd_reference(args) -> int:
     from difftune.config.reference import markdown_reference
 
@@ -163,6 +171,8 @@ COMMANDS: dict[str, tuple[Callable, str, Callable[[argparse.ArgumentParser], Non
                         p.add_argument("--dir", default=None, help="work folder (default: a cache folder)"))),
     "data": (cmd_data, "check or prepare a dataset (difftune data check|prepare ...)", _add_data_args),
     "cache": (cmd_cache, "fill the latent/text caches of a config ahead of training", _add_config_args),
+    "env": (cmd_env, "print difftune, Python, torch (and its device) and every dependency's version for a bug report",
+            None),
     "reference": (cmd_reference, "print the config reference (Markdown) generated from the schema", None),
 }
 COMMANDS.update(ADAPTER_COMMANDS)

@@ -1,5 +1,9 @@
 """Fine-tuning methods. Adding one is a new module here plus one registration line below."""
 
+from difftune.compat import require_working_stack
+
+require_working_stack()  # a known-broken install stops here, saying what to install
+
 from difftune.methods.base import Method
 from difftune.methods.full import FullFineTune
 from difftune.methods.lora import LoRA

@@ -1,5 +1,9 @@
 """Model families. Adding one is a new module here plus one registration line below."""
 
+from difftune.compat import require_working_stack
+
+require_working_stack()  # a known-broken install stops here, saying what to install
+
 from difftune.models import flux, sd, sd3, sdxl
 from difftune.models.base import Components, ModelFamily, ModelSource
 from difftune.registry import Registry

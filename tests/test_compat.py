@@ -1,0 +1,96 @@
+"""The install guard and ``difftune env``: a known-broken combination is named with its fix."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from difftune.compat import KNOWN_BREAKS, BrokenInstall, known_problems
+
+
+def _versions(**installed):
+    return lambda name: installed.get(name.replace("-", "_"))
+
+
+@pytest.mark.parametrize(
+    ("transformers", "peft", "broken"),
+    [("5.24.0", "0.21.2", True), ("5.30.1", None, True), ("5.24.0", "0.22.0", False), ("5.23.0", "0.21.2", False)],
+)
+def test_transformers_needs_a_peft_that_supports_it(transformers, peft, broken):
+    problems = known_problems(_versions(transformers=transformers, peft=peft, torch="2.13.0"))
+    assert bool(problems) is broken
+    if broken:
+        assert f"transformers {transformers}" in problems[0]
+        assert "pip install 'transformers==5.23.0'" in problems[0]
+
+
+def test_torchvision_must_match_torch():
+    assert known_problems(_versions(torch="2.13.0+cpu", torchvision="0.28.0")) == []
+    (problem,) = known_problems(_versions(torch="2.13.0+cpu", torchvision="0.29.1"))
+    assert "torchvision 0.29.1" in problem and "0.28.x" in problem and "pip uninstall torchvision" in problem
+
+
+def test_every_rule_names_a_package_and_a_command():
+    for rule in KNOWN_BREAKS:
+        assert "pip " in rule.fix
+
+
+def _fake_install(root: Path, name: str, version: str) -> None:
+    """A dist-info folder ahead of site-packages: importlib.metadata reports this version."""
+    info = root / f"{name}-{version}.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+
+
+def _run(args: list[str], fake: Path, tmp_path: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(fake), "HF_HUB_OFFLINE": "1"}
+    env.pop("DIFFTUNE_SKIP_VERSION_CHECK", None)
+    return subprocess.run(args, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+
+
+def test_a_known_bad_install_stops_before_training_with_what_to_install(tmp_path, tiny_sd, shapes_data, run_config):
+    from difftune.config.loader import config_to_dict, dump_toml, load_config
+
+    fake = tmp_path / "fake-site"
+    _fake_install(fake, "transformers", "5.24.0")
+    config = tmp_path / "run.toml"
+    config.write_text(dump_toml(config_to_dict(load_config(data=run_config(tiny_sd, shapes_data, tmp_path / "out")))))
+
+    train = _run([sys.executable, "-m", "difftune", "train", str(config)], fake, tmp_path)
+    assert train.returncode == 2, train.stderr
+    assert "transformers 5.24.0 needs peft" in train.stderr
+    assert "pip install 'transformers==5.23.0'" in train.stderr
+    assert "Traceback" not in train.stderr
+    assert not (tmp_path / "out").exists()  # stopped before anything was written
+
+    library = _run([sys.executable, "-c", "import difftune.training.loop"], fake, tmp_path)
+    assert "BrokenInstall" in library.stderr and "transformers 5.24.0" in library.stderr
+    assert issubclass(BrokenInstall, ImportError)
+
+    env = _run([sys.executable, "-m", "difftune", "env"], fake, tmp_path)
+    assert env.returncode == 0
+    assert "- transformers: 5.24.0" in env.stdout
+    assert "Known problems: transformers 5.24.0 needs peft" in env.stdout
+
+
+def test_env_prints_every_version_for_a_bug_report(tmp_path):
+    import diffusers
+    import peft
+    import torch
+    import transformers
+
+    result = _run([sys.executable, "-m", "difftune", "env"], tmp_path / "nothing", tmp_path)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert f"- Python: {sys.version.split()[0]}" in out
+    assert f"- torch: {torch.__version__}" in out and "device: cpu" in out and "CUDA: no" in out
+    for name, module in [("diffusers", diffusers), ("transformers", transformers), ("peft", peft)]:
+        assert f"- {name}: {module.__version__}" in out
+    assert "- accelerate: " in out and "- difftune: " in out
+    for extra in ("wandb", "bnb", "prodigy", "datasets"):
+        assert f"- extra [{extra}]: " in out
+    assert "Known problems: none" in out
