@@ -80,7 +80,7 @@ def cmd_data_check(args) -> int:
     from pathlib import Path
 
     from difftune.config import load_config
-    from difftune.data.report import check_dataset, format_report
+    from difftune.data.report import check_dataset, folder_config, format_report
 
     tokenizers: list = []
     if args.target.endswith(".toml"):
@@ -94,8 +94,7 @@ def cmd_data_check(args) -> int:
     else:
         if not Path(args.target).expanduser().exists():
             raise DifftuneError(f"{args.target}: no such folder or config")
-        config = load_config(data={"model": {"path": "unused"}, "data": {"path": args.target}},
-                             overrides=args.set, check_paths=False)
+        config = folder_config(args.target, args.set)
     report = check_dataset(config.data, tokenizers)
     print(json.dumps(report, indent=2, ensure_ascii=False) if args.json else format_report(report))
     if not report["trainable"]:
@@ -123,6 +122,21 @@ def cmd_cache(args) -> int:
     data = fill_caches(_load(args))
     print(f"cache ready for {len(data.dataset)} images")
     return 0
+
+
+def cmd_ui(args) -> int:
+    from difftune.ui.server import serve
+
+    return serve(args.root, host=args.host, port=args.port, token=args.token)
+
+
+def _add_ui_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--port", type=int, default=7860, help="port to listen on (default 7860; 0 picks a free one)")
+    p.add_argument("--root", default=".", help="folder whose datasets, configs and runs the app may use (default: .)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1); any other address requires an access token")
+    p.add_argument("--token", default=None,
+                   help="access token (default: generated and printed when --host is not a loopback address)")
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -173,6 +187,7 @@ COMMANDS: dict[str, tuple[Callable, str, Callable[[argparse.ArgumentParser], Non
     "cache": (cmd_cache, "fill the latent/text caches of a config ahead of training", _add_config_args),
     "env": (cmd_env, "print difftune, Python, torch (and its device) and every dependency's version for a bug report",
             None),
+    "ui": (cmd_ui, "a local web app to check data, configure, queue, watch and compare runs", _add_ui_args),
     "reference": (cmd_reference, "print the config reference (Markdown) generated from the schema", None),
 }
 COMMANDS.update(ADAPTER_COMMANDS)

@@ -34,6 +34,14 @@ def token_counter(tokenizers: list) -> tuple:
     return count, limit, f"counted with the model's tokenizer, limit {limit} tokens"
 
 
+def folder_config(folder: str, overrides: list[str] | None = None):
+    """The config ``data check FOLDER`` reports on: the folder as ``data.path``, ``--set`` overrides applied."""
+    from difftune.config import load_config
+
+    return load_config(data={"model": {"path": "unused"}, "data": {"path": folder}}, overrides=overrides,
+                       check_paths=False)
+
+
 def check_dataset(cfg: DataConfig, tokenizers: list | None = None) -> dict:
     """Everything ``data check`` reports, as a JSON-ready mapping."""
     result = scan(cfg)
