@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import tomllib
 import types
 import typing
@@ -57,6 +58,7 @@ def schema_description() -> list[dict]:
     return out
 
 
+@functools.lru_cache(maxsize=1)
 def _kinds() -> dict[str, str]:
     return {f["key"]: f["kind"] for s in schema_description() for f in s["fields"]}
 
@@ -65,6 +67,8 @@ def display(kind: str, value: Any) -> str:
     """How a value appears in its form field."""
     if kind == "lines" and isinstance(value, list) and all(isinstance(v, str) for v in value):
         return "\n".join(value)
+    if kind == "lines" and isinstance(value, str):  # a one-item list may be written as a plain string
+        return value
     if kind in ("text", "choice") and isinstance(value, str):
         return value
     return _toml_value(value)
@@ -108,7 +112,11 @@ def edit(text: str, key: str, raw: str | None) -> str:
     if key not in kinds:
         raise DifftuneError(f"{key}: unknown key")
     section, name = key.split(".", 1)
-    return toml_edit.set_value(text, section, name, parse_field(kinds[key], raw))
+    value = parse_field(kinds[key], raw)
+    current = toml_edit.get_value(tomllib.loads(text), section, name)
+    if isinstance(current, str) and value == [current]:
+        value = current  # keep `token = "<sks>"` as written
+    return toml_edit.set_value(text, section, name, value)
 
 
 def check(text: str, root: Root, name: str = "run.toml") -> dict:

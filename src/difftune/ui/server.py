@@ -568,10 +568,10 @@ def _version() -> str:
     return __version__
 
 
-def make_server(app: App, port: int = 0) -> ThreadingHTTPServer:
-    """An HTTP server for ``app`` on ``app.host:port`` (0 picks a free port)."""
+def make_server(app: App, port: int = 0, bind: str | None = None) -> ThreadingHTTPServer:
+    """An HTTP server for ``app`` on ``app.host:port`` (0 picks a free port; ``bind`` overrides the address)."""
     handler = type("BoundHandler", (Handler,), {"app": app})
-    family_host = app.host.strip("[]")
+    family_host = (bind or app.host).strip("[]")
     server_cls = ThreadingHTTPServer
     if ":" in family_host:
         import socket

@@ -34,6 +34,8 @@ def set_value(text: str, section: str | None, key: str, value: Any) -> str:
     lines = text.splitlines(keepends=True)
     start, end = _block(lines, section)
     if start is None:
+        if section in data:  # the table exists, written as dotted keys or inline: rewrite whole
+            return _rewrite(data, section, key, value)
         if value is None:
             return text
         if section is None:  # top-level key in a text that starts with a table: put it first
