@@ -88,6 +88,8 @@ def ui_root(tmp_path, tiny_sd, monkeypatch) -> Path:
     shutil.copytree(tiny_sd, root / "models" / "tiny-sd")
     make_tiny_dataset(root / "data" / "shapes", n=4, size=64)
     monkeypatch.chdir(root)  # `difftune ui` runs in its root; config paths are relative to it
+    # Runs started by the app inherit this: one thread each keeps them quick on a CPU shared with other tests.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     yield root
     stop_leftover_runs(root)
 

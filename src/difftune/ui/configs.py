@@ -52,7 +52,8 @@ def schema_description() -> list[dict]:
             fields.append({
                 "key": f"{name}.{f.name}", "name": f.name, "kind": kind, "type": _type_name(hints[f.name]),
                 "default": None if default is None else display(kind, default), "choices": choices,
-                "min": meta.get("min"), "max": meta.get("max"), "doc": meta["doc"],
+                "min": meta.get("min"), "max": meta.get("max"), "min_exclusive": bool(meta.get("min_exclusive")),
+                "doc": meta["doc"],
             })
         out.append({"name": name, "doc": (cls.__doc__ or "").strip(), "fields": fields})
     return out

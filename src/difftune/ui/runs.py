@@ -122,7 +122,7 @@ def summary(root: Root, run: Path, job: dict | None = None) -> dict:
     """What the run list shows: name, status, step of total, latest loss, adapter."""
     progress = read_progress(run / "logs") or {}
     status = progress.get("status") or ("done" if adapter_file(run) else "unknown")
-    if job is not None and job["status"] in ("queued", "stopping") or (job and status == "unknown"):
+    if job is not None:  # the queue knows best about its own runs
         status = job["status"]
     config = read_config(run)
     return {

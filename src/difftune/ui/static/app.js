@@ -87,7 +87,7 @@ function lineChart(svg, series, { ylabel = "" } = {}) {
   }
   svg.append(s("line", { x1: L, x2: L, y1: T, y2: H - B, class: "axis" }));
   svg.append(s("line", { x1: L, x2: W - R, y1: H - B, y2: H - B, class: "axis" }));
-  svg.append(s("text", { x: W - R, y: H - 10 + 0, "text-anchor": "end" }, "step"));
+  svg.append(s("text", { x: L - 6, y: H - 10, "text-anchor": "end" }, "step"));
   if (ylabel) svg.append(s("text", { x: 4, y: T + 4 }, ylabel));
   let total = 0;
   series.forEach((ser) => {
@@ -259,18 +259,29 @@ function fieldRow(f) {
   }
   input.dataset.key = f.key;
   input.addEventListener(f.kind === "bool" || f.kind === "choice" ? "change" : "input", () => fieldChanged(f, input));
-  const bounds = [f.min !== null ? `≥ ${f.min}` : "", f.max !== null ? `≤ ${f.max}` : ""].filter(Boolean).join(", ");
+  const bounds = [f.min !== null ? `${f.min_exclusive ? ">" : "≥"} ${f.min}` : "", f.max !== null ? `≤ ${f.max}` : ""].filter(Boolean).join(", ");
   return el("div", { class: "field", "data-key": f.key },
     el("label", { for: id, title: f.type }, f.key), input,
     el("div", { class: "doc" }, f.doc, el("span", { class: "muted" }, ` (${f.type}${bounds ? "; " + bounds : ""})`)));
 }
-let editTimer = null;
+// Edits are debounced per field and applied one after another, each to the text the previous one returned.
+const editTimers = {};
+const pendingKeys = new Set();  // typed but not yet applied: a reply for another key must not reset them
+let editChain = Promise.resolve();
+cfg.busy = 0;
 function fieldChanged(f, input) {
-  clearTimeout(editTimer);
-  const value = input.value === "" ? null : input.value;
-  editTimer = setTimeout(guard(async () => {
-    applyConfigState(await api("/api/config/edit", { text: cfg.text, key: f.key, value, name: cfg.name }), f.key);
-  }), f.kind === "bool" || f.kind === "choice" ? 0 : 350);
+  if (editTimers[f.key]) clearTimeout(editTimers[f.key]); else cfg.busy++;
+  pendingKeys.add(f.key);
+  $("#cfg-check").dataset.busy = "1";
+  editTimers[f.key] = setTimeout(() => {
+    delete editTimers[f.key];
+    const value = input.value === "" ? null : input.value;
+    editChain = editChain.then(guard(async () => {
+      const state = await api("/api/config/edit", { text: cfg.text, key: f.key, value, name: cfg.name });
+      if (!(f.key in editTimers)) pendingKeys.delete(f.key);
+      applyConfigState(state, f.key);
+    })).finally(() => { if (--cfg.busy === 0) delete $("#cfg-check").dataset.busy; });
+  }, f.kind === "bool" || f.kind === "choice" ? 0 : 350);
 }
 function applyConfigState(state, skipKey) {
   cfg.text = state.text;
@@ -286,7 +297,9 @@ function applyConfigState(state, skipKey) {
     if (input.classList.contains("field")) return;
     const key = input.dataset.key, v = cfg.values[key];
     input.closest(".field").classList.toggle("set", v !== undefined);
-    if (key !== skipKey && document.activeElement !== input) input.value = v === undefined ? "" : v;
+    if (key !== skipKey && !(key in editTimers) && !pendingKeys.has(key) && document.activeElement !== input) {
+      input.value = v === undefined ? "" : v;
+    }
     if (input.tagName === "TEXTAREA") input.rows = Math.min(6, Math.max(1, (input.value.match(/\n/g) || []).length + 1));
   });
   const url = URL.createObjectURL(new Blob([state.text], { type: "application/toml" }));
@@ -315,7 +328,9 @@ pages.queue = {
 const badge = (status) => el("span", { class: "badge " + status, "data-status": status }, status);
 function progressBar(step, total) {
   const pct = total ? Math.min(100, 100 * (step || 0) / total) : 0;
-  return el("div", { class: "progress", title: `${step ?? 0} / ${total ?? "?"}` }, el("div", { style: `width:${pct.toFixed(1)}%` }));
+  const bar = el("div", {});
+  bar.style.width = `${pct.toFixed(1)}%`;  // CSSOM, which the page's content security policy allows
+  return el("div", { class: "progress", title: `${step ?? 0} / ${total ?? "?"}` }, bar);
 }
 async function renderQueue() {
   const jobs = await api("/api/jobs");
@@ -367,7 +382,7 @@ async function refreshWatch() {
   watch.rows.push(...d.metrics); watch.offset = d.offset; watch.detail = d;
   const p = d.progress || {};
   const job = d.job;
-  const status = (job && ["queued", "stopping"].includes(job.status)) ? job.status : (p.status || (job ? job.status : "unknown"));
+  const status = job ? job.status : (p.status || "unknown");  // the queue knows best about its own runs
   const elapsed = p.started ? (p.updated || Date.now() / 1000) - p.started : null;
   $("#watch-status").replaceChildren(
     el("div", {}, badge(status), job && job.message ? el("div", { class: "muted" }, job.message) : ""),
@@ -376,6 +391,8 @@ async function refreshWatch() {
     el("div", {}, el("div", { class: "big" }, duration(p.eta_seconds)), "time left"),
     el("div", {}, el("div", { class: "big" }, duration(elapsed)), "elapsed"),
     el("div", {}, el("div", { class: "big" }, fmt((metricSeries(watch.rows).loss.slice(-1)[0] || [])[1])), "latest loss"));
+  const option = [...$("#watch-run").options].find((o) => o.value === d.run);
+  if (option) option.textContent = option.textContent.replace(/ — [a-z_]+( \(\d+\/\d+\))?/, ` — ${status}${p.step !== undefined ? ` (${p.step}/${p.total_steps})` : ""}`);
   $("#watch-stop").hidden = !(job && status === "running");
   $("#watch-resume").hidden = !(job && ["stopped", "failed"].includes(job.status) && d.checkpoints.length);
   const m = metricSeries(watch.rows);
