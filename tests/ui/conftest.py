@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import threading
@@ -71,10 +72,8 @@ def stop_leftover_runs(root: Path) -> None:
         return
     con = sqlite3.connect(db)
     for (pid,) in con.execute("SELECT pid FROM jobs WHERE pid IS NOT NULL"):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     con.close()
 
 

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from tests.ui.conftest import Served, tiny_config
 
 pytestmark = pytest.mark.slow
@@ -241,7 +240,7 @@ def test_a_first_time_user_trains_a_lora_from_the_browser(browser, ui_root):
         from safetensors import safe_open
 
         with safe_open(ui_root / "runs" / "first" / "export" / "first-kohya.safetensors", "pt") as f:
-            assert all(k.startswith("lora_unet_") for k in f.keys())
+            assert all(k.startswith("lora_unet_") for k in f)
         page.find("#gen-prompt").send_keys("a red circle")
         page.find("#gen-steps").clear()
         page.find("#gen-steps").send_keys("2")

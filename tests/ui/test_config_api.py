@@ -6,10 +6,10 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from tests.ui.conftest import tiny_config
 
 from difftune.config.loader import all_keys
 from difftune.ui import configs, toml_edit
-from tests.ui.conftest import tiny_config
 
 PRESETS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.toml"))
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 
 import pytest
+from tests.ui.conftest import Served, tiny_config
 
 from difftune.ui.server import App
-from tests.ui.conftest import Served, tiny_config
 
 pytestmark = pytest.mark.slow
 

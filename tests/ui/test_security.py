@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 
 import pytest
+from tests.ui.conftest import Client, Served, tiny_config
 
 from difftune.errors import DifftuneError
 from difftune.ui.paths import OutsideRoot, Root
 from difftune.ui.server import App, is_loopback
-from tests.ui.conftest import Client, Served, tiny_config
 
 ESCAPES = ["../secret.txt", "/etc/passwd", "data/../../secret.txt", "~/secret.txt", "data\\..\\..\\secret.txt",
            "escape/secret.txt", "escape_file", "data/shapes/\x00"]
