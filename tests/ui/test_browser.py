@@ -81,7 +81,18 @@ class Page:
             time.sleep(0.25)
 
     def text(self, css: str) -> str:
+        """An element's text, read again if the page replaced the element meanwhile (it re-renders as it polls)."""
+        from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+
+        for _ in range(50):
+            try:
+                return self.find(css).text
+            except (StaleElementReferenceException, NoSuchElementException):
+                time.sleep(0.1)
         return self.find(css).text
+
+    def status(self) -> str:
+        return self.wait(lambda: self.find('#watch-status [data-status]').get_attribute("data-status"), "the status")
 
     def type_into(self, key: str, value: str) -> None:
         field = self.find(f'[data-key="{key}"]:not(.field)')
@@ -100,9 +111,19 @@ class Page:
             field.send_keys(Keys.CONTROL, "a")
             field.send_keys(value)
 
-    def shot(self, name: str) -> Path:
+    def shot(self, name: str, full: bool = False) -> Path:
+        """A screenshot of the window, or of the whole page (``full``) for the long ones."""
+        import base64
+
         path = SHOTS / f"{name}.png"
-        self.d.save_screenshot(str(path))
+        if not full:
+            self.d.save_screenshot(str(path))
+            return path
+        size = self.d.execute_cdp_cmd("Page.getLayoutMetrics", {})["cssContentSize"]
+        shot = self.d.execute_cdp_cmd("Page.captureScreenshot", {
+            "format": "png", "captureBeyondViewport": True,
+            "clip": {"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1}})
+        path.write_bytes(base64.b64decode(shot["data"]))
         return path
 
 
@@ -143,7 +164,7 @@ def test_a_first_time_user_trains_a_lora_from_the_browser(browser, ui_root):
         edits = {"model.path": "models/tiny-sd", "data.path": "data/shapes", "data.resolution": "32",
                  "train.batch_size": "2", "train.max_steps": "60", "train.learning_rate": "1e-3",
                  "train.mixed_precision": "no", "train.log_every": "2", "validation.every": "10", "validation.steps": "2",
-                 "validation.prompts": "a red circle", "logging.report_to": "none", "output.dir": "runs/first"}
+                 "validation.prompts": "a red circle", "validation.holdout": "0.25", "validation.loss_every": "10", "logging.report_to": "none", "output.dir": "runs/first"}
         for key, value in edits.items():
             page.type_into(key, value)
         page.wait(lambda: page.find("#cfg-check").get_attribute("data-busy") is None, "the edits")
@@ -182,29 +203,34 @@ def test_a_first_time_user_trains_a_lora_from_the_browser(browser, ui_root):
         page.wait(lambda: int(page.find("#watch-samples").get_attribute("data-steps")) >= 1, "validation samples")
         page.wait(lambda: page.find('#watch-samples img').get_attribute("naturalWidth") not in (None, "0"),
                   "a sample image")
-        if page.find('#watch-status [data-status]').get_attribute("data-status") == "running":
+        if page.status() == "running":
             page.shot("06b-watch-resumed-live")
         page.wait(lambda: page.find('#watch-status [data-status]').get_attribute("data-status") == "done",
                   "the resumed run to finish")
         assert page.text('[data-testid="watch-step"]') == "60 / 60"
+        assert page.all("#watch-loss circle.best") and "best" in page.text("#watch-loss")  # held-out best step
         assert f"resumed from runs/first/checkpoints/step-{stopped_at} at step {stopped_at}" in \
             page.find("#watch-log").get_attribute("textContent")
         page.shot("07-watch-done")
 
         # --- A run started from a terminal shows up live --------------------------------------------------
         cli_config = ui_root / "second.toml"
-        cli_config.write_text(tiny_config("runs/second", steps=100, validation='prompts = ["a red circle"]\nevery = 20\n'
-                                          "steps = 2").replace("learning_rate = 1e-3", "learning_rate = 5e-4")
-                              .replace("resolution = 32", "resolution = 32\nrandom_flip = true"))
+        cli_config.write_text(tiny_config("runs/second", steps=200, validation='prompts = ["a red circle"]\nevery = 100\n'
+                                          "steps = 2").replace("learning_rate = 1e-3", "learning_rate = 5e-4"))
         cli_run = subprocess.Popen([sys.executable, "-m", "difftune", "train", "second.toml"], cwd=ui_root,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         page.go("watch")
         page.wait(lambda: "runs/second" in page.find("#watch-run").text, "the CLI run in the list", timeout=120)
         page.go("watch/runs/second")
-        page.wait(lambda: int(page.text('[data-testid="watch-step"]').split("/")[0]) >= 2, "the CLI run's steps")
-        assert page.find('#watch-status [data-status]').get_attribute("data-status") == "running"
-        first_seen = int(page.text('[data-testid="watch-step"]').split("/")[0])
-        page.wait(lambda: int(page.text('[data-testid="watch-step"]').split("/")[0]) > first_seen, "live progress")
+        seen = set()  # (step) values the page showed while the run was running
+
+        def live_twice():
+            if page.status() == "running":
+                seen.add(int(page.text('[data-testid="watch-step"]').split("/")[0]))
+            return len(seen - {0}) >= 2 or cli_run.poll() is not None
+
+        page.wait(live_twice, "the CLI run's progress")
+        assert len(seen - {0}) >= 2, f"the page showed the CLI run running only at steps {seen}"
         page.shot("08-cli-run-live")
         assert cli_run.wait(timeout=300) == 0
         page.wait(lambda: page.find('#watch-status [data-status]').get_attribute("data-status") == "done",
@@ -218,11 +244,12 @@ def test_a_first_time_user_trains_a_lora_from_the_browser(browser, ui_root):
                 box.click()
         page.find("#compare-go").click()
         diff = page.wait(lambda: page.find('[data-testid="compare-diff"]'), "the config differences").text
-        assert "train.learning_rate" in diff and "data.random_flip" in diff
+        for key in ("train.learning_rate", "train.max_steps", "method.rank", "validation.holdout"):
+            assert key in diff, diff
         assert int(page.find('[data-testid="compare-chart"]').get_attribute("data-points")) >= 60
         grid = page.find('[data-testid="compare-grid"]')
-        assert len(grid.find_elements("css selector", "img")) >= 4  # steps 20, 40 and 60 of both runs
-        page.shot("09-compare")
+        assert len(grid.find_elements("css selector", "img")) >= 4  # steps 100 and 200 of the CLI run, 10 to 60 of the first
+        page.shot("09-compare", full=True)
 
         # --- Results: download the adapter, convert to kohya, the model card, generate -------------------
         downloads = Path(tempfile.mkdtemp(prefix="difftune-downloads-"))
@@ -240,7 +267,7 @@ def test_a_first_time_user_trains_a_lora_from_the_browser(browser, ui_root):
         from safetensors import safe_open
 
         with safe_open(ui_root / "runs" / "first" / "export" / "first-kohya.safetensors", "pt") as f:
-            assert all(k.startswith("lora_unet_") for k in f)
+            assert all(k.startswith("lora_unet_") for k in f.keys())  # noqa: SIM118 - safe_open is not iterable
         page.find("#gen-prompt").send_keys("a red circle")
         page.find("#gen-steps").clear()
         page.find("#gen-steps").send_keys("2")
@@ -248,7 +275,7 @@ def test_a_first_time_user_trains_a_lora_from_the_browser(browser, ui_root):
         page.wait(lambda: page.find('#gen-images img').get_attribute("naturalWidth") not in (None, "0"),
                   "a generated image", timeout=180)
         assert list((ui_root / "runs" / "first" / "generated" / "1").glob("00-00-seed0.png"))
-        page.shot("10-results")
+        page.shot("10-results", full=True)
         logs = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
         assert logs == [], logs
     finally:

@@ -101,7 +101,8 @@ function lineChart(svg, series, { ylabel = "" } = {}) {
     if (ser.mark) {
       const [mx, my, label] = ser.mark;
       svg.append(s("circle", { cx: X(mx), cy: Y(my), r: 6, fill: "none", stroke: ser.color, "stroke-width": 2, class: "best" }));
-      svg.append(s("text", { x: X(mx) + 8, y: Y(my) - 8, fill: ser.color }, label));
+      const right = X(mx) > W - 160;  // near the right edge: the label goes to the left of the marker
+      svg.append(s("text", { x: X(mx) + (right ? -10 : 10), y: Y(my) - 9, fill: ser.color, "text-anchor": right ? "end" : "start" }, label));
     }
   });
   svg.dataset.points = String(total);
@@ -368,15 +369,17 @@ pages.watch = {
   async show(arg) {
     const list = await fillRunSelect($("#watch-run"), arg || watch.run);
     const run = arg || watch.run || (list[0] && list[0].run);
-    if (!run) { $("#watch-status").textContent = "No runs yet under this root."; return; }
-    $("#watch-run").value = run;
-    if (run !== watch.run) { watch.run = run; watch.rows = []; watch.offset = 0; watch.step = null; }
+    if (run && run !== watch.run) { watch.run = run; watch.rows = []; watch.offset = 0; watch.step = null; }
+    watch.ticks = 0;
     await refreshWatch();
     poll(refreshWatch, 1500);
   },
 };
 async function refreshWatch() {
-  if (!watch.run) return;
+  if (++watch.ticks % 4 === 0) await fillRunSelect($("#watch-run"), watch.run);  // runs started meanwhile (CLI too)
+  if (!watch.run && $("#watch-run").value) watch.run = $("#watch-run").value;
+  if (!watch.run) { $("#watch-status").textContent = "No runs yet under this root."; return; }
+  $("#watch-run").value = watch.run;
   const d = await api(`/api/run?run=${encodeURIComponent(watch.run)}&offset=${watch.offset}`);
   if (d.run !== watch.run) return;
   watch.rows.push(...d.metrics); watch.offset = d.offset; watch.detail = d;
