@@ -89,7 +89,8 @@ def api_timings(base: str, images: int) -> list[tuple[str, float, float]]:
         ("/api/compare (10 runs)", None, ["/api/compare?" + "&".join(f"run=runs/run-{r:02d}" for r in range(10))]),
         ("/api/schema + /api/presets", None, ["/api/schema", "/api/presets"]),
         ("/api/folders", None, ["/api/folders?path=data"]),
-        (f"/api/data/check ({images} images)", {"path": "data/photos"}, ["/api/data/check"]),
+        ("/api/data/files (names, for the page)", None, ["/api/data/files?path=data/photos"]),
+        (f"/api/data/check ({images} images, full)", {"path": "data/photos"}, ["/api/data/check"]),
         ("48 thumbnails", None, [f"/thumb?size=160&path=data/photos/img_{i:04d}.png" for i in range(48)]),
     ]
     out = []
@@ -137,9 +138,13 @@ def browser_timings(base: str) -> list[tuple[str, float]] | None:
 
     out = []
     try:
+        d.get(base + "#queue")  # the browser's own first start is not a page load: warm it up on another page
+        until(lambda: find("#queue-rows tr"))
         for label, fragment, action, ready in [
-            ("Data: report + first 48 thumbnails (1,000 images)", "data/data/photos",
+            ("Data: 1,000 images listed, first 48 thumbnails on screen", "data/data/photos",
              lambda: find("#data-check")[0].click(), thumbs_loaded),
+            ("Data: the full data check report (opens all 1,000 files)", "data/data/photos",
+             lambda: find("#data-check")[0].click(), lambda: find('[data-testid="data-usable"]')),
             ("Configure: form + a preset", "configure",
              lambda: (until(lambda: len(find("#cfg-preset option")) > 3),
                       Select(find("#cfg-preset")[0]).select_by_index(1), find("#cfg-load-preset")[0].click()),
@@ -149,9 +154,11 @@ def browser_timings(base: str) -> list[tuple[str, float]] | None:
              lambda: int(find("#watch-loss")[0].get_attribute("data-points") or 0) >= 100 and all(
                  i.get_attribute("naturalWidth") not in (None, "0") for i in find("#watch-samples img"))
              and len(find("#watch-samples img")) == 2),
-            ("Compare: 10 runs", "compare", lambda: (until(lambda: len(find("#compare-picks input")) == 10),
-                                                     [b.click() for b in find("#compare-picks input")],
-                                                     find("#compare-go")[0].click()),
+            ("Compare: the list of 10 runs", "compare", None, lambda: len(find("#compare-picks input")) == 10),
+            ("Compare: 10 runs ticked, then Compare clicked until drawn", "compare",
+             lambda: (until(lambda: len(find("#compare-picks input")) == 10),
+                      d.execute_script("document.querySelectorAll('#compare-picks input').forEach(b => b.click())"),
+                      find("#compare-go")[0].click()),
              lambda: int(find('[data-testid="compare-chart"]')[0].get_attribute("data-points")) >= 1000),
             ("Results: files + model card", "results/runs/run-00", None,
              lambda: "Steps" in find("#results-card")[0].text),
@@ -188,12 +195,15 @@ def main() -> int:
     app = App(root, start_runner=False)
     server = make_server(app, 0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
+    app.warm.join()  # the imports a server does once in its first seconds (torch, registries) are not a page load
     base = f"http://127.0.0.1:{server.server_address[1]}"
     try:
+        pages = browser_timings(base + "/")  # first, so its "cold" is cold (no cached check or thumbnails)
+        app._check_cache.clear()
+        shutil.rmtree(root / ".difftune-ui" / "thumbs", ignore_errors=True)
         print(f"\nAPI calls ({args.images} images, {args.runs} runs)          cold s    warm s")
         for label, cold, warm in api_timings(base, args.images):
             print(f"  {label:<40} {cold:8.3f}  {warm:8.3f}")
-        pages = browser_timings(base + "/")
         if pages is None:
             print("\n(no /usr/bin/chromium + chromedriver: browser page timings skipped)")
         else:

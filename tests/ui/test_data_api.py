@@ -29,6 +29,25 @@ def test_report_is_difftune_data_check(served, ui_root, capsys):
     assert status == 400 and "did you mean data.resolution" in data["error"]
 
 
+def test_a_page_can_poll_the_check_instead_of_waiting(served):
+    import time
+
+    c = served.client
+    state = c.post("/api/data/check", {"path": "data/shapes", "wait": False})
+    deadline = time.monotonic() + 60
+    while state["status"] != "ready":
+        assert state == {"status": "checking"} and time.monotonic() < deadline
+        time.sleep(0.1)
+        state = c.post("/api/data/check", {"path": "data/shapes", "wait": False})
+    assert state["report"] == c.post("/api/data/check", {"path": "data/shapes"})
+    body = {"path": "data/shapes", "wait": False, "set": ["data.nope=1"]}
+    status, state = c.request("/api/data/check", body)
+    while status == 200 and state == {"status": "checking"} and time.monotonic() < deadline:
+        time.sleep(0.1)
+        status, state = c.request("/api/data/check", body)
+    assert status == 400 and state["error"].startswith("--set data.nope: unknown key")
+
+
 def test_folders_and_thumbnails(served, ui_root):
     listing = served.client.get("/api/folders?path=data")
     assert listing["folders"] == [{"name": "shapes", "path": "data/shapes", "images": 4}]
@@ -41,6 +60,8 @@ def test_folders_and_thumbnails(served, ui_root):
     assert thumb.size == (160, 53)
     (ui_root / "data" / "fake.png").write_text("not an image")
     assert served.client.request("/thumb?path=data/fake.png")[0] == 415
+    files = served.client.get("/api/data/files?path=data")["images"]
+    assert files == ["big.png", "fake.png"] + [f"shapes/img_{i:03d}.png" for i in range(4)]
     image = served.client.get("/file?path=data/shapes/img_001.png")
     assert image == (ui_root / "data" / "shapes" / "img_001.png").read_bytes()
 

@@ -15,6 +15,7 @@ Security, checked on every request:
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import ipaddress
 import json
@@ -70,9 +71,15 @@ class App:
         self.queue = jobs.JobQueue(self.root.path)
         self.runner = jobs.Runner(self.queue)
         self._check_cache: dict[tuple, tuple[float, dict]] = {}
+        self._checking: set[tuple] = set()
+        self._check_errors: dict[tuple, str] = {}
         self._cache_lock = threading.Lock()
         if start_runner:
             self.runner.start()
+        # The data check and config validation import torch and the registries (seconds, once): do it now,
+        # in the background, rather than in the first request of the person who just opened the page.
+        self.warm = threading.Thread(target=_warm_imports, name="difftune-ui-imports", daemon=True)
+        self.warm.start()
 
     def close(self) -> None:
         self.runner.close()
@@ -96,17 +103,58 @@ class App:
             out.append({"name": e.name, "path": self.root.rel(Path(e.path)), "images": images})
         return {"path": self.root.rel(folder), "folders": out}
 
-    def data_check(self, rel: str, overrides: list[str]) -> dict:
-        """``difftune data check FOLDER --json`` (the same function), cached until the folder changes."""
-        from difftune.data.report import check_dataset, folder_config
+    def image_files(self, rel: str) -> dict:
+        """The image files of a folder (names only, read from the directory): the Data page shows them
+        at once while the data check, which opens every file, runs."""
+        from difftune.data.probe import IMAGE_SUFFIXES
 
+        folder = self.root.resolve(rel, must_exist=True)
+        names = []
+        for dirpath, dirnames, filenames in os.walk(folder):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # as the data scan skips them
+            base = Path(dirpath).relative_to(folder)
+            names += [(base / f).as_posix() for f in filenames if os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES]
+        return {"folder": self.root.rel(folder), "images": sorted(names)}
+
+    def data_check(self, rel: str, overrides: list[str], wait: bool = True) -> dict:
+        """``difftune data check FOLDER --json`` (the same function), cached until the folder changes.
+
+        ``wait=False`` starts the check in the background and answers ``{"status": "checking"}`` until
+        it is done, then ``{"status": "ready", "report": ...}`` (a page polls instead of hanging).
+        """
         folder = self.root.resolve(rel, must_exist=True)
         key = (str(folder), tuple(overrides))
         signature = _folder_signature(folder)
         with self._cache_lock:
             cached = self._check_cache.get(key)
-        if cached and cached[0] == signature:
-            return cached[1]
+            if cached and cached[0] == signature:
+                return cached[1] if wait else {"status": "ready", "report": cached[1]}
+            if not wait:
+                error = self._check_errors.pop(key, None)
+                if error:
+                    raise DifftuneError(error)
+                if key not in self._checking:
+                    self._checking.add(key)
+                    threading.Thread(target=self._check_in_background, args=(key, folder, overrides),
+                                     daemon=True).start()
+                return {"status": "checking"}
+        return self._check(key, folder, overrides, signature)
+
+    def _check_in_background(self, key, folder: Path, overrides: list[str]) -> None:
+        with contextlib.suppress(OSError, AttributeError):  # Linux: a thread can be niced; the page's requests go first
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        try:
+            self._check(key, folder, overrides, _folder_signature(folder))
+        except DifftuneError as exc:
+            with self._cache_lock:
+                self._check_errors[key] = str(exc)
+        finally:
+            with self._cache_lock:
+                self._checking.discard(key)
+
+    def _check(self, key, folder: Path, overrides: list[str], signature: float) -> dict:
+        from difftune.data.report import check_dataset, folder_config
+
         config = folder_config(self.root.rel(folder) or ".", overrides)
         report = check_dataset(config.data)
         for p in report["problems"]:  # show names relative to the root, as the data folder is
@@ -303,6 +351,14 @@ class App:
         return {"images": [self.root.rel(p) for p in sorted(out.glob("*.png")) if p.name != "grid.png"]}
 
 
+def _warm_imports() -> None:
+    import difftune.data.caption_edit  # noqa: F401
+    import difftune.data.report  # noqa: F401
+    from difftune.ui import configs as ui_configs
+
+    ui_configs.schema_description()
+
+
 def _difftune(args: list[str], cwd: Path, timeout: float) -> str:
     """Run a difftune CLI command (arguments as a list, never a shell); its error line becomes the error."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -468,6 +524,7 @@ class Handler(BaseHTTPRequestHandler):
         routes = {
             "/api/info": lambda: {"root": str(app.root.path), "version": _version(), "host": app.host},
             "/api/folders": lambda: app.folders(one("path")),
+            "/api/data/files": lambda: app.image_files(one("path")),
             "/api/schema": configs.schema_description,
             "/api/presets": lambda: [{k: p[k] for k in ("name", "description")} for p in configs.presets(app.root)],
             "/api/jobs": app.job_list,
@@ -485,7 +542,7 @@ class Handler(BaseHTTPRequestHandler):
         if m:
             return self._json(app.job_action(int(m.group(1)), m.group(2)))
         routes = {
-            "/api/data/check": lambda: app.data_check(_str(b, "path"), _list(b, "set")),
+            "/api/data/check": lambda: app.data_check(_str(b, "path"), _list(b, "set"), b.get("wait", True) is not False),
             "/api/data/caption": lambda: app.set_caption(_str(b, "path"), _str(b, "name"), _str(b, "caption")),
             "/api/config/open": lambda: app.open_config(b.get("path"), b.get("preset")),
             "/api/config/edit": lambda: app.config_state(

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
-
-from difftune.fileio import atomic_path
 
 SIZES = (96, 160, 256)
 
@@ -31,6 +30,8 @@ def thumbnail(image: Path, cache: Path, size: int) -> Path:
             background = Image.new("RGBA", im.size, "white")
             im = Image.alpha_composite(background, im)
         im = im.convert("RGB")
-        with atomic_path(out) as tmp:
-            im.save(tmp, "JPEG", quality=85)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.{os.getpid()}.{id(im)}.tmp")
+        im.save(tmp, "JPEG", quality=85)
+        os.replace(tmp, out)  # atomic; a cache needs no fsync (a lost thumbnail is made again)
     return out

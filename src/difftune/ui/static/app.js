@@ -158,9 +158,24 @@ async function checkData() {
   const res = $("#data-resolution").value;
   if (res) set.push(`data.resolution=${res}`);
   if ($("#data-buckets").checked) set.push("data.buckets=true");
-  $("#data-report").textContent = "checking…";
-  data.report = await api("/api/data/check", { path: data.folder, set });
+  const folder = data.folder;
+  // The file names come at once; the check opens every file, so it runs in the background while we show them.
+  const files = await api("/api/data/files?path=" + encodeURIComponent(folder));
+  data.report = { folder: files.folder, images: files.images.map((name) => ({ name, caption: null })) };
   data.page = 0;
+  $("#data-report").replaceChildren(el("p", { class: "muted", "data-testid": "data-checking" },
+    `checking ${files.images.length} images (every file is opened, as training will)…`));
+  renderImages();
+  // Let the thumbnails on screen arrive first (the check competes with them for the CPU), then check.
+  const onScreen = [...document.querySelectorAll("#data-images img")].filter((i) => i.getBoundingClientRect().top < innerHeight);
+  await Promise.race([Promise.all(onScreen.map((i) => i.decode().catch(() => {}))), new Promise((r) => setTimeout(r, 2000))]);
+  let state = await api("/api/data/check", { path: folder, set, wait: false });
+  while (state.status !== "ready") {
+    await new Promise((r) => setTimeout(r, 400));
+    if (data.folder !== folder) return;  // the person moved on
+    state = await api("/api/data/check", { path: folder, set, wait: false });
+  }
+  data.report = state.report;
   renderReport();
   renderImages();
 }
@@ -199,12 +214,15 @@ function renderImages() {
   grid.replaceChildren(...r.images.slice(start, start + data.perPage).map((img) => imageTile(img, base)));
 }
 function imageTile(img, base) {
-  const caption = el("div", { class: "caption", "data-testid": "caption" }, img.caption || el("em", { class: "muted" }, "(no caption)"));
+  const checked = img.caption !== null;
+  const caption = el("div", { class: "caption", "data-testid": "caption" },
+    !checked ? el("em", { class: "muted" }, "checking…") : img.caption || el("em", { class: "muted" }, "(no caption)"));
   const tile = el("div", { class: "tile", "data-name": img.name },
     el("img", { src: `/thumb?size=160&path=${encodeURIComponent(base + img.name)}`, loading: "lazy", alt: img.name, width: 160, height: 160 }),
     el("div", { class: "name" }, img.name),
-    el("div", { class: "muted" }, `${img.width}×${img.height} → ${img.bucket}, ${img.tokens} tokens`),
+    el("div", { class: "muted" }, checked ? `${img.width}×${img.height} → ${img.bucket}, ${img.tokens} tokens` : "\u00a0"),
     caption);
+  if (!checked) return tile;
   const edit = el("button", { "data-testid": "edit-caption", onclick: () => {
     const input = el("input", { value: img.caption, "data-testid": "caption-input" });
     const save = el("button", { class: "primary", "data-testid": "save-caption", onclick: guard(async () => {
