@@ -161,6 +161,18 @@ def to_kohya(adapter: LoraAdapter, family: str | None = None) -> tuple[dict[str,
     return tensors, header
 
 
+def kohya_module_names(adapter: LoraAdapter, family: str | None = None) -> dict[str, str]:
+    """``role.path`` -> kohya module name, for families named like diffusers (UNet families).
+
+    Transformer families fuse modules, so their names are not one per module; they are refused here.
+    """
+    if _export_layout(adapter, family) is not None:
+        raise DifftuneError(f"kohya export: per-module names exist only for UNet families, not {family!r}")
+    prefixes = role_prefixes(adapter.roles())
+    return {name: f"{prefixes[name.split('.', 1)[0]]}_{_kohya_path(*name.split('.', 1)).replace('.', '_')}"
+            for name in adapter.modules}
+
+
 def diffusers_note(tensors: dict[str, torch.Tensor], header: dict[str, str]) -> str | None:
     """For a kohya file of a transformer family: which of its modules diffusers' own loader skips, if any."""
     layout = kohya_fused.layout_for_family(header.get("difftune.family"))

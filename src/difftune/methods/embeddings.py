@@ -10,6 +10,7 @@ the original rows back after every step, bit for bit.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -48,6 +49,11 @@ def check_token_config(config) -> None:
         )
     if len(set(m.token)) != len(m.token) or any(not t.strip() or " " in t for t in m.token):
         raise ConfigError(f"method.token: {m.token!r} must be distinct tokens without spaces")
+    # ComfyUI and A1111 name an embedding by its file name, made of the token's letters, digits, _ and -.
+    stems = [re.sub(r"[^0-9A-Za-z_-]+", "", t) for t in m.token]
+    if not all(stems) or len(set(stems)) != len(stems):
+        raise ConfigError(f"method.token: {m.token!r} must each hold a letter or digit, and differ in them "
+                          "(the ComfyUI/A1111 embedding file is named after them, e.g. <sks> -> sks.safetensors)")
 
 
 class PlaceholderEmbeddings:
@@ -157,8 +163,14 @@ class PlaceholderEmbeddings:
                 weight[self.first_new_row[k]:] = state[f"embeddings.{name}"].to(weight.device, weight.dtype)
 
     def export(self, components: Components, out_dir: Path, save_keys: list[str] | None,
-               metadata: dict[str, str]) -> list[Path]:
-        """One file per placeholder: diffusers' ``{token: (n, dim)}`` for one encoder, else ``{save_key: (n, dim)}``."""
+               metadata: dict[str, str], family=None) -> list[Path]:
+        """One file per placeholder: diffusers' ``{token: (n, dim)}`` for one encoder, else ``{save_key: (n, dim)}``.
+
+        With ``family``, also one file per placeholder for ComfyUI / A1111 / Forge
+        (``embeddings_for_comfyui_a1111_forge/<word>.safetensors``, see docs/tools.md).
+        """
+        from difftune.adapters.tools import write_embedding_tool_file
+
         rows = self.new_rows(components)
         files = []
         for i, placeholder in enumerate(self.placeholders):
@@ -171,6 +183,8 @@ class PlaceholderEmbeddings:
             path = out_dir / self.file_name(i)
             save_safetensors(tensors, path, {"format": "pt", "difftune.token": placeholder, **metadata})
             files.append(path)
+            if family is not None:
+                files.append(write_embedding_tool_file([r[part] for r in rows], family, placeholder, out_dir, metadata))
         return files
 
     def file_name(self, index: int) -> str:

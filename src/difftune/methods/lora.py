@@ -21,6 +21,7 @@ from difftune.methods.base import Method
 from difftune.models.base import Components
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+ADAPTER_META_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
 
 
 def module_table_header(tensors: dict[str, torch.Tensor], header: dict[str, str]) -> dict[str, str]:
@@ -143,8 +144,43 @@ class LoRA(Method):
 
     def export(self, components: Components, out_dir: Path, metadata: dict[str, str]) -> list[Path]:
         if self.config.method.variant == "loha":
-            return self.export_peft_folders(components, out_dir, metadata)
-        return self.export_lora_file(components, out_dir, metadata)
+            files = self.export_peft_folders(components, out_dir, metadata)
+        else:
+            files = self.export_lora_file(components, out_dir, metadata)
+        return files + self.export_tool_file(components, out_dir, metadata)
+
+    def export_tool_file(self, components: Components, out_dir: Path, metadata: dict[str, str]) -> list[Path]:
+        """The adapter again, in the layout ComfyUI, Automatic1111 and Forge load (docs/tools.md).
+
+        Written for every variant and family where such a layout exists; a DoRA of a transformer family
+        (fused modules) has none, so nothing is written for it and the card says so.
+        """
+        from difftune.adapters import tools
+        from difftune.adapters.formats import from_diffusers
+
+        variant = self.config.method.variant
+        layers = self.lora_layers(components)
+        modules = self.lora_modules(components)
+        state = {f"{prefix}.{k}": v for prefix, (s, _) in layers.items() for k, v in s.items()}
+        if variant in ("loha", "lokr"):
+            scales = {name: float(modules[name.split(".", 1)[0]].get_submodule(name.split(".", 1)[1]).scaling["default"])
+                      for name in {k.rsplit(".", 1)[0] for k in state}}
+            tensors = tools.lycoris_tool_tensors(state, scales, self.family)
+        else:
+            header = {ADAPTER_META_KEY: json.dumps({f"{p}.{k}": v for p, (_, cfg) in layers.items()
+                                                    for k, v in cfg.items()}, default=str)}
+            adapter = from_diffusers(state, header, strict=False)
+            magnitudes = base = None
+            if variant == "dora":
+                if self.family.kohya_names is not None:
+                    return []
+                magnitudes = {k.removesuffix(".lora_magnitude_vector"): v for k, v in state.items()
+                              if k.endswith(".lora_magnitude_vector")}
+                base = {name: modules[name.split(".", 1)[0]].get_submodule(name.split(".", 1)[1]).get_base_layer().weight
+                        for name in magnitudes}
+            tensors, _ = tools.lora_tool_tensors(adapter, self.family, magnitudes, base)
+        header = tools.tool_header(self.family, metadata, variant)
+        return [tools.write_tool_file(tensors, header, out_dir, self.family)]
 
     def export_lora_file(self, components: Components, out_dir: Path, metadata: dict[str, str]) -> list[Path]:
         from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY

@@ -64,7 +64,7 @@ class PivotalTuning(embeddings.LearnsTokens, LoRA):
     def export(self, components: Components, out_dir: Path, metadata: dict[str, str]) -> list[Path]:
         files = super().export(components, out_dir, metadata)
         return files + self.embeddings.export(components, out_dir, embedding_save_keys(self.family, components),
-                                              metadata)
+                                              metadata, self.family)
 
     def card_details(self) -> dict[str, Any]:
         details = super().card_details()

@@ -51,7 +51,8 @@ class TextualInversion(embeddings.LearnsTokens, Method):
         self.embeddings.load_state_dict(components, state)
 
     def export(self, components: Components, out_dir: Path, metadata: dict[str, str]) -> list[Path]:
-        return self.embeddings.export(components, out_dir, embedding_save_keys(self.family, components), metadata)
+        return self.embeddings.export(components, out_dir, embedding_save_keys(self.family, components), metadata,
+                                      self.family)
 
     def card_details(self) -> dict[str, Any]:
         m = self.config.method

@@ -72,6 +72,15 @@ class ModelFamily(ABC):
     #: How kohya-format LoRA files name this family's modules (:mod:`difftune.models.kohya_names`);
     #: ``None``: the diffusers module names with ``.`` -> ``_`` (the UNet families).
     kohya_names: Any = None
+    #: Tools that load this family's LoRA files in kohya layout with every key and the trained scale
+    #: (``comfyui``, ``a1111``, ``forge``; the rules are in docs/tools.md). Runs write a file for them.
+    lora_tools: tuple[str, ...] = ("comfyui", "a1111", "forge")
+    #: Header entries of those files that tools read: A1111's LoRA picker lists a file under an
+    #: SDXL / SD 2 model only if ``ss_base_model_version`` / ``ss_v2`` say so.
+    tool_metadata: dict[str, str] = {"ss_base_model_version": "sd_v1"}
+    #: Keys of an embedding file for ComfyUI / A1111 / Forge, one per text encoder: ComfyUI picks the key
+    #: named by each tokenizer's ``embedding_key`` (``clip_l``, ``clip_h``, ``clip_g``, ``t5xxl``).
+    tool_embedding_keys: tuple[str, ...] = ("clip_l",)
 
     def __init__(self, config: Any | None = None) -> None:
         #: The run's :class:`~difftune.config.schema.Config`, or ``None`` (library use, tests). Families

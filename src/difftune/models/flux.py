@@ -73,6 +73,9 @@ class Flux(ModelFamily):
     pipeline_class_names = ("FluxPipeline", "FluxImg2ImgPipeline")
     single_file_types = ("flux-dev", "flux-schnell")
     kohya_names = _flux_kohya_names()
+    lora_tools = ("comfyui", "forge")  # A1111 has no Flux
+    tool_metadata = {"ss_base_model_version": "flux1"}
+    tool_embedding_keys = ("clip_l", "t5xxl")
 
     def pipeline_class(self) -> type:
         from diffusers import FluxPipeline

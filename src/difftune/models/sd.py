@@ -138,6 +138,8 @@ class StableDiffusion2(StableDiffusion):
     single_file_types = ("v2",)
     is_v2 = True
     single_file_text_layout = "open_clip"
+    tool_metadata = {"ss_base_model_version": "sd_v2", "ss_v2": "True"}
+    tool_embedding_keys = ("clip_h",)
 
 
 def register(registry) -> None:

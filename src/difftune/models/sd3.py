@@ -66,6 +66,10 @@ class StableDiffusion3(ModelFamily):
     pipeline_class_names = ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline")
     single_file_types = ("sd3", "sd35_medium", "sd35_large")
     kohya_names = _sd3_kohya_names()
+    # A1111's SD3 reader splits keys on their last two dots, which fails on .alpha tensors.
+    lora_tools = ("comfyui", "forge")
+    tool_metadata = {"ss_base_model_version": "sd3"}
+    tool_embedding_keys = ("clip_l", "clip_g", "t5xxl")
     #: T5 tokens per prompt (the SD3 pipeline's default ``max_sequence_length``).
     t5_max_length = 256
 

@@ -31,6 +31,8 @@ class StableDiffusionXL(ModelFamily):
     card_tags = ("stable-diffusion-xl", "stable-diffusion-xl-diffusers")
     pipeline_class_names = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
     single_file_types = ("xl_base",)
+    tool_metadata = {"ss_base_model_version": "sdxl_base_v1-0"}
+    tool_embedding_keys = ("clip_l", "clip_g")
 
     def pipeline_class(self) -> type:
         from diffusers import StableDiffusionXLPipeline

@@ -1,0 +1,274 @@
+"""Files that ComfyUI, Automatic1111 and Forge load as trained, and which tools a file is ready for.
+
+The rules these tools apply to LoRA files are written down with their sources in ``docs/tools.md``.
+In short:
+
+- all three read kohya names (``lora_unet_...``, ``lora_te_``/``lora_te1_``/``lora_te2_`` with the
+  ``text_model`` level) with ``.lora_down.weight`` / ``.lora_up.weight`` and scale each module by
+  ``alpha / rank`` from its ``.alpha`` tensor, or by 1 when there is none;
+- ComfyUI and Forge name transformer families (SD3, Flux) after their original modules; A1111 has no
+  Flux and its SD3 reader fails on ``.alpha`` tensors, so it is not listed for them;
+- a diffusers-format file half-loads: ComfyUI does not recognise the UNet attention keys
+  (``attn1.to_q.lora_A.weight``) nor text-encoder keys without ``text_model.``, A1111 reads none of
+  it, Forge refuses a file with more than 12 unmatched keys; and with no ``.alpha`` tensors (diffusers
+  rejects them) every tool applies scale 1 where alpha != rank.
+
+Which tools read a family is the family's ``lora_tools``; the file is named after them.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from difftune.adapters.formats import LoraAdapter, recorded_modules
+from difftune.errors import DifftuneError
+from difftune.fileio import save_safetensors
+
+TOOL_TITLES = {"comfyui": "ComfyUI", "a1111": "Automatic1111", "forge": "Forge"}
+#: Folder of the embedding files for ComfyUI/A1111/Forge (the file name is the word used in prompts).
+EMBEDDINGS_FOLDER = "embeddings_for_comfyui_a1111_forge"
+
+
+def tool_file_name(tools: tuple[str, ...], kind: str = "lora") -> str:
+    """``lora_for_comfyui_a1111_forge.safetensors``: the file name says which tools it is for."""
+    return f"{kind}_for_{'_'.join(tools)}.safetensors"
+
+
+def tools_title(tools: tuple[str, ...]) -> str:
+    names = [TOOL_TITLES[t] for t in tools]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def tool_header(family, adapter_meta: dict[str, str], kind: str) -> dict[str, str]:
+    """Header of a tool file: difftune's entries plus the ``ss_*`` entries A1111's picker filters on.
+
+    A1111 lists a LoRA under an SDXL (SD 2) model only if ``ss_base_model_version`` starts with ``sdxl_``
+    (``ss_v2`` is ``"True"``); a file with any other metadata counts as SD 1.
+    """
+    header = {"format": "pt", **{k: v for k, v in adapter_meta.items() if k.startswith("difftune.")}}
+    header.update(family.tool_metadata)
+    header["ss_network_module"] = {"lora": "networks.lora", "dora": "networks.lora"}.get(kind, "lycoris.kohya")
+    header["difftune.format"] = "kohya"
+    header["difftune.tools"] = ",".join(family.lora_tools)
+    return header
+
+
+# --- LoRA and DoRA --------------------------------------------------------------------------------
+
+
+def lora_tool_tensors(adapter: LoraAdapter, family, magnitudes: dict[str, torch.Tensor] | None = None,
+                      base_weights: dict[str, torch.Tensor] | None = None):
+    """kohya tensors and header of ``adapter`` for the tools; family names the layout.
+
+    ``magnitudes`` (DoRA, peft's per-output-row ``lora_magnitude_vector`` by module) adds a
+    ``dora_scale`` per module; see :func:`dora_scale` for ``base_weights``.
+    """
+    from difftune.adapters import kohya
+
+    tensors, header = kohya.to_kohya(adapter, family.name)
+    if magnitudes:
+        names = kohya.kohya_module_names(adapter, family.name)
+        for module, base in names.items():
+            if module not in magnitudes:
+                continue
+            m = adapter.modules[module]
+            tensors[f"{base}.dora_scale"] = dora_scale(m, magnitudes[module], (base_weights or {}).get(module))
+    return tensors, header
+
+
+def dora_scale(m, magnitude: torch.Tensor, base_weight: torch.Tensor | None) -> torch.Tensor:
+    """The ``dora_scale`` (shape ``[out, 1, ...]``) that gives peft's DoRA weight in ComfyUI and Forge.
+
+    peft's weight is ``m * (W + dW) / ||W + dW||`` (norms per output row). ComfyUI and Forge
+    (``weight_decompose``) divide an output-axis ``dora_scale`` by the row norms of the base weight
+    ``W``, not of ``W + dW``; so the scale stored is ``m * ||W|| / ||W + dW||`` when the base weight is
+    known, which makes their result peft's exactly. Without it the magnitude is stored as is.
+    """
+    mag = magnitude.detach().float().flatten()
+    if base_weight is not None:
+        w = base_weight.detach().double()
+        merged = w + m.delta().reshape(w.shape)
+        mag = (mag.double() * w.flatten(1).norm(dim=1) / merged.flatten(1).norm(dim=1)).float()
+    return mag.reshape(-1, *([1] * (m.down.dim() - 1)))
+
+
+def write_tool_file(tensors: dict[str, torch.Tensor], header: dict[str, str], out_dir: Path, family,
+                    kind: str = "lora") -> Path:
+    path = Path(out_dir) / tool_file_name(family.lora_tools)
+    save_safetensors({k: v.contiguous() for k, v in tensors.items()}, path, header)
+    return path
+
+
+# --- LoHa and LoKr (LyCORIS layout) ----------------------------------------------------------------
+
+_LYCORIS_SUFFIXES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
+                     "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+
+
+def lycoris_tool_tensors(state: dict[str, torch.Tensor], scales: dict[str, float], family) -> dict[str, torch.Tensor]:
+    """peft LoHa/LoKr tensors (``role.path.hada_w1_a`` ...) in the LyCORIS layout the tools read.
+
+    ``scales``: peft's ``alpha / r`` of each module (``role.path``).
+
+    UNet families: ``lora_unet_<path with _>.hada_w1_a`` with ``.alpha``: the tools scale by alpha over
+    the rank of ``hada_w1_b`` (LoHa) or of the decomposed LoKr factor (``lokr_w2_b``, else ``lokr_w1_b``),
+    so alpha is written as peft's scale ``alpha / r`` times that rank. A LoKr with no decomposed factor
+    has no rank in the tools' eyes (scale 1): the scale is folded into ``lokr_w1`` and no alpha written.
+    Transformer families keep diffusers module paths under ``lycoris_`` (ComfyUI's SimpleTuner naming,
+    read per q/k/v part of the fused modules).
+    """
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        name, _, suffix = key.rpartition(".")
+        if suffix not in _LYCORIS_SUFFIXES:
+            raise DifftuneError(f"{key}: not a LoHa/LoKr tensor")
+        modules.setdefault(name, {})[suffix] = value
+    out = {}
+    for name, parts in sorted(modules.items()):
+        role, path = name.split(".", 1)
+        if role == "unet":
+            base = "lora_unet_" + path.replace(".", "_")
+        elif role == "transformer":
+            base = "lycoris_" + path.replace(".", "_")
+        else:
+            raise DifftuneError(f"{name}: LoHa/LoKr tool files cover the denoiser only")
+        scale = scales[name]
+        if "lokr_w1" in parts or "lokr_w1_a" in parts:
+            rank = _lokr_rank(parts)
+            if rank is None:  # no decomposed factor: the tools apply scale 1, so it goes into lokr_w1
+                parts = {**parts, "lokr_w1": parts["lokr_w1"] * scale}
+            else:
+                out[f"{base}.alpha"] = torch.tensor(float(scale * rank))
+        else:
+            out[f"{base}.alpha"] = torch.tensor(float(scale * parts["hada_w1_b"].shape[0]))
+        out.update({f"{base}.{s}": v for s, v in parts.items()})
+    return out
+
+
+def _lokr_rank(parts: dict[str, torch.Tensor]) -> int | None:
+    """The rank ComfyUI/A1111 divide alpha by: that of a decomposed ``lokr_w2`` (else ``lokr_w1``)."""
+    if "lokr_w2_b" in parts:
+        return int(parts["lokr_w2_b"].shape[0])
+    if "lokr_w1_b" in parts:
+        return int(parts["lokr_w1_b"].shape[0])
+    return None
+
+
+# --- embeddings --------------------------------------------------------------------------------------
+
+
+def embedding_file_stem(token: str) -> str:
+    """The prompt word of an embedding in A1111 (the file name) and ComfyUI (``embedding:NAME``)."""
+    stem = re.sub(r"[^0-9A-Za-z_-]+", "", token)
+    if not stem:
+        raise DifftuneError(f"method.token: {token!r} leaves no file name for the ComfyUI/A1111 embedding file")
+    return stem
+
+
+def write_embedding_tool_file(rows: list[torch.Tensor], family, token: str, out_dir: Path,
+                              metadata: dict[str, str]) -> Path:
+    """``embeddings_for_comfyui_a1111_forge/<word>.safetensors``: one key per text encoder.
+
+    ComfyUI takes the key of each tokenizer's ``embedding_key`` (``clip_l``, ``clip_g``, ``t5xxl``),
+    else the first tensor; A1111 takes a file's only tensor, or ``clip_l`` and ``clip_g`` for SDXL.
+    """
+    keys = family.tool_embedding_keys
+    if len(keys) != len(rows):
+        raise DifftuneError(f"{family.title}: {len(rows)} text encoders but {len(keys)} embedding keys")
+    folder = Path(out_dir) / EMBEDDINGS_FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{embedding_file_stem(token)}.safetensors"
+    save_safetensors({k: r.float().contiguous() for k, r in zip(keys, rows, strict=True)}, path,
+                     {"format": "pt", "difftune.token": token, **metadata})
+    return path
+
+
+# --- readiness (for inspect) -------------------------------------------------------------------------
+
+
+@dataclass
+class Readiness:
+    tool: str
+    ready: bool
+    note: str
+
+
+_UNET_ATTENTION = re.compile(r"\.attn[12]\.to_(q|k|v|out\.0)$")
+
+
+def readiness(keys: list[str], metadata: dict[str, str], fmt) -> list[Readiness]:
+    """Per tool: whether a LoRA file loads completely and at the trained scale, with a reason if not."""
+    from difftune.models import FAMILIES
+
+    family_name = metadata.get("difftune.family") or getattr(fmt, "family", None)
+    family = FAMILIES.get(family_name) if family_name in FAMILIES.names() else None
+    if fmt.name in ("kohya", "kohya_loha", "kohya_lokr"):
+        return _kohya_readiness(keys, metadata, fmt, family)
+    if fmt.name in ("diffusers", "peft_dora", "peft_lokr", "peft_loha"):
+        return _diffusers_readiness(keys, metadata, family)
+    return []
+
+
+def _module_bases(keys: list[str]) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for k in keys:
+        base, _, suffix = k.partition(".")
+        out.setdefault(base, set()).add(suffix)
+    return out
+
+
+def _kohya_readiness(keys, metadata, fmt, family) -> list[Readiness]:
+    modules = _module_bases(keys)
+    no_alpha = sorted(b for b, s in modules.items() if "alpha" not in s)
+    recorded = recorded_modules(metadata)
+    off_scale = ""
+    if no_alpha:
+        unequal = [r for r in recorded.values() if float(r[1]) != float(r[0])]
+        off_scale = (f"{len(no_alpha)} module(s) without .alpha load at scale 1"
+                     + (" although they were trained with alpha != rank" if unequal else ""))
+    tools = family.lora_tools if family is not None else (("comfyui", "forge") if fmt.family else tuple(TOOL_TITLES))
+    out = []
+    for tool in TOOL_TITLES:
+        if tool not in tools:
+            why = (f"{TOOL_TITLES[tool]} has no reader for {family.title if family else fmt.family} LoRA files "
+                   "in this layout (docs/tools.md)")
+            out.append(Readiness(tool, False, why))
+        elif fmt.name == "kohya" and getattr(fmt, "sgm", False) and tool == "a1111":
+            out.append(Readiness(tool, True, "original block names (A1111 reads them as diffusion_model_*)"))
+        elif off_scale and recorded:
+            out.append(Readiness(tool, False, off_scale))
+        else:
+            out.append(Readiness(tool, True, off_scale or "every module named the kohya way, alpha / rank as trained"))
+    return out
+
+
+def _diffusers_readiness(keys, metadata, family) -> list[Readiness]:
+    modules = _module_bases([k for k in keys])
+    bases = sorted({re.sub(r"\.(lora_[AB]|lora_magnitude_vector|hada_\w+|lokr_\w+)(\.weight)?$", "", k) for k in keys})
+    attention = [b for b in bases if b.startswith("unet.") and _UNET_ATTENTION.search(b)]
+    te_flat = [b for b in bases if b.startswith("text_encoder") and ".text_model." not in b]
+    recorded = recorded_modules(metadata)
+    unequal = sum(1 for r in recorded.values() if float(r[1]) != float(r[0]))
+    skipped = len(attention) + len(te_flat)
+    parts = []
+    if skipped:
+        parts.append(f"{skipped} of {len(bases)} modules are not recognised ({len(attention)} UNet attention "
+                     f"projections named to_q/to_k/to_v/to_out.0, {len(te_flat)} text-encoder modules without "
+                     "text_model.)")
+    if unequal:
+        parts.append(f"{unequal} module(s) have alpha != rank but no .alpha tensors, so they load at scale 1 instead of "
+                     "alpha / rank")
+    fix = ("use the lora_for_*.safetensors file of the run, or `difftune convert FILE --to kohya -o OUT.safetensors`")
+    comfy = "; ".join(parts) if parts else "recognised, at scale 1 (alpha == rank)"
+    del modules
+    return [
+        Readiness("comfyui", not parts, (f"half-loads: {comfy}; {fix}" if parts else comfy)),
+        Readiness("a1111", False, f"reads no diffusers-format keys for this family; {fix}"),
+        Readiness("forge", not parts and skipped == 0,
+                  (f"refuses files with more than 12 unmatched keys or loads them partly ({comfy}); {fix}"
+                   if parts else comfy)),
+    ]
