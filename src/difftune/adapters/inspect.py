@@ -11,6 +11,7 @@ from typing import Any
 from difftune.adapters.formats import MODULES_META_KEY, adapter_from_tensors, detect_format
 from difftune.adapters.kohya import _prefix_role, kohya_training_summary, unflatten
 from difftune.adapters.safe_load import PICKLE_SUFFIXES, load_tensors, read_header, resolve_weight_file
+from difftune.adapters.tools import Readiness, readiness
 
 _LORA_FORMATS = ("diffusers", "kohya")
 _LYCORIS_FORMATS = ("kohya_loha", "kohya_lokr", "peft_loha", "peft_lokr", "peft_dora")
@@ -41,6 +42,8 @@ def inspect_file(path: str | Path, *, allow_pickle: bool = False) -> dict[str, A
                 dtypes=dict(collections.Counter(d for d, _, _ in shapes.values())))
     if fmt.family:
         info["kohya_family"] = fmt.family
+    info["tools"] = [{"tool": r.tool, "ready": r.ready, "status": r.status, "note": r.note}
+                     for r in readiness(list(shapes), metadata, fmt)]
     info["difftune"] = _difftune_metadata(metadata)
     if any(k.startswith("ss_") for k in metadata):
         info["kohya_training"] = kohya_training_summary(metadata)
@@ -127,6 +130,9 @@ def format_info(info: dict[str, Any], top: int = 8) -> str:
     if info.get("modules"):
         lines.append(f"  modules:    {info['modules']['count']}")
         lines.append("  blocks:     " + ", ".join(f"{k} ({v})" for k, v in info["modules"]["blocks"].items()))
+    if info.get("tools"):
+        lines.append("  tools:")
+        lines += ["    " + Readiness(r["tool"], r["status"], r["note"]).line() for r in info["tools"]]
     for token, e in (info.get("embedding") or {}).items():
         lines.append(f"  embedding {token}: {e['vectors']} vector(s) of {e['dim']}, norm {e['norm']:.4g}")
     return "\n".join(lines)

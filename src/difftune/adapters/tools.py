@@ -193,82 +193,85 @@ def write_embedding_tool_file(rows: list[torch.Tensor], family, token: str, out_
 @dataclass
 class Readiness:
     tool: str
-    ready: bool
+    #: ``ready`` (every key, trained scale), ``half`` (loads partly or at the wrong scale) or ``no``.
+    status: str
     note: str
+
+    @property
+    def ready(self) -> bool:
+        return self.status == "ready"
+
+    def line(self) -> str:
+        title = TOOL_TITLES[self.tool]
+        if self.status == "ready":
+            return f"{title}: ready ({self.note})"
+        if self.status == "half":
+            return f"warning: half-loads in {title}: {self.note}"
+        return f"{title}: not loadable ({self.note})"
 
 
 _UNET_ATTENTION = re.compile(r"\.attn[12]\.to_(q|k|v|out\.0)$")
+_FIX = "use the run's lora_for_*.safetensors file, or `difftune convert FILE --to kohya -o OUT.safetensors`"
 
 
 def readiness(keys: list[str], metadata: dict[str, str], fmt) -> list[Readiness]:
-    """Per tool: whether a LoRA file loads completely and at the trained scale, with a reason if not."""
+    """Per tool: whether a LoRA file loads completely and at the trained scale, with the reason if not."""
     from difftune.models import FAMILIES
 
-    family_name = metadata.get("difftune.family") or getattr(fmt, "family", None)
-    family = FAMILIES.get(family_name) if family_name in FAMILIES.names() else None
+    name = metadata.get("difftune.family") or fmt.family
+    family = FAMILIES.get(name) if name in FAMILIES.names() else None
     if fmt.name in ("kohya", "kohya_loha", "kohya_lokr"):
         return _kohya_readiness(keys, metadata, fmt, family)
     if fmt.name in ("diffusers", "peft_dora", "peft_lokr", "peft_loha"):
-        return _diffusers_readiness(keys, metadata, family)
+        return _diffusers_readiness(keys, metadata)
     return []
 
 
-def _module_bases(keys: list[str]) -> dict[str, set[str]]:
-    out: dict[str, set[str]] = {}
+def _kohya_readiness(keys, metadata, fmt, family) -> list[Readiness]:
+    bases: dict[str, set[str]] = {}
     for k in keys:
         base, _, suffix = k.partition(".")
-        out.setdefault(base, set()).add(suffix)
-    return out
-
-
-def _kohya_readiness(keys, metadata, fmt, family) -> list[Readiness]:
-    modules = _module_bases(keys)
-    no_alpha = sorted(b for b, s in modules.items() if "alpha" not in s)
-    recorded = recorded_modules(metadata)
-    off_scale = ""
-    if no_alpha:
-        unequal = [r for r in recorded.values() if float(r[1]) != float(r[0])]
-        off_scale = (f"{len(no_alpha)} module(s) without .alpha load at scale 1"
-                     + (" although they were trained with alpha != rank" if unequal else ""))
-    tools = family.lora_tools if family is not None else (("comfyui", "forge") if fmt.family else tuple(TOOL_TITLES))
+        bases.setdefault(base, set()).add(suffix)
+    no_alpha = [b for b, s in bases.items() if "alpha" not in s]
+    unequal = any(float(r[1]) != float(r[0]) for r in recorded_modules(metadata).values())
+    if family is not None:
+        tools = family.lora_tools
+    else:  # no family recorded: original transformer names are not read by A1111
+        tools = ("comfyui", "forge") if fmt.family else tuple(TOOL_TITLES)
     out = []
     for tool in TOOL_TITLES:
         if tool not in tools:
-            why = (f"{TOOL_TITLES[tool]} has no reader for {family.title if family else fmt.family} LoRA files "
-                   "in this layout (docs/tools.md)")
-            out.append(Readiness(tool, False, why))
-        elif fmt.name == "kohya" and getattr(fmt, "sgm", False) and tool == "a1111":
-            out.append(Readiness(tool, True, "original block names (A1111 reads them as diffusion_model_*)"))
-        elif off_scale and recorded:
-            out.append(Readiness(tool, False, off_scale))
+            what = family.title if family is not None else fmt.family
+            out.append(Readiness(tool, "no", f"it has no reader for {what} LoRA files (docs/tools.md)"))
+        elif no_alpha and unequal:
+            out.append(Readiness(tool, "half", f"{len(no_alpha)} module(s) have no .alpha tensor and load at scale 1, "
+                                               "but were trained with alpha != rank"))
+        elif no_alpha:
+            out.append(Readiness(tool, "ready", f"kohya names; {len(no_alpha)} module(s) without .alpha load at scale 1"))
         else:
-            out.append(Readiness(tool, True, off_scale or "every module named the kohya way, alpha / rank as trained"))
+            out.append(Readiness(tool, "ready", "kohya names, .alpha on every module (alpha / rank as trained)"))
     return out
 
 
-def _diffusers_readiness(keys, metadata, family) -> list[Readiness]:
-    modules = _module_bases([k for k in keys])
-    bases = sorted({re.sub(r"\.(lora_[AB]|lora_magnitude_vector|hada_\w+|lokr_\w+)(\.weight)?$", "", k) for k in keys})
+def _diffusers_readiness(keys, metadata) -> list[Readiness]:
+    bases = sorted({re.sub(r"\.(lora_[AB]\.weight|lora_magnitude_vector|hada_\w+|lokr_\w+)$", "", k) for k in keys})
     attention = [b for b in bases if b.startswith("unet.") and _UNET_ATTENTION.search(b)]
     te_flat = [b for b in bases if b.startswith("text_encoder") and ".text_model." not in b]
-    recorded = recorded_modules(metadata)
-    unequal = sum(1 for r in recorded.values() if float(r[1]) != float(r[0]))
-    skipped = len(attention) + len(te_flat)
+    unequal = sum(1 for r in recorded_modules(metadata).values() if float(r[1]) != float(r[0]))
     parts = []
-    if skipped:
-        parts.append(f"{skipped} of {len(bases)} modules are not recognised ({len(attention)} UNet attention "
-                     f"projections named to_q/to_k/to_v/to_out.0, {len(te_flat)} text-encoder modules without "
-                     "text_model.)")
+    if attention or te_flat:
+        parts.append(f"{len(attention) + len(te_flat)} of {len(bases)} modules are not recognised ({len(attention)} "
+                     f"UNet attention projections named to_q/to_k/to_v/to_out.0, {len(te_flat)} text-encoder modules "
+                     "without text_model.)")
     if unequal:
-        parts.append(f"{unequal} module(s) have alpha != rank but no .alpha tensors, so they load at scale 1 instead of "
-                     "alpha / rank")
-    fix = ("use the lora_for_*.safetensors file of the run, or `difftune convert FILE --to kohya -o OUT.safetensors`")
-    comfy = "; ".join(parts) if parts else "recognised, at scale 1 (alpha == rank)"
-    del modules
-    return [
-        Readiness("comfyui", not parts, (f"half-loads: {comfy}; {fix}" if parts else comfy)),
-        Readiness("a1111", False, f"reads no diffusers-format keys for this family; {fix}"),
-        Readiness("forge", not parts and skipped == 0,
-                  (f"refuses files with more than 12 unmatched keys or loads them partly ({comfy}); {fix}"
-                   if parts else comfy)),
-    ]
+        parts.append(f"{unequal} module(s) have alpha != rank but no .alpha tensors (diffusers rejects them), so they "
+                     "load at scale 1 instead of alpha / rank")
+    if not parts:
+        note = "diffusers names ComfyUI maps, at scale 1 (= alpha / rank here)"
+        return [Readiness("comfyui", "ready", note), Readiness("forge", "ready", note),
+                Readiness("a1111", "no", f"it reads kohya names only (SD3: attention only); {_FIX}")]
+    note = "; ".join(parts) + f"; {_FIX}"
+    return [Readiness("comfyui", "half", note),
+            Readiness("a1111", "no", f"it reads kohya names only (SD3: attention only); {_FIX}"),
+            Readiness("forge", "half", "it loads nothing from a file with more than 12 unmatched keys, else as "
+                                       f"ComfyUI: {note}")]
