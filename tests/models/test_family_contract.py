@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from functools import partial
 
 import numpy as np
@@ -104,7 +105,10 @@ def test_family_contract(family_model, tmp_path, shapes_data, run_config):
     result = train(cfg, log=lambda *_: None)
     assert all(np.isfinite(loss) for _, loss in result.losses)
     assert any(p.name == "grid.png" for p in result.samples)
-    (adapter,) = result.files
+    adapter, tool_file = result.files
+    assert adapter.name == "pytorch_lora_weights.safetensors"
+    assert tool_file.name == f"lora_for_{'_'.join(family.lora_tools)}.safetensors"
+    _check_tool_file(name, tool_file, adapter, family.pipeline_class().from_pretrained(folder))
 
     # Reload through the family's own diffusers pipeline: every saved key matched, output changed.
     from safetensors import safe_open
@@ -128,3 +132,59 @@ def test_family_contract(family_model, tmp_path, shapes_data, run_config):
     assert _lora_module_counts(pipe, prefixes) == saved
     after = _image(pipe, "a red circle")
     assert np.abs(after - before).max() > 1e-4
+
+
+def _check_tool_file(name: str, tool_file, adapter_file, pipe) -> None:
+    """The run's file for ComfyUI / Forge: every key recognised under their rules, each update diffusers'.
+
+    UNet families are checked module by module; transformer families through the original model's
+    weight names (recorded from diffusers' own original-to-diffusers converter), where each patch is
+    added to its original weight and the checkpoint converted back must give the diffusers deltas.
+    """
+    from safetensors.torch import load_file
+
+    from difftune.adapters.convert import read_adapter
+    from tool_rules import comfy_apply, comfy_clip_keys, comfy_delta, comfy_transformer_keys, comfy_unet_keys
+
+    tensors = load_file(tool_file)
+    trained = read_adapter(adapter_file)
+    encoders = {r: getattr(pipe, r) for r in ("text_encoder", "text_encoder_2", "text_encoder_3") if hasattr(pipe, r)}
+    clip_keys = comfy_clip_keys(name, encoders)
+    if hasattr(pipe, "unet"):
+        patches, not_loaded = comfy_apply(tensors, {**comfy_unet_keys(pipe.unet), **clip_keys})
+        assert not_loaded == []
+        assert set(patches) == set(trained.modules)
+        for module, m in trained.modules.items():
+            assert torch.allclose(comfy_delta(patches[module]), m.delta().flatten(1), atol=1e-6), module
+        return
+    from diffusers.loaders import single_file_utils as sfu
+
+    layer_keys = [k.removeprefix("lora_unet_") for k in tensors if k.startswith("lora_unet_")]
+    # what the converter looks for: block indices (joint_blocks.N...), attn2, guidance
+    layers = {re.sub(r"^(joint_blocks|double_blocks|single_blocks)_(\d+)_", r"\1.\2.", k) for k in layer_keys}
+    patches, not_loaded = comfy_apply(tensors, {**comfy_transformer_keys(name, sorted(layers)), **clip_keys})
+    assert not_loaded == []
+    original = {k + ".weight": comfy_delta(p).float() for k, p in patches.items() if not k.startswith("text_encoder")}
+    converter = {"sd3": sfu.convert_sd3_transformer_checkpoint_to_diffusers,
+                 "flux": sfu.convert_flux_transformer_checkpoint_to_diffusers}[name]
+    if name == "flux":  # diffusers' converter splits linear1 at Flux.1's full width; checked there elsewhere
+        return
+    converted = converter(_ZerosForMissing(original))
+    for module, m in trained.modules.items():
+        role, path = module.split(".", 1)
+        got = patches[module] if role != "transformer" else None
+        want = m.delta().flatten(1)
+        if got is not None:
+            assert torch.allclose(comfy_delta(got), want, atol=1e-6), module
+        else:
+            assert torch.allclose(converted[path + ".weight"].double().flatten(1), want, atol=1e-6), module
+
+
+class _ZerosForMissing(dict):
+    """An original checkpoint holding only the LoRA patches; every other weight reads as zeros."""
+
+    def pop(self, key, *default):
+        return super().pop(key) if key in self else torch.zeros(6)
+
+    def __getitem__(self, key):
+        return super().__getitem__(key) if key in self else torch.zeros(6)
