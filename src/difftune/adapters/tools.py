@@ -43,6 +43,21 @@ def tools_title(tools: tuple[str, ...]) -> str:
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
+def variant_tools(family, variant: str) -> tuple[str, ...]:
+    """The tools that load a run's adapter of this variant completely and as trained.
+
+    DoRA: A1111 reads ``dora_scale`` per input column only, peft's magnitude is per output row, so A1111
+    is left out; fused transformer modules have no DoRA layout at all. LoHa/LoKr of transformer
+    families use ComfyUI's ``lycoris_`` names, which only ComfyUI maps for both SD3 and Flux.
+    """
+    transformer = family.kohya_names is not None
+    if variant == "dora":
+        return () if transformer else tuple(t for t in family.lora_tools if t != "a1111")
+    if variant in ("loha", "lokr") and transformer:
+        return ("comfyui",)
+    return tuple(family.lora_tools)
+
+
 def tool_header(family, adapter_meta: dict[str, str], kind: str) -> dict[str, str]:
     """Header of a tool file: difftune's entries plus the ``ss_*`` entries A1111's picker filters on.
 
@@ -53,7 +68,7 @@ def tool_header(family, adapter_meta: dict[str, str], kind: str) -> dict[str, st
     header.update(family.tool_metadata)
     header["ss_network_module"] = {"lora": "networks.lora", "dora": "networks.lora"}.get(kind, "lycoris.kohya")
     header["difftune.format"] = "kohya"
-    header["difftune.tools"] = ",".join(family.lora_tools)
+    header["difftune.tools"] = ",".join(variant_tools(family, kind))
     return header
 
 
@@ -98,7 +113,7 @@ def dora_scale(m, magnitude: torch.Tensor, base_weight: torch.Tensor | None) -> 
 
 def write_tool_file(tensors: dict[str, torch.Tensor], header: dict[str, str], out_dir: Path, family,
                     kind: str = "lora") -> Path:
-    path = Path(out_dir) / tool_file_name(family.lora_tools)
+    path = Path(out_dir) / tool_file_name(variant_tools(family, kind))
     save_safetensors({k: v.contiguous() for k, v in tensors.items()}, path, header)
     return path
 
@@ -234,15 +249,18 @@ def _kohya_readiness(keys, metadata, fmt, family) -> list[Readiness]:
         bases.setdefault(base, set()).add(suffix)
     no_alpha = [b for b, s in bases.items() if "alpha" not in s]
     unequal = any(float(r[1]) != float(r[0]) for r in recorded_modules(metadata).values())
-    if family is not None:
-        tools = family.lora_tools
+    if metadata.get("difftune.tools"):
+        tools = tuple(metadata["difftune.tools"].split(","))
+    elif family is not None:
+        tools = family.lora_tools if not any(k.endswith(".dora_scale") for k in keys) else \
+            tuple(t for t in family.lora_tools if t != "a1111")
     else:  # no family recorded: original transformer names are not read by A1111
         tools = ("comfyui", "forge") if fmt.family else tuple(TOOL_TITLES)
     out = []
     for tool in TOOL_TITLES:
         if tool not in tools:
             what = family.title if family is not None else fmt.family
-            out.append(Readiness(tool, "no", f"it has no reader for {what} LoRA files (docs/tools.md)"))
+            out.append(Readiness(tool, "no", f"it does not read this kind of {what} file as trained (docs/tools.md)"))
         elif no_alpha and unequal:
             out.append(Readiness(tool, "half", f"{len(no_alpha)} module(s) have no .alpha tensor and load at scale 1, "
                                                "but were trained with alpha != rank"))
@@ -275,3 +293,45 @@ def _diffusers_readiness(keys, metadata) -> list[Readiness]:
             Readiness("a1111", "no", f"it reads kohya names only (SD3: attention only); {_FIX}"),
             Readiness("forge", "half", "it loads nothing from a file with more than 12 unmatched keys, else as "
                                        f"ComfyUI: {note}")]
+
+
+# --- model card --------------------------------------------------------------------------------------
+
+
+def card_usage(family, variant: str | None, tokens: list[str]) -> str:
+    """Markdown steps for ComfyUI and Automatic1111/Forge, naming the files a run writes for them.
+
+    ``variant``: the LoRA variant trained (``None``: no LoRA); ``tokens``: learnt placeholder tokens.
+    ``{prompt}`` is left for the caller to fill.
+    """
+    lora_tools = variant_tools(family, variant) if variant else ()
+    name = tool_file_name(lora_tools) if lora_tools else None
+    words = [embedding_file_stem(t) for t in tokens]
+    lines = []
+    if variant and not lora_tools:
+        lines += [f"No file for ComfyUI, Automatic1111 or Forge: a {variant} of {family.title}'s fused "
+                  "transformer modules has no layout those tools read (see docs/tools.md); use diffusers.", ""]
+    if "comfyui" in lora_tools or words:
+        lines += ["### ComfyUI", ""]
+        if name and "comfyui" in lora_tools:
+            lines += [f"1. Copy `{name}` into `ComfyUI/models/loras/`.",
+                      "2. Load the base model as usual, add a **Load LoRA** node (`LoraLoader`) after the model "
+                      "loader, choose the file, leave `strength_model` and `strength_clip` at 1.0, and connect its "
+                      "MODEL to the sampler and its CLIP to **CLIP Text Encode**."]
+        if words:
+            lines += [f"- Copy `{EMBEDDINGS_FOLDER}/{w}.safetensors` into `ComfyUI/models/embeddings/` and write "
+                      f"`embedding:{w}` where the prompt has `{t}`." for w, t in zip(words, tokens, strict=True)]
+        lines += ["", "Prompt: `{prompt}`" + (" (with the replacements above)" if words else ""), ""]
+    webui = [t for t in ("a1111", "forge") if t in lora_tools]
+    if webui or words:
+        title = "Automatic1111 / Forge" if (webui == ["a1111", "forge"] or not lora_tools) else tools_title(tuple(webui))
+        lines += [f"### {title}", ""]
+        if name and webui:
+            stem = name.removesuffix(".safetensors")
+            lines += [f"1. Copy `{name}` into `stable-diffusion-webui/models/Lora/`.",
+                      f"2. Select the base model as checkpoint and add `<lora:{stem}:1>` to the prompt."]
+        if words:
+            lines += [f"- Copy `{EMBEDDINGS_FOLDER}/{w}.safetensors` into `stable-diffusion-webui/embeddings/` and "
+                      f"write `{w}` where the prompt has `{t}`." for w, t in zip(words, tokens, strict=True)]
+        lines += [""]
+    return "\n".join(lines)

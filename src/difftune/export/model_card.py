@@ -26,6 +26,7 @@ def render_model_card(
     samples: list[tuple[str, str]],
     usage: str,
     title: str,
+    tool_usage: str = "",
 ) -> str:
     """``samples`` are (prompt, relative image path) pairs from the last validation."""
     header = ["---", f"base_model: {_yaml_scalar(base_model)}", f"license: {_yaml_scalar(license)}",
@@ -48,7 +49,9 @@ def render_model_card(
     if samples:
         body += ["", "## Validation samples", ""]
         body += [f"![{prompt}]({path})  \n`{prompt}`" for prompt, path in samples]
-    body += ["", "## Use it", "", "```python", usage.rstrip(), "```", ""]
+    body += ["", "## Use it", "", "### diffusers", "", "```python", usage.rstrip(), "```", ""]
+    if tool_usage:
+        body += [tool_usage.rstrip(), ""]
     return "\n".join(header + [""] + body)
 
 

@@ -159,6 +159,8 @@ class LoRA(Method):
         from difftune.adapters.formats import from_diffusers
 
         variant = self.config.method.variant
+        if not tools.variant_tools(self.family, variant):
+            return []
         layers = self.lora_layers(components)
         modules = self.lora_modules(components)
         state = {f"{prefix}.{k}": v for prefix, (s, _) in layers.items() for k, v in s.items()}
@@ -172,15 +174,13 @@ class LoRA(Method):
             adapter = from_diffusers(state, header, strict=False)
             magnitudes = base = None
             if variant == "dora":
-                if self.family.kohya_names is not None:
-                    return []
                 magnitudes = {k.removesuffix(".lora_magnitude_vector"): v for k, v in state.items()
                               if k.endswith(".lora_magnitude_vector")}
                 base = {name: modules[name.split(".", 1)[0]].get_submodule(name.split(".", 1)[1]).get_base_layer().weight
                         for name in magnitudes}
             tensors, _ = tools.lora_tool_tensors(adapter, self.family, magnitudes, base)
         header = tools.tool_header(self.family, metadata, variant)
-        return [tools.write_tool_file(tensors, header, out_dir, self.family)]
+        return [tools.write_tool_file(tensors, header, out_dir, self.family, variant)]
 
     def export_lora_file(self, components: Components, out_dir: Path, metadata: dict[str, str]) -> list[Path]:
         from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
@@ -225,6 +225,8 @@ class LoRA(Method):
         )
 
     def card_details(self) -> dict[str, Any]:
+        from difftune.adapters.tools import card_usage
+
         m = self.config.method
         pipe = self.family.pipeline_class().__name__
         summary = {
@@ -248,6 +250,7 @@ class LoRA(Method):
                 + 'image = pipe("{prompt}").images[0]\n'
             ),
             "tags": ["lora"] if m.variant == "lora" else ["lora", m.variant],
+            "tool_usage": card_usage(self.family, m.variant, []),
         }
 
 
@@ -264,9 +267,11 @@ VARIANT_TITLES = {"lora": "LoRA", "dora": "DoRA (weight-decomposed LoRA)", "loha
 
 #: Which consumers read each variant's file (kept in step with docs/methods.md).
 VARIANT_CONSUMERS = {
-    "lora": "diffusers `load_lora_weights`; ComfyUI, Automatic1111 and Forge after "
-            "`difftune convert OUT_DIR --to kohya -o lora.safetensors`",
-    "dora": "diffusers `load_lora_weights` (peft ≥ 0.9); other tools vary",
-    "lokr": "diffusers `unet.load_lora_adapter` (≥ 0.42); peft (`LoKrConfig`)",
-    "loha": "peft (`LoHaConfig` + `set_peft_model_state_dict`); not diffusers' LoRA loaders",
+    "lora": "diffusers `load_lora_weights`; ComfyUI, Automatic1111, Forge: the `lora_for_*.safetensors` file",
+    "dora": "diffusers `load_lora_weights` (peft ≥ 0.9); ComfyUI, Forge: the `lora_for_*.safetensors` file "
+            "(UNet families)",
+    "lokr": "diffusers `unet.load_lora_adapter` (≥ 0.42); peft (`LoKrConfig`); ComfyUI (A1111, Forge for UNet "
+            "families): the `lora_for_*.safetensors` file",
+    "loha": "peft (`LoHaConfig` + `set_peft_model_state_dict`); ComfyUI (A1111, Forge for UNet families): the "
+            "`lora_for_*.safetensors` file; not diffusers' LoRA loaders",
 }

@@ -67,6 +67,8 @@ class PivotalTuning(embeddings.LearnsTokens, LoRA):
                                               metadata, self.family)
 
     def card_details(self) -> dict[str, Any]:
+        from difftune.adapters.tools import card_usage
+
         details = super().card_details()
         m = self.config.method
         details["summary"] = {
@@ -82,4 +84,5 @@ class PivotalTuning(embeddings.LearnsTokens, LoRA):
             + self.embeddings_load_snippet()
         ).replace('pipe("{prompt}")', f'pipe("a photo of {m.token[0]}")')
         details["tags"] = [*details["tags"], "textual_inversion", "pivotal-tuning"]
+        details["tool_usage"] = card_usage(self.family, m.variant, list(m.token))
         return details

@@ -55,6 +55,8 @@ class TextualInversion(embeddings.LearnsTokens, Method):
                                       self.family)
 
     def card_details(self) -> dict[str, Any]:
+        from difftune.adapters.tools import card_usage
+
         m = self.config.method
         pipe = self.family.pipeline_class().__name__
         return {
@@ -73,4 +75,5 @@ class TextualInversion(embeddings.LearnsTokens, Method):
                 + f'image = pipe("a photo of {m.token[0]}").images[0]\n'
             ),
             "tags": ["textual_inversion"],
+            "tool_usage": card_usage(self.family, None, list(m.token)),
         }

@@ -472,6 +472,7 @@ def _write_card(config: Config, family, method, components, paths: RunPaths, ste
         training=training,
         samples=sample_rel,
         usage=usage,
+        tool_usage=details.get("tool_usage", "").replace("{prompt}", prompt),
         title=f"{details.get('summary', {}).get('Method', method.name)} for "
               f"{Path(config.model.path).name or config.model.path}",
     )
