@@ -12,6 +12,7 @@ from difftune.errors import DifftuneError
 def test_files_to_push_lists_adapter_card_and_samples_only(trained_run):
     files = files_to_push(trained_run)
     assert "README.md" in files and "pytorch_lora_weights.safetensors" in files
+    assert "lora_for_comfyui_a1111_forge.safetensors" in files  # the file the card names for the tools
     samples = [f for f in files if f.startswith("samples/")]
     assert samples and all(f.endswith(".png") and (trained_run / f).is_file() for f in samples)
     assert (trained_run / "checkpoints").is_dir() and (trained_run / "config.toml").is_file()

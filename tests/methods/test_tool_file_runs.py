@@ -78,6 +78,9 @@ def test_embeddings_for_the_tools_are_named_for_their_prompt_word(train_run):
         assert tool["clip_l"].shape[0] == 2
     card = (out / "README.md").read_text()
     assert "`embedding:cat-toy`" in card and "stable-diffusion-webui/embeddings/" in card
+    from difftune.adapters.push import files_to_push
+
+    assert "embeddings_for_comfyui_a1111_forge/cat-toy.safetensors" in files_to_push(out)
 
 
 def test_sdxl_embedding_keys_and_refused_tokens(tmp_path):

@@ -14,9 +14,11 @@ import tempfile
 from pathlib import Path
 
 from difftune.adapters.safe_load import read_header
+from difftune.adapters.tools import EMBEDDINGS_FOLDER
 from difftune.errors import DifftuneError
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
 _MODEL_FOLDER_SUFFIXES = (".safetensors", ".json", ".txt", ".model")
 
 
@@ -29,6 +31,8 @@ def files_to_push(run_dir: str | Path) -> list[str]:
         raise DifftuneError(f"{root}: no README.md model card (is this a finished difftune run folder?)")
     files = {"README.md"}
     files |= {p.name for p in root.glob("*.safetensors")}
+    # the embeddings for ComfyUI / A1111 / Forge, which the model card names
+    files |= {p.relative_to(root).as_posix() for p in (root / EMBEDDINGS_FOLDER).glob("*.safetensors")}
     if (root / "model_index.json").is_file():  # a full fine-tune saved as a diffusers folder
         files.add("model_index.json")
         for sub in root.iterdir():
