@@ -24,7 +24,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=8)
     args = parser.parse_args()
 
-    from difftune.config import load_config
+    from difftune.run_config import load_config
     from difftune.tiny import TinySize, build_tiny_sd, make_tiny_dataset
     from difftune.training.loop import train
 

@@ -28,7 +28,8 @@ from pathlib import Path
 def build_root(root: Path, images: int, runs: int) -> None:
     from PIL import Image
 
-    from difftune.config import config_to_dict, dump_toml, load_config
+    from difftune import load_config
+    from difftune.config import config_to_dict, dump_toml
     from difftune.ui.jobs import JobQueue
 
     rng = random.Random(0)

@@ -34,7 +34,7 @@ def families_and_methods() -> str:
         rows.append(f"| `{name}` | {fam.title} | `{fam.objective}` | {', '.join(f'`{t}`' for t in fam.default_lora_targets)} |")
     rows += ["", "| method (`method.type`) | what trains |", "|---|---|"]
     for name in METHODS.names():
-        doc = (METHODS.get(name).__doc__ or "").strip().splitlines()[0]
+        doc = (METHODS.get(name).load().__doc__ or "").strip().splitlines()[0]
         rows.append(f"| `{name}` | {doc} |")
     rows += ["", f"Objectives: {', '.join(f'`{n}`' for n in OBJECTIVES.names())}."]
     return "\n".join(rows)
@@ -50,12 +50,13 @@ def presets_table() -> str:
 
 def sections() -> dict[str, str]:
     from difftune.config.reference import markdown_reference
+    from difftune.run_config import registered_choices
 
     return {
         "commands": commands_table(),
         "families": families_and_methods(),
         "presets": presets_table(),
-        "config-reference": markdown_reference().strip(),
+        "config-reference": markdown_reference(registered_choices()).strip(),
     }
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from difftune import load_config
 from difftune.cli import build_parser
-from difftune.config.loader import load_config
 from difftune.models import FAMILIES
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

@@ -12,7 +12,7 @@ from difftune.errors import DifftuneError
 
 
 def _load(args):
-    from difftune.config import load_config
+    from difftune.run_config import load_config
 
     return load_config(args.config, overrides=args.set)
 
@@ -44,8 +44,9 @@ def cmd_validate(args) -> int:
 
 def cmd_init(args) -> int:
     from difftune.config.reference import starter_config
+    from difftune.run_config import registered_choices
 
-    sys.stdout.write(starter_config())
+    sys.stdout.write(starter_config(registered_choices()))
     return 0
 
 
@@ -66,8 +67,9 @@ def cmd_env(args) -> int:
 
 def cmd_reference(args) -> int:
     from difftune.config.reference import markdown_reference
+    from difftune.run_config import registered_choices
 
-    sys.stdout.write(markdown_reference())
+    sys.stdout.write(markdown_reference(registered_choices()))
     return 0
 
 
@@ -79,16 +81,17 @@ def cmd_data_check(args) -> int:
     import json
     from pathlib import Path
 
-    from difftune.config import load_config
     from difftune.data.report import check_dataset, folder_config, format_report
+    from difftune.run_config import load_config
 
     tokenizers: list = []
     if args.target.endswith(".toml"):
         config = load_config(args.target, overrides=args.set)
-        from difftune.data.pipeline import load_tokenizers_for
+        from difftune.models import resolve_family
 
         try:
-            tokenizers = load_tokenizers_for(config)
+            family, source = resolve_family(config.model)
+            tokenizers = family.load_tokenizers(source)
         except DifftuneError as exc:
             print(f"note: could not load the model's tokenizer ({exc}); estimating caption lengths", file=sys.stderr)
     else:
@@ -117,7 +120,7 @@ def cmd_data_prepare(args) -> int:
 
 
 def cmd_cache(args) -> int:
-    from difftune.data.pipeline import fill_caches
+    from difftune.training.setup import fill_caches
 
     data = fill_caches(_load(args))
     print(f"cache ready for {len(data.dataset)} images")
@@ -194,7 +197,7 @@ COMMANDS.update(ADAPTER_COMMANDS)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from difftune import __version__
+    from difftune.version import __version__
 
     parser = argparse.ArgumentParser(prog="difftune", description="Fine-tune text-to-image diffusion models.")
     parser.add_argument("--version", action="version", version=f"difftune {__version__}")

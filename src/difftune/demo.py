@@ -16,7 +16,7 @@ def default_workdir() -> Path:
 
 def run_demo(steps: int = 300, workdir: str | Path | None = None) -> Path:
     """Build the tiny model and dataset (once), train a LoRA, print where the results are."""
-    from difftune.config import load_config
+    from difftune.run_config import load_config
     from difftune.tiny import build_tiny_sd, make_tiny_dataset
     from difftune.training.loop import train
 

@@ -1,7 +1,13 @@
-"""A tiny name → factory registry used by the three seams (families, objectives, methods)."""
+"""A tiny name → entry registry used by the three seams (families, objectives, methods).
+
+An entry may be registered by where it lives (``"difftune.models.sd:StableDiffusion"``) and is
+imported the first time it is looked up, so the names of every family, objective and method are
+known without importing torch: ``difftune validate`` checks a config against them instantly.
+"""
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
@@ -13,23 +19,39 @@ class Registry(Generic[T]):
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
-        self._entries: dict[str, T] = {}
+        self._entries: dict[str, T | str] = {}
 
     def register(self, name: str) -> Callable[[T], T]:
+        """Decorator: register ``entry`` under ``name``."""
+
         def decorate(entry: T) -> T:
-            if name in self._entries:
-                raise ValueError(f"{self.kind} {name!r} is registered twice")
-            self._entries[name] = entry
+            self._add(name, entry)
             return entry
 
         return decorate
 
+    def register_lazy(self, name: str, location: str) -> None:
+        """Register the object at ``location`` (``"package.module:attribute"``), imported on first use."""
+        if ":" not in location:
+            raise ValueError(f"{self.kind} {name!r}: expected 'module:attribute', got {location!r}")
+        self._add(name, location)
+
+    def _add(self, name: str, entry: T | str) -> None:
+        if name in self._entries:
+            raise ValueError(f"{self.kind} {name!r} is registered twice")
+        self._entries[name] = entry
+
     def get(self, name: str) -> T:
         try:
-            return self._entries[name]
+            entry = self._entries[name]
         except KeyError:
             known = ", ".join(sorted(self._entries)) or "none"
             raise KeyError(f"unknown {self.kind} {name!r}; known: {known}") from None
+        if isinstance(entry, str):
+            module, _, attribute = entry.partition(":")
+            entry = getattr(importlib.import_module(module), attribute)
+            self._entries[name] = entry
+        return entry
 
     def names(self) -> tuple[str, ...]:
         return tuple(sorted(self._entries))

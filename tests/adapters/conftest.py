@@ -28,7 +28,7 @@ def lora_b(tiny_sd, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def trained_run(tiny_sd, tmp_path_factory):
     """A real 2-step difftune training run with one validation prompt (samples and a card)."""
-    from difftune.config import load_config
+    from difftune import load_config
     from difftune.tiny import make_tiny_dataset
     from difftune.training.loop import train
 

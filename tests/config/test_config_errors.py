@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from difftune import load_config
 from difftune.cli import main
-from difftune.config import load_config
 from difftune.config.loader import parse_override
 from difftune.errors import ConfigError
 

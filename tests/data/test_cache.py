@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from difftune.config import load_config
+from difftune import load_config
 from difftune.data.pipeline import build_training_data, release_if_cached
-from difftune.models import detect_family_for, get_family
+from difftune.models import detect_family, get_family
 from difftune.models.loading import resolve_source
 
 from .helpers import png
@@ -16,7 +16,7 @@ from .helpers import png
 @pytest.fixture(scope="module")
 def loaded(tiny_sd):
     source = resolve_source(str(tiny_sd))
-    family = get_family(detect_family_for(source))
+    family = get_family(detect_family(source))
     return family, family.load(source, dtype=torch.float32)
 
 
@@ -96,7 +96,7 @@ def test_nan_latents_are_reported_with_the_file_name(tiny_sd, loaded, tmp_path, 
 
 def test_release_frees_the_encoders(tiny_sd, tmp_path):
     source = resolve_source(str(tiny_sd))
-    family = get_family(detect_family_for(source))
+    family = get_family(detect_family(source))
     components = family.load(source, dtype=torch.float32)
     config = _config(tiny_sd, _folder(tmp_path, 1), tmp_path)
     assert release_if_cached(config, components)

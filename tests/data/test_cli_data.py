@@ -79,7 +79,7 @@ def test_prepare_writes_a_clean_folder(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_training_over_a_messy_folder_completes(tiny_sd, tmp_path, run_config, capsys):
-    from difftune.config import load_config
+    from difftune import load_config
     from difftune.training.loop import train
 
     data = tmp_path / "d"

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from difftune.data.transforms import open_rgb, parse_colour
+from difftune.config.resolve import parse_colour
+from difftune.data.transforms import open_rgb
 
 
 def test_exif_orientation_is_applied(tmp_path):

@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from difftune.config import load_config
+from difftune import load_config
 from difftune.config.schema import DataConfig
 from difftune.data.buckets import make_buckets, nearest_bucket
 from difftune.data.captions import final_caption

@@ -8,7 +8,7 @@ import pytest
 @pytest.fixture
 def train_run(tiny_sd, shapes_data, run_config, tmp_path):
     """Train the tiny model for a few steps; ``sections`` update the config section by section."""
-    from difftune.config import load_config
+    from difftune import load_config
     from difftune.training.loop import train
 
     def run(out_name: str = "out", data_path=None, log=None, **sections):

@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from difftune.config import load_config
+from difftune import load_config
+from difftune.data.holdout import split
 from difftune.data.sources import load_examples
 from difftune.errors import ConfigError
 from difftune.tiny import make_tiny_dataset
@@ -17,36 +18,36 @@ from difftune.training import holdout
 def test_split_is_deterministic_disjoint_and_follows_the_seed(run_config, tiny_sd, tmp_path):
     data = make_tiny_dataset(tmp_path / "d", n=10, size=32)
     cfg = load_config(data=run_config(tiny_sd, data, tmp_path / "o", validation={"holdout": 0.3}))
-    train_a, held_a = holdout.split(load_examples(cfg.data).examples, cfg)
-    train_b, held_b = holdout.split(load_examples(cfg.data).examples, cfg)
+    train_a, held_a = split(load_examples(cfg.data).examples, cfg.data, cfg.validation, cfg.train.seed)
+    train_b, held_b = split(load_examples(cfg.data).examples, cfg.data, cfg.validation, cfg.train.seed)
     assert [e.name for e in held_a] == [e.name for e in held_b] and len(held_a) == 3
     assert not {e.name for e in train_a} & {e.name for e in held_a} and len(train_a) == 7
     other = load_config(data=run_config(tiny_sd, data, tmp_path / "o", validation={"holdout": 0.3},
                                         train={"seed": 7}))
-    assert [e.name for e in holdout.split(load_examples(other.data).examples, other)[1]] != [e.name for e in held_a]
+    assert [e.name for e in split(load_examples(other.data).examples, other.data, other.validation, other.train.seed)[1]] != [e.name for e in held_a]
 
 
 def test_holdout_folder_is_used_whole(run_config, tiny_sd, shapes_data, tmp_path):
     folder = make_tiny_dataset(tmp_path / "val", n=2, size=32, seed=3)
     cfg = load_config(data=run_config(tiny_sd, shapes_data, tmp_path / "o", validation={"holdout": str(folder)}))
-    train, held = holdout.split(load_examples(cfg.data).examples, cfg)
+    train, held = split(load_examples(cfg.data).examples, cfg.data, cfg.validation, cfg.train.seed)
     assert len(train) == 4 and len(held) == 2
 
 
 def test_same_weights_give_the_same_held_out_loss(run_config, tiny_sd, shapes_data, tmp_path):
     from difftune.methods import METHODS
-    from difftune.models import detect_family_for, get_family
+    from difftune.models import detect_family, get_family
     from difftune.models.loading import resolve_source
     from difftune.objectives import OBJECTIVES
 
     cfg = load_config(data=run_config(tiny_sd, shapes_data, tmp_path / "o", validation={"holdout": 0.5}))
     source = resolve_source(str(tiny_sd), None, None, None)
-    family = get_family(detect_family_for(source, "auto"))
+    family = get_family(detect_family(source, "auto"))
     components = family.load(source, dtype=torch.float32)
-    method = METHODS.get("lora")(cfg, family)
+    method = METHODS.get("lora").build(cfg.method, family)
     method.prepare(components)
     objective = OBJECTIVES.get(family.objective)(family.objective_settings(components), cfg.train)
-    _, held = holdout.split(load_examples(cfg.data).examples, cfg)
+    _, held = split(load_examples(cfg.data).examples, cfg.data, cfg.validation, cfg.train.seed)
     evaluator = holdout.HeldOutLoss(held, cfg)
 
     def evaluate():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from difftune.config import load_config
+from difftune import load_config
 from difftune.config.loader import config_to_dict, dump_toml
 from difftune.errors import ConfigError
 
@@ -41,13 +41,13 @@ def test_token_clash_with_the_tokenizer_is_named(run_config, tiny_sd, shapes_dat
     import torch
 
     from difftune.methods import METHODS
-    from difftune.models import detect_family_for, get_family
+    from difftune.models import detect_family, get_family
     from difftune.models.loading import resolve_source
 
     config = load_config(data=run_config(tiny_sd, shapes_data, tmp_path,
                                          method={"type": "textual_inversion", "token": "a", "initializer_token": "b"}))
     source = resolve_source(str(tiny_sd), None, None, None)
-    family = get_family(detect_family_for(source, "auto"))
+    family = get_family(detect_family(source, "auto"))
     components = family.load(source, dtype=torch.float32)
     with pytest.raises(ConfigError, match="'a' is already a token"):
-        METHODS.get("textual_inversion")(config, family).prepare(components)
+        METHODS.get("textual_inversion").build(config.method, family).prepare(components)

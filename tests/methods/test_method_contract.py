@@ -27,15 +27,15 @@ def test_method_prepares_steps_and_exports(name, train_run):
 @pytest.mark.parametrize("name", METHODS.names())
 def test_method_trainable_state_round_trips(name, tiny_sd, run_config, shapes_data, tmp_path):
     """What a checkpoint saves is exactly what it restores."""
-    from difftune.config import load_config
-    from difftune.models import detect_family_for, get_family
+    from difftune import load_config
+    from difftune.models import detect_family, get_family
     from difftune.models.loading import resolve_source
 
     config = load_config(data=run_config(tiny_sd, shapes_data, tmp_path, method={"type": name, **REQUIRED.get(name, {})}))
     source = resolve_source(str(tiny_sd), None, None, None)
-    family = get_family(detect_family_for(source, "auto"))
+    family = get_family(detect_family(source, "auto"))
     components = family.load(source, dtype=torch.float32)
-    method = METHODS.get(name)(config, family)
+    method = METHODS.get(name).build(config.method, family)
     method.prepare(components)
     assert method.trainable_modules(components)
     groups = method.param_groups(components, 1e-3)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from difftune.config import load_config
+from difftune import load_config
 from difftune.methods import METHODS
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"

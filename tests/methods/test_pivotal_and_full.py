@@ -8,7 +8,7 @@ import torch
 from method_helpers import base_pipeline, pipeline_image
 from safetensors.torch import load_file
 
-from difftune.config import load_config
+from difftune import load_config
 from difftune.errors import ConfigError
 
 PIVOTAL = {"type": "pivotal", "token": "<sks>", "initializer_token": "dog", "text_learning_rate": 5e-2,
@@ -39,14 +39,14 @@ def test_pivotal_saves_both_parts_and_embeddings_stop_training(train_run, tiny_s
 
 def test_pivotal_param_groups_have_separate_learning_rates(tiny_sd, run_config, shapes_data, tmp_path):
     from difftune.methods import METHODS
-    from difftune.models import detect_family_for, get_family
+    from difftune.models import detect_family, get_family
     from difftune.models.loading import resolve_source
 
     config = load_config(data=run_config(tiny_sd, shapes_data, tmp_path, method=PIVOTAL))
     source = resolve_source(str(tiny_sd), None, None, None)
-    family = get_family(detect_family_for(source, "auto"))
+    family = get_family(detect_family(source, "auto"))
     components = family.load(source, dtype=torch.float32)
-    method = METHODS.get("pivotal")(config, family)
+    method = METHODS.get("pivotal").build(config.method, family)
     method.prepare(components)
     lora_group, text_group = method.param_groups(components, 1e-4)
     assert lora_group["lr"] == 1e-4 and text_group["lr"] == 5e-2
@@ -82,14 +82,14 @@ def _full_method(tiny_sd, run_config, shapes_data, tmp_path, family_cls, **metho
                                          method={"type": "full", "save_single_file": True, **method}))
     source = resolve_source(str(tiny_sd), None, None, None)
     family = family_cls()
-    return METHODS.get("full")(config, family), family.load(source, dtype=torch.float32)
+    return METHODS.get("full").build(config.method, family), family.load(source, dtype=torch.float32)
 
 
 def test_single_file_needs_a_family_converter(tiny_sd, run_config, shapes_data, tmp_path):
     from difftune.models.sd import StableDiffusion
 
     class NoConverter(StableDiffusion):
-        save_single_file = None
+        writes_single_file = False
 
     method, components = _full_method(tiny_sd, run_config, shapes_data, tmp_path, NoConverter)
     with pytest.raises(ConfigError, match="method.save_single_file: .* has no converter"):

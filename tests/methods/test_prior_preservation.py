@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from difftune.config import load_config
+from difftune import load_config
 from difftune.data import prior
 from difftune.errors import ConfigError
 from difftune.tiny import make_tiny_dataset
@@ -38,13 +38,13 @@ def test_batches_pair_instance_and_class_images_with_the_prior_weight(run_config
 
 def test_the_loss_applies_per_image_weights(tiny_sd):
     from difftune.config.schema import Config
-    from difftune.models import detect_family_for, get_family
+    from difftune.models import detect_family, get_family
     from difftune.models.loading import resolve_source
     from difftune.objectives import OBJECTIVES
     from difftune.training.loop import _loss
 
     source = resolve_source(str(tiny_sd), None, None, None)
-    family = get_family(detect_family_for(source, "auto"))
+    family = get_family(detect_family(source, "auto"))
     components = family.load(source, dtype=torch.float32)
     objective = OBJECTIVES.get(family.objective)(family.objective_settings(components), Config().train)
     batch = {"pixels": torch.rand(2, 3, 32, 32) * 2 - 1, "captions": ["a", "b"]}
@@ -94,7 +94,7 @@ def test_prior_preservation_config_errors(run_config, tiny_sd, shapes_data, tmp_
 def test_class_images_are_cached_with_the_instance_images(run_config, tiny_sd, shapes_data, tmp_path):
     """With both caches on, class images come from the caches too: every batch is all latents."""
     from difftune.data.pipeline import build_training_data
-    from difftune.models import detect_family_for, get_family
+    from difftune.models import detect_family, get_family
     from difftune.models.loading import resolve_source
 
     config = _config(run_config, tiny_sd, shapes_data, tmp_path)
@@ -106,7 +106,7 @@ def test_class_images_are_cached_with_the_instance_images(run_config, tiny_sd, s
     assert len(class_examples) == 2  # prior_preservation.num_class_images
     assert len({ex.digest for ex in class_examples}) == 2 and all(ex.size == (48, 48) for ex in class_examples)
     source = resolve_source(str(tiny_sd))
-    family = get_family(detect_family_for(source))
+    family = get_family(detect_family(source))
     components = family.load(source, dtype=torch.float32)
 
     data = build_training_data(config, family, components, class_examples=class_examples)
@@ -140,7 +140,7 @@ def test_class_images_are_cached_with_the_instance_images(run_config, tiny_sd, s
 
 def test_difftune_cache_fills_class_images_that_training_then_reuses(train_run, run_config, tiny_sd, shapes_data,
                                                                      tmp_path):
-    from difftune.data.pipeline import fill_caches
+    from difftune.training.setup import fill_caches
 
     sections = dict(
         data={"instance_prompt": "a photo of sks shape", "caption_source": "instance_prompt",

@@ -11,16 +11,16 @@ TI = {"type": "textual_inversion", "token": "<sks>", "initializer_token": "dog",
 
 
 def _load(tiny_sd, tmp_path, run_config, shapes_data, **method):
-    from difftune.config import load_config
+    from difftune import load_config
     from difftune.methods import METHODS
-    from difftune.models import detect_family_for, get_family
+    from difftune.models import detect_family, get_family
     from difftune.models.loading import resolve_source
 
     config = load_config(data=run_config(tiny_sd, shapes_data, tmp_path, method={**TI, **method}))
     source = resolve_source(str(tiny_sd), None, None, None)
-    family = get_family(detect_family_for(source, "auto"))
+    family = get_family(detect_family(source, "auto"))
     components = family.load(source, dtype=torch.float32)
-    method = METHODS.get(config.method.type)(config, family)
+    method = METHODS.get(config.method.type).build(config.method, family)
     return config, family, components, method
 
 

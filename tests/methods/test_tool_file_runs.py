@@ -84,8 +84,8 @@ def test_embeddings_for_the_tools_are_named_for_their_prompt_word(train_run):
 
 
 def test_sdxl_embedding_keys_and_refused_tokens(tmp_path):
+    from difftune import load_config
     from difftune.adapters.tools import write_embedding_tool_file
-    from difftune.config import load_config
     from difftune.errors import ConfigError
     from difftune.methods.embeddings import check_token_config
     from difftune.models import get_family

@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from difftune.config.loader import load_config
+from difftune import load_config
 from difftune.models import get_family
 from difftune.models.loading import resolve_source
 
 
 def _family(name, tmp_path, **train):
     cfg = load_config(data={"model": {"path": "m"}, "data": {"path": "d"}, "train": train}, check_paths=False)
-    return get_family(name, cfg)
+    return get_family(name, cfg.model, cfg.train)
 
 
 def _predict(family, components, batch=None):

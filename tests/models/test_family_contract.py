@@ -16,10 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from difftune import tiny
-from difftune.config.loader import load_config
-from difftune.models import FAMILIES, get_family
-from difftune.models.loading import detect_family, resolve_source
+from difftune import load_config, tiny
+from difftune.models import FAMILIES, detect_family, get_family
+from difftune.models.loading import resolve_source
 from difftune.objectives import OBJECTIVES
 from difftune.training.loop import train
 
@@ -188,3 +187,14 @@ class _ZerosForMissing(dict):
 
     def __getitem__(self, key):
         return super().__getitem__(key) if key in self else torch.zeros(6)
+
+
+@pytest.mark.parametrize("name", FAMILIES.names())
+def test_declared_single_file_support_matches_the_implementation(name):
+    """``writes_single_file`` (what full fine-tuning checks) is true exactly when the family has a converter."""
+    from difftune.models.base import ModelFamily
+
+    family = FAMILIES.get(name)
+    has_converter = family.save_single_file is not ModelFamily.save_single_file
+    assert family.writes_single_file == has_converter
+    assert family.writes_single_file == (name in ("sd1", "sd2"))

@@ -8,11 +8,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from difftune.config.loader import load_config
+from difftune import load_config
 from difftune.errors import ConfigError, DifftuneError
-from difftune.models import FAMILIES, get_family
+from difftune.models import FAMILIES, detect_family, get_family
 from difftune.models.base import ModelSource
-from difftune.models.loading import detect_family, resolve_source
+from difftune.models.loading import resolve_source
 
 
 def _config(tmp_path, **model):
@@ -25,7 +25,7 @@ def _config(tmp_path, **model):
 @pytest.mark.parametrize("mode", ["nf4", "int8"])
 def test_quantize_on_cpu_is_refused_before_loading(tmp_path, monkeypatch, name, mode):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    family = get_family(name, _config(tmp_path, quantize=mode))
+    family = get_family(name, _config(tmp_path, quantize=mode).model)
     # The folder holds no model: the quantisation check must come before any weights are read.
     source = ModelSource(str(tmp_path), "folder")
     with pytest.raises(DifftuneError, match=rf'model.quantize = "{mode}".*CUDA GPU'):
@@ -35,7 +35,7 @@ def test_quantize_on_cpu_is_refused_before_loading(tmp_path, monkeypatch, name, 
 def test_quantize_without_bitsandbytes_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails as if not installed
-    family = get_family("flux", _config(tmp_path, quantize="nf4"))
+    family = get_family("flux", _config(tmp_path, quantize="nf4").model)
     with pytest.raises(DifftuneError, match=r"bitsandbytes is not installed.*difftune\[bnb\]"):
         family.load(ModelSource(str(tmp_path), "folder"), dtype=torch.bfloat16)
 
@@ -48,7 +48,7 @@ def tiny_sdxl(tmp_path_factory):
 
 
 def test_sdxl_keeps_its_own_vae_in_fp32(tiny_sdxl, tmp_path):
-    family = get_family("sdxl", _config(tmp_path))
+    family = get_family("sdxl", _config(tmp_path).model)
     components = family.load(resolve_source(str(tiny_sdxl)), dtype=torch.bfloat16)
     assert components.vae.dtype == torch.float32
     assert components.denoiser.dtype == torch.bfloat16
@@ -67,7 +67,7 @@ def test_replacement_vae_from_a_folder_or_a_single_file(tiny_sdxl, tmp_path):
     single = tmp_path / "my-vae.safetensors"
     save_file(vae.state_dict(), single)
     for given in (tmp_path / "my-vae", single):
-        family = get_family("sdxl", _config(tmp_path, vae=str(given)))
+        family = get_family("sdxl", _config(tmp_path, vae=str(given)).model)
         components = family.load(resolve_source(str(tiny_sdxl)), dtype=torch.bfloat16)
         assert components.vae.dtype == torch.bfloat16  # a user VAE follows the weight dtype
         got = components.vae.state_dict()["encoder.conv_in.weight"].float()
@@ -117,7 +117,7 @@ def test_the_denoiser_loads_before_anything_else(tiny_sd, tmp_path, monkeypatch)
         return real(cls, source, subfolder, *args, **kwargs)
 
     monkeypatch.setattr(components, "load_subfolder", recording)
-    family = get_family("sd1", _config(tmp_path, path=str(tiny_sd)))
+    family = get_family("sd1", _config(tmp_path, path=str(tiny_sd)).model)
     parts = family.load(resolve_source(str(tiny_sd)), dtype=torch.bfloat16)
     assert loaded[0] == "unet" and {"text_encoder", "tokenizer", "scheduler"} <= set(loaded)
     assert parts.denoiser.dtype == torch.bfloat16

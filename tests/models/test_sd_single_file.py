@@ -9,9 +9,9 @@ import torch
 from safetensors import safe_open
 
 from difftune.errors import DifftuneError
-from difftune.models import get_family
+from difftune.models import detect_family, get_family
 from difftune.models.base import ModelFamily
-from difftune.models.loading import detect_family, resolve_source
+from difftune.models.loading import resolve_source
 from difftune.models.sd_single_file import save_sd_single_file, unet_to_ldm, vae_to_ldm
 
 
@@ -217,7 +217,7 @@ def test_families_without_single_file_export_say_so(tmp_path):
 
 
 def test_trains_from_a_single_file(sd1_file, tiny_sd, shapes_data, tmp_path, run_config):
-    from difftune.config import load_config
+    from difftune import load_config
     from difftune.training.loop import train
 
     path, _ = sd1_file

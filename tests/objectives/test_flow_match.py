@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from difftune.config.loader import load_config
+from difftune import load_config
 from difftune.models.components import flow_match_settings
 from difftune.objectives import OBJECTIVES
 from difftune.objectives.flow_match import FlowMatchObjective

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import difftune.training.loop as loop
-from difftune.config import load_config
+from difftune import load_config
 from difftune.errors import DifftuneError
 from difftune.models.sd import StableDiffusion
 from difftune.training import checkpoint as ckpt

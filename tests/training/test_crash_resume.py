@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import difftune.training.loop as loop
-from difftune.config import load_config
+from difftune import load_config
 from difftune.errors import DifftuneError
 from difftune.training import checkpoint as ckpt
 from difftune.training.loop import train

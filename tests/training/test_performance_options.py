@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from difftune.config import load_config
-from difftune.training import performance
+from difftune import load_config
+from difftune.training import performance, precision
 from difftune.training.loop import train
 
 # Convolutions included, so channels-last reaches trained weights as well as frozen ones.
@@ -136,13 +136,13 @@ def test_a_run_reports_step_time_and_peak_memory(run_config, tiny_sd, shapes_dat
 
 
 def test_auto_mixed_precision_follows_the_hardware(monkeypatch):
-    monkeypatch.setattr(performance, "cpu_has_native_bf16", lambda: True)
-    assert performance.resolve_mixed_precision("auto", cuda=False) == "bf16"
-    assert performance.resolve_mixed_precision("no", cuda=False) == "no"
-    assert performance.resolve_mixed_precision("auto", model_dtype="fp16", cuda=False) == "no"
-    monkeypatch.setattr(performance, "cpu_has_native_bf16", lambda: False)
-    assert performance.resolve_mixed_precision("auto", cuda=False) == "no"
-    assert performance.resolve_mixed_precision("bf16", cuda=False) == "bf16"
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    assert precision.resolve_mixed_precision("auto", cuda=False) == "bf16"
+    assert precision.resolve_mixed_precision("no", cuda=False) == "no"
+    assert precision.resolve_mixed_precision("auto", model_dtype="fp16", cuda=False) == "no"
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    assert precision.resolve_mixed_precision("auto", cuda=False) == "no"
+    assert precision.resolve_mixed_precision("bf16", cuda=False) == "bf16"
     cfg = load_config(data={"model": {"path": "m"}, "data": {"path": "d"}}, check_paths=False)
     assert cfg.train.mixed_precision == "auto"
 
@@ -152,7 +152,7 @@ def test_auto_mixed_precision_is_written_to_the_model_card(run_config, tiny_sd, 
                                       train={"max_steps": 1, "mixed_precision": "auto"}))
     logs = []
     train(cfg, log=logs.append)
-    expected = performance.resolve_mixed_precision("auto")
+    expected = precision.resolve_mixed_precision("auto")
     assert any(f"mixed precision {expected}" in m for m in logs)
     assert f"{expected} (auto)" in (tmp_path / "out" / "README.md").read_text()
 

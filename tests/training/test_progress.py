@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from difftune.config import load_config
+from difftune import load_config
 from difftune.training.loop import train
 from difftune.training.progress import RunProgress, read_metrics, read_progress
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from difftune.config import load_config
+from difftune import load_config
 from difftune.config.schema import TrainConfig
 from difftune.errors import DifftuneError
 from difftune.training.optim import build_optimizer, build_scheduler
-from difftune.training.run import learning_rate, total_steps, weight_dtype
+from difftune.training.precision import weight_dtype
+from difftune.training.run import learning_rate, total_steps
 
 
 def _lrs(name: str, **kw) -> list[float]:
@@ -50,15 +51,15 @@ def test_scale_lr_and_steps_from_epochs(tmp_path, tiny_sd, shapes_data, run_conf
 
 def test_frozen_parts_are_frozen_in_low_precision_and_lora_stays_fp32(tiny_sd, shapes_data, tmp_path, run_config):
     from difftune.methods import METHODS
-    from difftune.models import detect_family_for, get_family
+    from difftune.models import detect_family, get_family
     from difftune.models.loading import resolve_source
 
     cfg = load_config(data=run_config(tiny_sd, shapes_data, tmp_path, method={"train_text_encoder": True},
                                       train={"mixed_precision": "bf16"}))
     source = resolve_source(str(tiny_sd))
-    family = get_family(detect_family_for(source), cfg)
+    family = get_family(detect_family(source), cfg.model, cfg.train)
     components = family.load(source, dtype=weight_dtype(cfg))
-    method = METHODS.get("lora")(cfg, family)
+    method = METHODS.get("lora").build(cfg.method, family)
     method.prepare(components)
     assert not any(p.requires_grad for p in components.vae.parameters())
     assert components.vae.dtype == torch.bfloat16
@@ -70,12 +71,12 @@ def test_frozen_parts_are_frozen_in_low_precision_and_lora_stays_fp32(tiny_sd, s
 
 
 def test_v_prediction_model_is_detected_from_its_scheduler(tiny_sd_v):
-    from difftune.models import detect_family_for, get_family
+    from difftune.models import detect_family, get_family
     from difftune.models.loading import resolve_source
     from difftune.objectives import OBJECTIVES
 
     source = resolve_source(str(tiny_sd_v))
-    family = get_family(detect_family_for(source))
+    family = get_family(detect_family(source))
     components = family.load(source, dtype=torch.float32)
     objective = OBJECTIVES.get(family.objective)(family.objective_settings(components), TrainConfig())
     assert objective.prediction_type == "v_prediction"

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from difftune.config import load_config
+from difftune import load_config
 from difftune.training import checkpoint as ckpt
 from difftune.training.loop import train
 

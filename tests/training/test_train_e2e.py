@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from difftune.config import load_config
+from difftune import load_config
 from difftune.training.loop import train
 
 pytestmark = pytest.mark.slow

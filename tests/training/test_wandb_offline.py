@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from difftune.config import load_config
+from difftune import load_config
 from difftune.training.loop import train
 
 pytestmark = pytest.mark.slow

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from difftune.adapters import kohya
-from difftune.adapters.formats import LoraAdapter, adapter_from_tensors, detect_format, to_diffusers
+from difftune.adapters.detect import adapter_from_tensors, detect_format
+from difftune.adapters.formats import LoraAdapter, to_diffusers
 from difftune.adapters.safe_load import load_tensors, resolve_weight_file
 from difftune.errors import DifftuneError
 from difftune.fileio import save_safetensors

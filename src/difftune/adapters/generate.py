@@ -37,11 +37,10 @@ class GenerateSettings:
 
 def load_pipeline(model: str, family_name: str = "auto", dtype: torch.dtype = torch.float32):
     """Base model through difftune's own family loading, as an inference pipeline; (pipe, family, components)."""
-    from difftune.models import detect_family_for, get_family
-    from difftune.models.loading import resolve_source
+    from difftune.config.schema import ModelConfig
+    from difftune.models import resolve_family
 
-    source = resolve_source(model)
-    family = get_family(detect_family_for(source, family_name))
+    family, source = resolve_family(ModelConfig(path=model, family=family_name))
     components = family.load(source, dtype=dtype)
     pipe = family.build_pipeline(components, components.denoiser, components.text_encoders)
     return pipe, family, components

@@ -8,7 +8,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from difftune.adapters.formats import MODULES_META_KEY, adapter_from_tensors, detect_format
+from difftune.adapters.detect import adapter_from_tensors, detect_format
+from difftune.adapters.formats import MODULES_META_KEY
 from difftune.adapters.kohya import _prefix_role, kohya_training_summary, unflatten
 from difftune.adapters.safe_load import PICKLE_SUFFIXES, load_tensors, read_header, resolve_weight_file
 from difftune.adapters.tools import Readiness, readiness

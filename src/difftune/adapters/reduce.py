@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from difftune.adapters.formats import ADAPTER_META_KEY, detect_format
+from difftune.adapters.detect import detect_format
+from difftune.adapters.formats import ADAPTER_META_KEY
 from difftune.adapters.kohya import _canonical_path, _prefix_role, unflatten
 from difftune.errors import DifftuneError
 
@@ -140,7 +141,7 @@ def file_deltas(tensors: dict[str, torch.Tensor], metadata: dict[str, str], pipe
             raise DifftuneError(f"{fmt.title}: the update depends on the base weights; pass --model PATH")
         return peft_file_deltas(tensors, metadata, pipe)
     if fmt.name in ("diffusers", "kohya"):
-        from difftune.adapters.formats import adapter_from_tensors
+        from difftune.adapters.detect import adapter_from_tensors
 
         adapter = adapter_from_tensors(tensors, metadata)
         return {k: m.delta() for k, m in adapter.modules.items()}

@@ -8,17 +8,21 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import re
+import json
 import tomllib
 import types
 import typing
 from pathlib import Path
 from typing import Any
 
+from difftune.config.rules import validate_semantics
 from difftune.config.schema import CONFIG_VERSION, SECTIONS, Config
 from difftune.errors import ConfigError
 
-HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+#: Names registered elsewhere that a field may take (``registry`` in its metadata), e.g.
+#: ``{"methods": ("full", "lora", ...)}``. The config package does not import the registries: the
+#: caller passes their names (:func:`difftune.run_config.registered_choices`).
+Registered = dict[str, tuple[str, ...]]
 
 
 def all_keys() -> list[str]:
@@ -76,9 +80,13 @@ def read_toml(path: str | Path) -> dict:
         raise ConfigError(f"{path}: not UTF-8 text; save the config as UTF-8") from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                data: dict | None = None, check_paths: bool = True) -> Config:
-    """Load, override and validate a config. Raises :class:`ConfigError` with a one-line reason."""
+def parse_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                 data: dict | None = None, check_paths: bool = True, registered: Registered | None = None) -> Config:
+    """Read, override and check a config. Raises :class:`ConfigError` with a one-line reason.
+
+    Fields whose values name a registered entry are checked against ``registered`` when given; the
+    method's own rules are not checked here (:func:`difftune.load_config` does both).
+    """
     raw = dict(data or {})
     if path is not None:
         raw = read_toml(path)
@@ -87,24 +95,24 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if key not in all_keys():
             raise ConfigError(f"--set {key}: unknown key{_closest(key, all_keys())}")
         _set_dotted(raw, key, value)
-    config = build_config(raw)
+    config = build_config(raw, registered)
     validate_semantics(config, check_paths=check_paths)
     return config
 
 
-def _type_name(tp: Any) -> str:
+def type_name(tp: Any) -> str:
     if tp is type(None):
         return "unset"
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
+        return " or ".join(type_name(a) for a in typing.get_args(tp) if a is not type(None))
     if origin is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+        return f"a list of {type_name(typing.get_args(tp)[0])}"
     if dataclasses.is_dataclass(tp):
         return "a table"
     if origin is dict:
         key_tp, value_tp = typing.get_args(tp)
-        return f"a table of {_type_name(key_tp)} → {_type_name(value_tp)}"
+        return f"a table of {type_name(key_tp)} → {type_name(value_tp)}"
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
 
 
@@ -117,13 +125,13 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
                 return _coerce(key, value, arg)
             except ConfigError:
                 continue
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        raise ConfigError(f"{key}: expected {type_name(tp)}, got {value!r}")
     if origin is list:
         (item,) = typing.get_args(tp)
         if isinstance(value, str) and item is str:
             value = [value]
         if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+            raise ConfigError(f"{key}: expected {type_name(tp)}, got {value!r}")
         return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
@@ -132,7 +140,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     if origin is dict:
         key_tp, value_tp = typing.get_args(tp)
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+            raise ConfigError(f"{key}: expected {type_name(tp)}, got {value!r}")
         return {_coerce(f"{key} (key)", k, key_tp): _coerce(f"{key}.{k}", v, value_tp) for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
@@ -146,15 +154,23 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     elif tp is str:
         if isinstance(value, str):
             return value
-    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    raise ConfigError(f"{key}: expected {type_name(tp)}, got {value!r}")
 
 
-def _check_field(key: str, value: Any, meta: dict) -> None:
+def field_choices(meta: dict, registered: Registered | None) -> tuple[str, ...] | None:
+    """The values a field allows: its ``choices`` plus the names of its ``registry`` (if known)."""
+    choices = tuple(meta.get("choices") or ())
+    if meta.get("registry"):
+        if registered is None or meta["registry"] not in registered:
+            return None
+        choices += tuple(registered[meta["registry"]])
+    return choices or None
+
+
+def _check_field(key: str, value: Any, meta: dict, registered: Registered | None = None) -> None:
     if value is None:
         return
-    choices = meta.get("choices")
-    if callable(choices):
-        choices = choices()
+    choices = field_choices(meta, registered)
     if choices and value not in choices:
         hint = difflib.get_close_matches(str(value), list(choices), n=1)
         extra = f" (did you mean {hint[0]!r}?)" if hint else ""
@@ -168,7 +184,7 @@ def _check_field(key: str, value: Any, meta: dict) -> None:
             raise ConfigError(f"{key}: {value!r} is out of range (must be <= {hi})")
 
 
-def build_config(raw: dict) -> Config:
+def build_config(raw: dict, registered: Registered | None = None) -> Config:
     """Turn a parsed TOML mapping into a typed :class:`Config`, rejecting anything unknown."""
     keys = all_keys()
     version = raw.get("version", CONFIG_VERSION)
@@ -184,11 +200,12 @@ def build_config(raw: dict) -> Config:
             raise ConfigError(f"[{name}]: unknown section{_closest(name, list(SECTIONS))}")
         if not isinstance(value, dict):
             raise ConfigError(f"{name}: expected a [{name}] section, got {value!r}")
-        sections[name] = _build_table(name, SECTIONS[name], value, keys)
+        sections[name] = _build_table(name, SECTIONS[name], value, keys, registered)
     return Config(version=CONFIG_VERSION, **sections)
 
 
-def _build_table(prefix: str, cls: type, value: dict, keys: list[str] | None = None) -> Any:
+def _build_table(prefix: str, cls: type, value: dict, keys: list[str] | None = None,
+                 registered: Registered | None = None) -> Any:
     """A dataclass from a TOML table, strict about unknown keys, types and bounds.
 
     Used for sections and for list-of-table fields (``data.datasets[0].path``).
@@ -202,86 +219,9 @@ def _build_table(prefix: str, cls: type, value: dict, keys: list[str] | None = N
         if key not in fields:
             raise ConfigError(f"{dotted}: unknown key{_closest(dotted, candidates)}")
         coerced = _coerce(dotted, item, hints[key])
-        _check_field(dotted, coerced, dict(fields[key].metadata))
+        _check_field(dotted, coerced, dict(fields[key].metadata), registered)
         kwargs[key] = coerced
     return cls(**kwargs)
-
-
-def _looks_local(text: str) -> bool:
-    return (
-        text.startswith((".", "/", "~"))
-        or "\\" in text
-        or text.endswith((".safetensors", ".ckpt", ".bin", ".pt"))
-        or not HUB_ID.match(text)
-    )
-
-
-def validate_semantics(config: Config, check_paths: bool = True) -> None:
-    """Cross-field checks and path checks. Loads no weights."""
-    if not config.model.path:
-        raise ConfigError("model.path: required; give a diffusers folder, a .safetensors file or a Hub id")
-    if not config.data.path and not config.data.datasets:
-        raise ConfigError("data.path: required; give an image folder or a dataset (or data.datasets)")
-    for i, spec in enumerate(config.data.datasets):
-        if not spec.path:
-            raise ConfigError(f"data.datasets[{i}].path: required; give an image folder or a dataset")
-    if check_paths:
-        named = [("model.path", config.model.path), ("data.path", config.data.path)]
-        named += [(f"data.datasets[{i}].path", d.path) for i, d in enumerate(config.data.datasets)]
-        for key, value in named:
-            p = Path(value).expanduser()
-            if value and not p.exists() and _looks_local(value):
-                raise ConfigError(f"{key}: {value} does not exist")
-        vae = config.model.vae
-        if vae and not Path(vae).expanduser().exists():
-            raise ConfigError(f"model.vae: {vae} does not exist; give a VAE folder or a .safetensors file")
-        resume = config.train.resume
-        if resume and resume != "latest" and not Path(resume).expanduser().is_dir():
-            raise ConfigError(f"train.resume: {resume} is not a checkpoint folder (or use \"latest\")")
-    from difftune.data.options import validate_data_options
-
-    validate_data_options(config)
-    if config.data.caption_source == "instance_prompt" and not config.data.instance_prompt:
-        raise ConfigError('data.instance_prompt: required when data.caption_source = "instance_prompt"')
-    mp = config.train.mixed_precision
-    if config.model.dtype == "fp16" and mp == "bf16":
-        raise ConfigError("model.dtype: fp16 weights with bf16 mixed precision; use model.dtype = \"bf16\"")
-    _validate_method_and_extras(config, check_paths)
-    max_steps = config.train.max_steps
-    if max_steps is not None and config.train.warmup_steps > max_steps:
-        raise ConfigError(
-            f"train.warmup_steps: {config.train.warmup_steps} is more than train.max_steps ({max_steps})"
-        )
-
-
-def _validate_method_and_extras(config: Config, check_paths: bool) -> None:
-    """Checks owned by the method, prior preservation and the held-out split."""
-    from difftune.methods import METHODS
-
-    method_cls = METHODS.get(config.method.type)
-    method_cls.check_config(config)
-    prior = config.prior_preservation
-    if prior.class_prompt:
-        if not method_cls.supports_prior_preservation:
-            raise ConfigError(
-                f"prior_preservation.class_prompt: method.type = {config.method.type!r} does not use prior "
-                "preservation; use \"lora\" or \"full\", or remove the [prior_preservation] section"
-            )
-        if not prior.class_data:
-            raise ConfigError("prior_preservation.class_data: required with class_prompt (a folder for class images)")
-        if check_paths and Path(prior.class_data).expanduser().is_file():
-            raise ConfigError(f"prior_preservation.class_data: {prior.class_data} is a file, not a folder")
-    elif prior.class_data:
-        raise ConfigError("prior_preservation.class_prompt: required when class_data is set")
-    val = config.validation
-    if isinstance(val.holdout, float) and not 0.0 < val.holdout < 1.0:
-        raise ConfigError(f"validation.holdout: {val.holdout!r} must be a fraction between 0 and 1, or a folder")
-    if isinstance(val.holdout, str) and check_paths and not Path(val.holdout).expanduser().is_dir():
-        raise ConfigError(f"validation.holdout: {val.holdout} is not a folder (give a fraction such as 0.1, or a folder)")
-    if val.holdout is None:
-        for key in ("loss_every", "patience"):
-            if getattr(val, key):
-                raise ConfigError(f"validation.{key}: needs validation.holdout (a fraction such as 0.1, or a folder)")
 
 
 def config_to_dict(config: Config) -> dict:
@@ -297,34 +237,41 @@ def config_to_dict(config: Config) -> dict:
     return strip(dataclasses.asdict(config))
 
 
+def flat_config(config: Config) -> dict[str, object]:
+    """The resolved config as ``{"section.key": value}`` (what checkpoints record and trackers show)."""
+    flat = {}
+    for section, values in config_to_dict(config).items():
+        if isinstance(values, dict):
+            flat.update({f"{section}.{k}": v for k, v in values.items()})
+        else:
+            flat[section] = values
+    return flat
+
+
 def dump_toml(data: dict) -> str:
     """Write a config mapping as TOML (the subset difftune configs use)."""
     lines: list[str] = []
     scalars = {k: v for k, v in data.items() if not isinstance(v, dict)}
     for k, v in scalars.items():
-        lines.append(f"{k} = {_toml_value(v)}")
+        lines.append(f"{k} = {toml_value(v)}")
     for name, section in data.items():
         if isinstance(section, dict):
             lines.append("")
             lines.append(f"[{name}]")
             for k, v in section.items():
-                lines.append(f"{k} = {_toml_value(v)}")
+                lines.append(f"{k} = {toml_value(v)}")
     return "\n".join(lines) + "\n"
 
 
-def _toml_value(v: Any) -> str:
+def toml_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, (int, float)):
         return repr(v)
     if isinstance(v, str):
-        import json
-
         return json.dumps(v, ensure_ascii=False)
     if isinstance(v, list):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
     if isinstance(v, dict):
-        import json
-
-        return "{" + ", ".join(f"{json.dumps(str(k))} = {_toml_value(x)}" for k, x in v.items()) + "}"
+        return "{" + ", ".join(f"{json.dumps(str(k))} = {toml_value(x)}" for k, x in v.items()) + "}"
     raise TypeError(f"cannot write {v!r} as TOML")

@@ -1,11 +1,15 @@
-"""Documentation generated from the schema: the README's config reference and ``difftune init``."""
+"""Documentation generated from the schema: the README's config reference and ``difftune init``.
+
+``registered`` gives the names of the registries some fields take (see ``opt(registry=...)``);
+:func:`difftune.run_config.registered_choices` supplies them.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import typing
 
-from difftune.config.loader import _toml_value, _type_name
+from difftune.config.loader import Registered, field_choices, toml_value, type_name
 from difftune.config.schema import CONFIG_VERSION, SECTIONS
 
 STARTER_VALUES = {
@@ -20,14 +24,9 @@ STARTER_VALUES = {
 }
 
 
-def _choices(meta: dict) -> tuple[str, ...] | None:
-    choices = meta.get("choices")
-    return choices() if callable(choices) else choices
-
-
-def _constraint(meta: dict) -> str:
+def _constraint(meta: dict, registered: Registered | None) -> str:
     parts = []
-    choices = _choices(meta)
+    choices = field_choices(meta, registered)
     if choices:
         parts.append("one of " + ", ".join(f"`{c}`" for c in choices))
     if meta.get("min") is not None:
@@ -37,7 +36,7 @@ def _constraint(meta: dict) -> str:
     return "; ".join(parts)
 
 
-def markdown_reference() -> str:
+def markdown_reference(registered: Registered | None = None) -> str:
     """Every key with its type, default, constraint and documentation, as Markdown."""
     lines = [f"Config version: `version = {CONFIG_VERSION}`.", ""]
     for name, cls in SECTIONS.items():
@@ -46,14 +45,14 @@ def markdown_reference() -> str:
                   "| key | type | default | allowed | description |", "|---|---|---|---|---|"]
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            shown = "unset" if default is None else f"`{_toml_value(default)}`"
+            shown = "unset" if default is None else f"`{toml_value(default)}`"
             doc = f.metadata["doc"].replace("|", "\\|")
-            lines.append(f"| `{name}.{f.name}` | {_type_name(hints[f.name])} | {shown} | {_constraint(f.metadata)} | {doc} |")
+            lines.append(f"| `{name}.{f.name}` | {type_name(hints[f.name])} | {shown} | {_constraint(f.metadata, registered)} | {doc} |")
         lines.append("")
     return "\n".join(lines)
 
 
-def starter_config() -> str:
+def starter_config(registered: Registered | None = None) -> str:
     """A commented TOML config with every key, ready to edit."""
     out = ["# difftune run config. Check it with: difftune validate run.toml",
            "# Train with:                        difftune train run.toml",
@@ -64,12 +63,12 @@ def starter_config() -> str:
         for f in dataclasses.fields(cls):
             key = f"{name}.{f.name}"
             out.append(f"# {f.metadata['doc']}")
-            extra = _constraint(f.metadata)
+            extra = _constraint(f.metadata, registered)
             if extra:
                 out.append(f"# ({extra})")
             if key in STARTER_VALUES:
-                out.append(f"{f.name} = {_toml_value(STARTER_VALUES[key])}")
+                out.append(f"{f.name} = {toml_value(STARTER_VALUES[key])}")
             else:
                 default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-                out.append(f"# {f.name} = {'(unset)' if default is None else _toml_value(default)}")
+                out.append(f"# {f.name} = {'(unset)' if default is None else toml_value(default)}")
     return "\n".join(out) + "\n"

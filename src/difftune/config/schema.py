@@ -6,30 +6,18 @@ they cannot drift from what the validator accepts.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 CONFIG_VERSION = 1
 
 
-def _family_names() -> tuple[str, ...]:
-    from difftune.models import FAMILIES
-
-    return FAMILIES.names()
-
-
-def _method_names() -> tuple[str, ...]:
-    from difftune.methods import METHODS
-
-    return METHODS.names()
-
-
 def opt(
     default: Any,
     doc: str,
     *,
-    choices: tuple[str, ...] | Callable[[], tuple[str, ...]] | None = None,
+    choices: tuple[str, ...] | None = None,
+    registry: str | None = None,
     min: float | None = None,  # noqa: A002 - reads naturally at the call site
     max: float | None = None,  # noqa: A002
     path: str | None = None,
@@ -38,9 +26,12 @@ def opt(
     """Declare a config field with its documentation and constraints.
 
     ``path`` is ``"file"``, ``"dir"``, ``"any"`` (must exist) or ``"model"`` / ``"data"`` (a local
-    path that must exist, or a Hub id) for fields naming something on disk.
+    path that must exist, or a Hub id) for fields naming something on disk. ``registry`` names the
+    registry (``"families"``, ``"methods"``) whose names the value may also be; they are checked
+    against the registries' names, which this package never imports (:mod:`difftune.run_config`).
     """
-    meta = {"doc": doc, "choices": choices, "min": min, "max": max, "path": path, "min_exclusive": min_exclusive}
+    meta = {"doc": doc, "choices": choices, "registry": registry, "min": min, "max": max, "path": path,
+            "min_exclusive": min_exclusive}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return field(default=default, metadata=meta)
@@ -59,7 +50,8 @@ class ModelConfig:
     family: str = opt(
         "auto",
         "Model family. `auto` detects it from the model's files; set it to override detection.",
-        choices=lambda: ("auto", *_family_names()),
+        choices=("auto",),
+        registry="families",
     )
     revision: str | None = opt(None, "Hub revision (branch, tag or commit) when `path` is a Hub id.")
     variant: str | None = opt(None, "Weight variant to load, e.g. `fp16` for `*.fp16.safetensors` files.")
@@ -94,7 +86,7 @@ class ModelConfig:
 class MethodConfig:
     """What is trained."""
 
-    type: str = opt("lora", "Fine-tuning method.", choices=lambda: _method_names())
+    type: str = opt("lora", "Fine-tuning method.", registry="methods")
     rank: int = opt(16, "LoRA rank (dimension of the low-rank update).", min=1, max=4096)
     alpha: float | None = opt(
         None, "LoRA alpha; the update is scaled by alpha/rank. Defaults to the rank (scale 1).", min=0

@@ -8,10 +8,11 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import Dataset
 
+from difftune.config.resolve import parse_colour
 from difftune.config.schema import DataConfig
 from difftune.data.captions import final_caption
 from difftune.data.sources import Example
-from difftune.data.transforms import WHITE, crop_box, parse_colour, prepare_image
+from difftune.data.transforms import WHITE, crop_box, prepare_image
 
 
 class ImageCaptionDataset(Dataset):

@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from difftune.config.resolve import parse_colour
 from difftune.config.schema import Config
 from difftune.data.cache import (
     FillStats,
@@ -18,10 +19,11 @@ from difftune.data.cache import (
 )
 from difftune.data.captions import possible_captions
 from difftune.data.dataset import ImageCaptionDataset, collate
+from difftune.data.holdout import split
+from difftune.data.prior import with_class_images
 from difftune.data.probe import Problem
 from difftune.data.sampling import batch_order, item_sizes
 from difftune.data.sources import ScanResult, load_examples
-from difftune.data.transforms import parse_colour
 from difftune.errors import DifftuneError
 
 
@@ -55,13 +57,10 @@ def build_training_data(config: Config, family=None, components=None, *, class_e
     are never trained on nor cached; ``class_examples`` (prior preservation) are paired with the
     training images.
     """
-    from difftune.data.prior import with_class_images
-    from difftune.training.holdout import split
-
     cfg = config.data
     classes = list(class_examples)
     scan = load_examples(cfg, log if is_main else None)
-    train_examples, held_out = split(scan.examples, config)
+    train_examples, held_out = split(scan.examples, cfg, config.validation, config.train.seed)
     scan = dataclasses.replace(scan, examples=train_examples)
     sizes = item_sizes(scan.examples, cfg)
     buckets = sorted(set(sizes))
@@ -154,38 +153,3 @@ def release_if_cached(config: Config, components) -> bool:
         release_frozen_encoders(components, keep_on_cpu=needed_later)
         return True
     return False
-
-
-def fill_caches(config: Config, log=print) -> TrainingData:
-    """``difftune cache``: load the model and fill the latent and text caches ahead of training."""
-    from difftune.models import detect_family_for, get_family
-    from difftune.models.loading import resolve_source
-    from difftune.training.run import weight_dtype
-
-    if not (config.data.cache_latents or config.data.cache_text):
-        from difftune.errors import ConfigError
-
-        raise ConfigError("data.cache_latents / data.cache_text: both are off, so there is nothing to cache; "
-                          "set one of them to true")
-    source = resolve_source(config.model.path, config.model.revision, config.model.variant, config.model.config)
-    family = get_family(detect_family_for(source, config.model.family), config)
-    components = family.load(source, dtype=weight_dtype(config))
-    import torch
-
-    from difftune.data.prior import class_examples
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    for module in (components.vae, *components.text_encoders):
-        module.to(device)
-    # Prior preservation: class images are generated now if missing, and cached with the rest.
-    classes = class_examples(config, family, components, device, log=log)
-    return build_training_data(config, family, components, class_examples=classes, log=log, progress=True)
-
-
-def load_tokenizers_for(config: Config) -> list:
-    """The model's tokenizers for caption checks (no weights are loaded); empty if unavailable."""
-    from difftune.models import detect_family_for, get_family
-    from difftune.models.loading import resolve_source
-
-    source = resolve_source(config.model.path, config.model.revision, config.model.variant, config.model.config)
-    return get_family(detect_family_for(source, config.model.family), config).load_tokenizers(source)

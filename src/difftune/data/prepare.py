@@ -12,10 +12,11 @@ from pathlib import Path
 
 from PIL import Image
 
+from difftune.config.resolve import parse_colour
 from difftune.config.schema import DataConfig
 from difftune.data.probe import Problem
 from difftune.data.sources import scan
-from difftune.data.transforms import open_rgb, parse_colour
+from difftune.data.transforms import open_rgb
 from difftune.errors import DifftuneError
 from difftune.fileio import atomic_write_text
 

@@ -36,10 +36,10 @@ def token_counter(tokenizers: list) -> tuple:
 
 def folder_config(folder: str, overrides: list[str] | None = None):
     """The config ``data check FOLDER`` reports on: the folder as ``data.path``, ``--set`` overrides applied."""
-    from difftune.config import load_config
+    from difftune.config.loader import parse_config
 
-    return load_config(data={"model": {"path": "unused"}, "data": {"path": folder}}, overrides=overrides,
-                       check_paths=False)
+    return parse_config(data={"model": {"path": "unused"}, "data": {"path": folder}}, overrides=overrides,
+                        check_paths=False)
 
 
 def check_dataset(cfg: DataConfig, tokenizers: list | None = None) -> dict:

@@ -6,18 +6,17 @@ Both batch orders share one contract with the loop: ``batches_per_epoch``, a set
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 
 import torch
 
 from difftune.config.schema import DataConfig
 from difftune.data.buckets import make_buckets, nearest_bucket
+from difftune.seeds import derived_seed
 
 
 def _generator(*parts: object) -> torch.Generator:
-    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+    return torch.Generator().manual_seed(derived_seed(*parts))
 
 
 def _apportion(total: int, weights: list[float]) -> list[int]:

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from difftune.config.resolve import ResolvedDataset, resolve_datasets
 from difftune.config.schema import DataConfig
-from difftune.data.options import ResolvedDataset, resolve_datasets
 from difftune.data.probe import (
     IMAGE_SUFFIXES,
     ImageInfo,

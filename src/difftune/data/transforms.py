@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageColor, ImageOps
+from PIL import Image, ImageOps
 
 WHITE = (255, 255, 255)
 
@@ -21,12 +21,6 @@ class Prepared:
     original_size: tuple[int, int]  # (height, width) before resizing
     crop_top_left: tuple[int, int]  # (top, left) in the resized image
     flipped: bool
-
-
-def parse_colour(text: str) -> tuple[int, int, int]:
-    """An RGB triple from a colour name or ``#rrggbb``; raises ``ValueError`` for anything else."""
-    rgb = ImageColor.getrgb(text)
-    return tuple(rgb[:3])  # type: ignore[return-value]
 
 
 def has_transparency(img: Image.Image) -> bool:

@@ -9,25 +9,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from difftune.config.schema import Config
+from difftune.config.schema import MethodConfig
 from difftune.models.base import Components, ModelFamily
 
 
 class Method(ABC):
-    """A fine-tuning method. Subclasses are registered in ``difftune.methods.METHODS``."""
+    """A fine-tuning method. Subclasses are registered in ``difftune.methods.METHODS``, with their config rules."""
 
     name: str = ""
-    #: True if DreamBooth prior preservation (class images, prior loss) makes sense with this method.
-    supports_prior_preservation: bool = False
 
-    def __init__(self, config: Config, family: ModelFamily) -> None:
-        self.config = config
+    def __init__(self, cfg: MethodConfig, family: ModelFamily) -> None:
+        #: The run's ``[method]`` section.
+        self.cfg = cfg
         self.family = family
-
-    @classmethod
-    def check_config(cls, config: Config) -> None:
-        """Raise :class:`~difftune.errors.ConfigError` for settings this method cannot use (no weights loaded)."""
-        return None
 
     @abstractmethod
     def prepare(self, components: Components) -> None:

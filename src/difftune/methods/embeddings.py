@@ -10,7 +10,6 @@ the original rows back after every step, bit for bit.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch
@@ -33,27 +32,6 @@ STYLE_TEMPLATES = (
     "a nice painting in the style of {}", "a small painting in the style of {}", "a large painting in the style of {}",
 )
 TEMPLATES = {"object": OBJECT_TEMPLATES, "style": STYLE_TEMPLATES, "none": ()}
-
-
-def check_token_config(config) -> None:
-    """Config checks for methods that learn placeholder tokens."""
-    m = config.method
-    if not m.token:
-        raise ConfigError(f"method.token: required for method.type = {m.type!r}, e.g. token = \"<sks>\"")
-    if not m.initializer_token:
-        raise ConfigError(f"method.initializer_token: required for {m.type!r}, a word such as \"dog\" or \"painting\"")
-    if len(m.initializer_token) not in (1, len(m.token)):
-        raise ConfigError(
-            f"method.initializer_token: give one word for all tokens or one per token ({len(m.token)}), "
-            f"got {len(m.initializer_token)}"
-        )
-    if len(set(m.token)) != len(m.token) or any(not t.strip() or " " in t for t in m.token):
-        raise ConfigError(f"method.token: {m.token!r} must be distinct tokens without spaces")
-    # ComfyUI and A1111 name an embedding by its file name, made of the token's letters, digits, _ and -.
-    stems = [re.sub(r"[^0-9A-Za-z_-]+", "", t) for t in m.token]
-    if not all(stems) or len(set(stems)) != len(stems):
-        raise ConfigError(f"method.token: {m.token!r} must each hold a letter or digit, and differ in them "
-                          "(the ComfyUI/A1111 embedding file is named after them, e.g. <sks> -> sks.safetensors)")
 
 
 class PlaceholderEmbeddings:
@@ -212,9 +190,9 @@ class PlaceholderEmbeddings:
         return "\n".join(lines) + "\n"
 
 
-def from_config(config) -> PlaceholderEmbeddings:
-    m = config.method
-    return PlaceholderEmbeddings(list(m.token), list(m.initializer_token), m.num_vectors, m.templates)
+def from_config(cfg) -> PlaceholderEmbeddings:
+    """The placeholder tokens of a ``[method]`` section."""
+    return PlaceholderEmbeddings(list(cfg.token), list(cfg.initializer_token), cfg.num_vectors, cfg.templates)
 
 
 class LearnsTokens:
@@ -223,15 +201,10 @@ class LearnsTokens:
     Put it before the method base class: ``class TextualInversion(LearnsTokens, Method)``.
     """
 
-    def __init__(self, config, family) -> None:
-        super().__init__(config, family)
-        self.embeddings = from_config(config)
+    def __init__(self, cfg, family) -> None:
+        super().__init__(cfg, family)
+        self.embeddings = from_config(cfg)
         self._encoder_names: list[str] = []
-
-    @classmethod
-    def check_config(cls, config) -> None:
-        super().check_config(config)
-        check_token_config(config)
 
     def add_tokens(self, components: Components) -> None:
         """Add the new rows to every text encoder; the embedding tables train in fp32."""

@@ -19,32 +19,25 @@ from torch import nn
 from difftune.errors import ConfigError
 from difftune.fileio import atomic_folder
 from difftune.methods.base import Method
-from difftune.models.base import Components, ModelFamily
+from difftune.models.base import Components
 
 PIPELINE_FOLDER = "pipeline"
 SINGLE_FILE = "model.safetensors"
-
-
-def writes_single_file(family: ModelFamily) -> bool:
-    """True if the family converts its weights to an original-layout single file (it overrides ``save_single_file``)."""
-    impl = getattr(type(family), "save_single_file", None)
-    return callable(impl) and impl is not getattr(ModelFamily, "save_single_file", None)
 
 
 class FullFineTune(Method):
     """Every weight of the denoiser (optionally the text encoders), with optional EMA; saves a pipeline folder."""
 
     name = "full"
-    supports_prior_preservation = True
 
-    def __init__(self, config, family) -> None:
-        super().__init__(config, family)
+    def __init__(self, cfg, family) -> None:
+        super().__init__(cfg, family)
         self.ema: dict[str, Any] = {}
 
     def prepare(self, components: Components) -> None:
         from diffusers.training_utils import EMAModel
 
-        if self.config.method.save_single_file and not writes_single_file(self.family):
+        if self.cfg.save_single_file and not self.family.writes_single_file:
             # A file of diffusers-format keys would not load in A1111 or ComfyUI, so none is written.
             raise ConfigError(
                 f"method.save_single_file: {self.family.title} has no converter to the original single-file "
@@ -56,15 +49,15 @@ class FullFineTune(Method):
         for module in self.trainable_modules(components).values():
             module.to(torch.float32)  # trainable weights stay in fp32; autocast handles mixed precision
             module.requires_grad_(True)
-        if self.config.method.ema:
+        if self.cfg.ema:
             self.ema = {
-                role: EMAModel(list(module.parameters()), decay=self.config.method.ema_decay)
+                role: EMAModel(list(module.parameters()), decay=self.cfg.ema_decay)
                 for role, module in self.trainable_modules(components).items()
             }
 
     def trainable_modules(self, components: Components) -> dict[str, nn.Module]:
         modules: dict[str, nn.Module] = {"denoiser": components.denoiser}
-        if self.config.method.train_text_encoder:
+        if self.cfg.train_text_encoder:
             modules.update(zip(components.encoder_names, components.text_encoders, strict=True))
         return modules
 
@@ -109,13 +102,13 @@ class FullFineTune(Method):
         with atomic_folder(folder) as tmp:  # a kill mid-export never leaves a half-written pipeline
             pipe.save_pretrained(tmp, safe_serialization=True)
         files = [folder / "model_index.json"]
-        if self.config.method.save_single_file:
+        if self.cfg.save_single_file:
             files.append(self.family.save_single_file(components, out_dir / SINGLE_FILE, denoiser, encoders,
                                                       metadata=metadata))
         return files
 
     def card_details(self) -> dict[str, Any]:
-        m = self.config.method
+        m = self.cfg
         pipe = self.family.pipeline_class().__name__
         trained = self.family.denoiser_name + (" + text encoder(s)" if m.train_text_encoder else "")
         return {

@@ -52,25 +52,11 @@ class LoRA(Method):
     """LoRA and its peft variants (DoRA, LoHa, LoKr) with optional per-module rank and alpha."""
 
     name = "lora"
-    supports_prior_preservation = True
-
-    @classmethod
-    def check_config(cls, config) -> None:
-        m = config.method
-        for key, pattern in (("method.rank_pattern", m.rank_pattern), ("method.alpha_pattern", m.alpha_pattern)):
-            for module, value in pattern.items():
-                if value < (1 if key == "method.rank_pattern" else 0):
-                    raise ConfigError(f"{key}.{module}: {value!r} is out of range")
-        if m.variant in ("loha", "lokr") and m.train_text_encoder:
-            raise ConfigError(
-                f"method.train_text_encoder: not supported with method.variant = {m.variant!r} (no common loader "
-                "reads text-encoder LoHa/LoKr weights); use variant \"lora\" or \"dora\", or train the denoiser only"
-            )
 
     def lora_config(self, targets: list[str]):
         from peft import LoHaConfig, LoKrConfig, LoraConfig
 
-        m = self.config.method
+        m = self.cfg
         alpha = m.alpha if m.alpha is not None else m.rank
         common = {
             "r": m.rank, "target_modules": list(targets),
@@ -89,10 +75,10 @@ class LoRA(Method):
         )
 
     def denoiser_targets(self) -> list[str]:
-        return list(self.config.method.targets or self.family.default_lora_targets)
+        return list(self.cfg.targets or self.family.default_lora_targets)
 
     def text_encoder_targets(self) -> list[str]:
-        return list(self.config.method.text_encoder_targets or self.family.default_text_encoder_lora_targets)
+        return list(self.cfg.text_encoder_targets or self.family.default_text_encoder_lora_targets)
 
     def prepare(self, components: Components) -> None:
         from diffusers.training_utils import cast_training_params
@@ -102,7 +88,7 @@ class LoRA(Method):
         targets = self.denoiser_targets()
         check_targets(components.denoiser, targets, "method.targets", self.family.denoiser_name)
         components.denoiser.add_adapter(self.lora_config(targets))
-        if self.config.method.train_text_encoder:
+        if self.cfg.train_text_encoder:
             te_targets = self.text_encoder_targets()
             encoders = dict(zip(components.encoder_names, components.text_encoders, strict=True))
             for name in self.family.lora_encoder_names(components):
@@ -113,7 +99,7 @@ class LoRA(Method):
 
     def trainable_modules(self, components: Components) -> dict[str, nn.Module]:
         modules = {"denoiser": components.denoiser}
-        if self.config.method.train_text_encoder:
+        if self.cfg.train_text_encoder:
             encoders = dict(zip(components.encoder_names, components.text_encoders, strict=True))
             modules.update((name, encoders[name]) for name in self.family.lora_encoder_names(components))
         return modules
@@ -143,7 +129,7 @@ class LoRA(Method):
         return out
 
     def export(self, components: Components, out_dir: Path, metadata: dict[str, str]) -> list[Path]:
-        if self.config.method.variant == "loha":
+        if self.cfg.variant == "loha":
             files = self.export_peft_folders(components, out_dir, metadata)
         else:
             files = self.export_lora_file(components, out_dir, metadata)
@@ -158,7 +144,7 @@ class LoRA(Method):
         from difftune.adapters import tools
         from difftune.adapters.formats import from_diffusers
 
-        variant = self.config.method.variant
+        variant = self.cfg.variant
         if not tools.variant_tools(self.family, variant):
             return []
         layers = self.lora_layers(components)
@@ -212,7 +198,7 @@ class LoRA(Method):
 
     def load_snippet(self, folder: str = "{repo_or_folder}") -> str:
         """Python lines that load this run's adapter into ``pipe``."""
-        variant = self.config.method.variant
+        variant = self.cfg.variant
         if variant in VARIANT_LOADERS:
             return VARIANT_LOADERS[variant].format(folder=folder, denoiser=self.family.denoiser_name) + "\n"
         denoiser = self.family.denoiser_name
@@ -227,7 +213,7 @@ class LoRA(Method):
     def card_details(self) -> dict[str, Any]:
         from difftune.adapters.tools import card_usage
 
-        m = self.config.method
+        m = self.cfg
         pipe = self.family.pipeline_class().__name__
         summary = {
             "Method": VARIANT_TITLES[m.variant] + (" (denoiser + text encoder)" if m.train_text_encoder else ""),

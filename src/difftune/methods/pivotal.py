@@ -23,7 +23,6 @@ class PivotalTuning(embeddings.LearnsTokens, LoRA):
     """Textual inversion and LoRA together, with separate learning rates and an embedding stop step."""
 
     name = "pivotal"
-    supports_prior_preservation = False
 
     def prepare(self, components: Components) -> None:
         super().prepare(components)  # freezes everything, adds the LoRA layers
@@ -38,11 +37,11 @@ class PivotalTuning(embeddings.LearnsTokens, LoRA):
         ids = {id(p) for p in table}
         lora = [p for m in self.trainable_modules(components).values() for p in m.parameters()
                 if p.requires_grad and id(p) not in ids]
-        text_lr = self.config.method.text_learning_rate or learning_rate
+        text_lr = self.cfg.text_learning_rate or learning_rate
         return [{"params": lora, "lr": learning_rate}, {"params": table, "lr": text_lr}]
 
     def on_step_end(self, step: int, components: Components) -> None:
-        stop = self.config.method.embedding_stop_step
+        stop = self.cfg.embedding_stop_step
         if stop is not None and step >= stop:
             self.embeddings.freeze_new_rows(components)
         self.embeddings.restore(components)
@@ -70,7 +69,7 @@ class PivotalTuning(embeddings.LearnsTokens, LoRA):
         from difftune.adapters.tools import card_usage
 
         details = super().card_details()
-        m = self.config.method
+        m = self.cfg
         details["summary"] = {
             "Method": "Pivotal tuning (textual inversion + " + details["summary"]["Method"] + ")",
             "Tokens": ", ".join(f"`{t}`" for t in m.token) + f" ({m.num_vectors} vector(s) each)",

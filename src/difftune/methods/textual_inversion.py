@@ -57,7 +57,7 @@ class TextualInversion(embeddings.LearnsTokens, Method):
     def card_details(self) -> dict[str, Any]:
         from difftune.adapters.tools import card_usage
 
-        m = self.config.method
+        m = self.cfg
         pipe = self.family.pipeline_class().__name__
         return {
             "summary": {

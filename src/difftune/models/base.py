@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from difftune.config.schema import ModelConfig, TrainConfig
 from difftune.errors import DifftuneError
 
 
@@ -69,6 +70,8 @@ class ModelFamily(ABC):
     #: Keys of a textual-inversion file, one per text encoder, for families with several encoders
     #: (SDXL: ``("clip_l", "clip_g")``, as diffusers' SDXL examples load them). ``None``: the encoder names.
     embedding_save_keys: tuple[str, ...] | None = None
+    #: True if the family converts its weights to one original-layout file (:meth:`save_single_file`).
+    writes_single_file: bool = False
     #: How kohya-format LoRA files name this family's modules (:mod:`difftune.models.kohya_names`);
     #: ``None``: the diffusers module names with ``.`` -> ``_`` (the UNet families).
     kohya_names: Any = None
@@ -82,17 +85,11 @@ class ModelFamily(ABC):
     #: named by each tokenizer's ``embedding_key`` (``clip_l``, ``clip_h``, ``clip_g``, ``t5xxl``).
     tool_embedding_keys: tuple[str, ...] = ("clip_l",)
 
-    def __init__(self, config: Any | None = None) -> None:
-        #: The run's :class:`~difftune.config.schema.Config`, or ``None`` (library use, tests). Families
-        #: read their load options (``model.vae``, ``model.quantize``) and training options (e.g.
-        #: ``train.guidance_scale``) from it; absent, the schema defaults apply.
-        self.config = config
-
-    def option(self, section: str, key: str, default: Any = None) -> Any:
-        """``config.<section>.<key>`` if a config was given, else ``default``."""
-        if self.config is None:
-            return default
-        return getattr(getattr(self.config, section), key, default)
+    def __init__(self, model: ModelConfig | None = None, train: TrainConfig | None = None) -> None:
+        #: The run's ``[model]`` section: load options (``vae``, ``quantize``). Schema defaults if not given.
+        self.model = model if model is not None else ModelConfig()
+        #: The run's ``[train]`` section: training options a family applies (``guidance_scale``).
+        self.train = train if train is not None else TrainConfig()
 
     # --- detection and loading -------------------------------------------------------------
 

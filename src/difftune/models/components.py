@@ -210,8 +210,8 @@ def load_components(family, parts: ModelParts, source: ModelSource, dtype: torch
     from difftune.models.base import Components
 
     # Checked first, so a machine that cannot quantise fails before any weights load.
-    denoiser_kwargs = denoiser_load_kwargs(family.option("model", "quantize", "none"), dtype)
-    user_vae = family.option("model", "vae")
+    denoiser_kwargs = denoiser_load_kwargs(family.model.quantize, dtype)
+    user_vae = family.model.vae
     vae_dtype = parts.vae_dtype or dtype
     names = ["text_encoder" + (f"_{i + 1}" if i else "") for i in range(len(parts.encoders))]
     tokenizer_names = [n.replace("text_encoder", "tokenizer") for n in names]

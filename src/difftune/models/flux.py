@@ -125,8 +125,8 @@ class Flux(ModelFamily):
         txt_ids = torch.zeros(prompt.shape[1], 3, device=noisy_latents.device, dtype=noisy_latents.dtype)
         guidance = None
         if unwrap(denoiser).config.guidance_embeds:
-            scale = self.option("train", "guidance_scale", 1.0)
-            guidance = torch.full((b,), float(scale), device=noisy_latents.device, dtype=torch.float32)
+            guidance = torch.full((b,), float(self.train.guidance_scale), device=noisy_latents.device,
+                                  dtype=torch.float32)
         out = denoiser(
             hidden_states=packed,
             timestep=timesteps / 1000,  # Flux's transformer takes σ itself and scales it internally
@@ -152,7 +152,3 @@ class Flux(ModelFamily):
             tokenizer_2=components.tokenizers[1],
             transformer=denoiser,
         )
-
-
-def register(registry) -> None:
-    registry.register("flux")(Flux)

@@ -1,4 +1,4 @@
-"""Resolve ``model.path`` to a :class:`ModelSource` and pick its family."""
+"""Resolve ``model.path`` to a :class:`ModelSource` and tell what a single-file checkpoint holds."""
 
 from __future__ import annotations
 
@@ -96,26 +96,3 @@ class _LazyCheckpoint(dict):
 
         with safe_open(self._path, framework="pt", device="cpu") as f:
             return f.get_tensor(key)
-
-
-def detect_family(source: ModelSource, requested: str = "auto") -> str:
-    """The family name for ``source``: ``requested`` if given, else the first family that matches."""
-    from difftune.models import FAMILIES
-
-    if requested != "auto":
-        return requested
-    sf_type = single_file_type(source)
-    for name in FAMILIES.names():
-        if FAMILIES.get(name).matches(source, sf_type):
-            return name
-    if source.kind == "single_file" and sf_type is None:
-        raise DifftuneError(
-            f"model.path: could not tell which model family {source.path} is: its tensor names are not a "
-            "known single-file model layout (is it a LoRA or a partial checkpoint?). If it is a full model, "
-            f"set model.family to one of {', '.join(FAMILIES.names())}"
-        )
-    what = source.pipeline_class_name or sf_type or "unknown"
-    raise DifftuneError(
-        f"model.path: could not tell which model family {source.path} is (found {what}); "
-        f"set model.family to one of {', '.join(FAMILIES.names())}"
-    )

@@ -15,7 +15,7 @@ from difftune.models.components import (
     load_subfolder,
 )
 
-__all__ = ["StableDiffusion", "StableDiffusion2", "load_subfolder", "register"]
+__all__ = ["StableDiffusion", "StableDiffusion2", "load_subfolder"]
 
 
 class StableDiffusion(ModelFamily):
@@ -26,6 +26,7 @@ class StableDiffusion(ModelFamily):
     default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
     card_tags = ("stable-diffusion", "stable-diffusion-diffusers")
     single_file_types: tuple[str, ...] = ("v1",)
+    writes_single_file = True
     is_v2 = False
     #: Text-encoder layout in an original-layout single file (see ``sd_single_file``).
     single_file_text_layout = "clip"
@@ -140,8 +141,3 @@ class StableDiffusion2(StableDiffusion):
     single_file_text_layout = "open_clip"
     tool_metadata = {"ss_base_model_version": "sd_v2", "ss_v2": "True"}
     tool_embedding_keys = ("clip_h",)
-
-
-def register(registry) -> None:
-    registry.register("sd1")(StableDiffusion)
-    registry.register("sd2")(StableDiffusion2)

@@ -138,7 +138,3 @@ class StableDiffusion3(ModelFamily):
             text_encoder_3=text_encoders[2],
             tokenizer_3=components.tokenizers[2],
         )
-
-
-def register(registry) -> None:
-    registry.register("sd3")(StableDiffusion3)

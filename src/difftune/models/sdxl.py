@@ -98,7 +98,3 @@ class StableDiffusionXL(ModelFamily):
             scheduler=DPMSolverMultistepScheduler.from_config(components.noise_scheduler.config),
             add_watermarker=False,
         )
-
-
-def register(registry) -> None:
-    registry.register("sdxl")(StableDiffusionXL)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -19,36 +18,11 @@ import torch
 
 from difftune.config.schema import Config
 from difftune.data.dataset import ImageCaptionDataset, collate
-from difftune.data.sources import Example, load_examples
-from difftune.errors import DifftuneError
+from difftune.data.sources import Example
 from difftune.fileio import atomic_write_text
+from difftune.seeds import derived_seed
 
 BEST_FILE = "best.json"
-
-
-def split(examples: list[Example], config: Config) -> tuple[list[Example], list[Example]]:
-    """(training examples, held-out examples): a seeded fraction of the data, or a separate folder."""
-    holdout = config.validation.holdout
-    if holdout is None:
-        return examples, []
-    if isinstance(holdout, str):
-        # A separate folder: only the folder itself, never the training datasets listed in data.datasets.
-        held_cfg = dataclasses.replace(config.data, path=holdout, datasets=[])
-        return examples, load_examples(held_cfg).examples
-    count = max(1, round(len(examples) * holdout))
-    if count >= len(examples):
-        raise DifftuneError(
-            f"validation.holdout: {holdout} of {len(examples)} images leaves none to train on; "
-            "lower the fraction or give a folder"
-        )
-    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(config.train.seed)).tolist()
-    held = set(order[:count])
-    return ([e for i, e in enumerate(examples) if i not in held],
-            [e for i, e in enumerate(examples) if i in held])
-
-
-def _seed(*parts: object) -> int:
-    return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:8], "little") & (2**63 - 1)
 
 
 class HeldOutLoss:
@@ -85,14 +59,14 @@ class HeldOutLoss:
             with torch.random.fork_rng(devices=devices), amp:
                 for start in range(0, len(self.dataset), self.batch_size):
                     indices = list(range(start, min(start + self.batch_size, len(self.dataset))))
-                    torch.manual_seed(_seed(self.seed, "holdout", start))
+                    torch.manual_seed(derived_seed(self.seed, "holdout", start))
                     batch = method.prepare_batch(collate([self.dataset[(0, i)] for i in indices]))
                     latents = family.encode_images(components, batch["pixels"].to(device)).float()
                     conditioning = family.encode_prompt(components, batch["captions"])
                     for k, t in enumerate(timesteps):
                         noise = torch.stack([
                             torch.randn(latents.shape[1:], generator=torch.Generator().manual_seed(
-                                _seed(self.seed, "holdout-noise", i, k)))
+                                derived_seed(self.seed, "holdout-noise", i, k)))
                             for i in indices
                         ]).to(device)
                         t_batch = torch.full((len(indices),), t, device=device, dtype=timesteps.dtype)

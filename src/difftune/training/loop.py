@@ -12,38 +12,34 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from difftune import __version__
 from difftune.config.loader import config_to_dict, dump_toml
 from difftune.config.schema import Config
-from difftune.data import prior
 from difftune.data.cache import frozen_encoders_on
 from difftune.data.pipeline import build_training_data, release_if_cached
 from difftune.errors import DifftuneError
 from difftune.export.model_card import write_model_card
 from difftune.fileio import atomic_write_text
 from difftune.methods import METHODS
-from difftune.models import detect_family_for, get_family
-from difftune.models.loading import resolve_source
 from difftune.objectives import OBJECTIVES
 from difftune.training import checkpoint as ckpt
 from difftune.training import faults, holdout, performance, resume
 from difftune.training.optim import build_optimizer, build_scheduler
+from difftune.training.precision import autocast_dtype, mixed_precision
 from difftune.training.progress import RunProgress
 from difftune.training.run import (
     RunPaths,
     RunResult,
-    autocast_dtype,
     learning_rate,
     make_accelerator,
-    mixed_precision,
     step_seed,
     total_steps,
     tracker_hparams,
-    weight_dtype,
     with_modules,
 )
+from difftune.training.setup import load_model
 from difftune.training.signals import StopRequest
 from difftune.training.validation import run_validation
+from difftune.version import __version__
 
 
 def train(config: Config, log=print) -> RunResult:
@@ -67,12 +63,9 @@ def _train(config: Config, log, stop: StopRequest) -> RunResult:
         atomic_write_text(paths.root / "config.toml", dump_toml(config_to_dict(config)))
 
     # Model, method and objective, each through its registry.
-    source = resolve_source(config.model.path, config.model.revision, config.model.variant, config.model.config)
-    family = get_family(detect_family_for(source, config.model.family), config)
-    components = family.load(source, dtype=weight_dtype(config))
-    class_examples = prior.class_examples(config, family, components, device, is_main=main,  # base model, before training
-                                          barrier=accelerator.wait_for_everyone, log=log)
-    method = METHODS.get(config.method.type)(config, family)
+    loaded = load_model(config, device, is_main=main, barrier=accelerator.wait_for_everyone, log=log)
+    family, components, class_examples = loaded.family, loaded.components, loaded.class_examples
+    method = METHODS.get(config.method.type).build(config.method, family)
     torch.manual_seed(config.train.seed)  # new weights (LoRA A matrices, ...) start from the seed too
     method.prepare(components)
     objective = OBJECTIVES.get(family.objective)(family.objective_settings(components), config.train)

@@ -1,8 +1,7 @@
 """Speed settings of a training run, applied in one place, and the run's speed and memory report.
 
-``train.mixed_precision = "auto"`` resolves here; ``train.channels_last`` and ``train.compile`` are
-applied by :func:`apply`, which also lets LoRA layers under autocast skip peft's input casts;
-:class:`RunMonitor` times steps (and the wait for data) without adding any host-device
+``train.channels_last`` and ``train.compile`` are applied by :func:`apply`, which also lets LoRA
+layers under autocast skip peft's input casts; :class:`RunMonitor` times steps (and the wait for data) without adding any host-device
 synchronisation, and reports peak memory at the end of the run.
 """
 
@@ -14,12 +13,12 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 
 import torch
 
 from difftune.fileio import atomic_write_text
+from difftune.training.precision import autocast_dtype
 
 #: Why ``train.compile`` is refused without CUDA. Measured with torch 2.13 / diffusers 0.42 / peft 0.21:
 #: the "inductor" backend's backward through a LoRA UNet on CPU returned wrong LoRA gradients (some
@@ -30,44 +29,12 @@ COMPILE_ON_CPU_PROBLEM = (
     "it is only allowed with a CUDA GPU"
 )
 
-#: CPU flags of native bf16 arithmetic (AVX-512 BF16 dot products, AMX tiles).
-BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
-
-
-@lru_cache(maxsize=1)
-def cpu_has_native_bf16() -> bool:
-    """True on CPUs whose flags include AVX-512 BF16 or AMX-BF16 (read from /proc/cpuinfo)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            return any(flag in flags for flag in BF16_CPU_FLAGS)
-    return False
-
-
-def resolve_mixed_precision(value: str, model_dtype: str = "auto", cuda: bool | None = None) -> str:
-    """The concrete autocast setting (``no``, ``fp16`` or ``bf16``) for ``train.mixed_precision``."""
-    if value != "auto":
-        return value
-    cuda = torch.cuda.is_available() if cuda is None else cuda
-    if model_dtype == "fp16":  # fp16 weights cannot run under bf16 autocast
-        return "fp16" if cuda else "no"
-    if cuda:
-        return "bf16" if torch.cuda.is_bf16_supported() else "no"
-    return "bf16" if cpu_has_native_bf16() else "no"
-
-
 def apply(config, components, train_view, log=print):
     """Apply the speed settings; return the view the training step uses.
 
     Compiling wraps only the training view's denoiser, so validation, held-out evaluation and
     export keep using the eager module (their no-grad calls would otherwise trigger recompiles).
     """
-    from difftune.training.run import autocast_dtype
-
     t = config.train
     if autocast_dtype(config) is not None:
         skip_lora_input_casts(train_view)

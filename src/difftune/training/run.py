@@ -10,9 +10,12 @@ from pathlib import Path
 
 import torch
 
-from difftune.config.loader import config_to_dict
+from difftune.config.loader import flat_config
 from difftune.config.schema import Config
 from difftune.errors import DifftuneError
+from difftune.seeds import derived_seed
+from difftune.training.performance import COMPILE_ON_CPU_PROBLEM
+from difftune.training.precision import mixed_precision
 
 
 @dataclass
@@ -70,8 +73,6 @@ def make_accelerator(config: Config, paths: RunPaths):
             "train.mixed_precision: fp16 needs a CUDA GPU (gradient scaling); on CPU use \"bf16\" or \"no\""
         )
     if config.train.compile and cpu:
-        from difftune.training.performance import COMPILE_ON_CPU_PROBLEM
-
         raise DifftuneError(f"train.compile: {COMPILE_ON_CPU_PROBLEM}; set train.compile = false on this machine")
     return Accelerator(
         mixed_precision=mp,
@@ -81,29 +82,9 @@ def make_accelerator(config: Config, paths: RunPaths):
     )
 
 
-def weight_dtype(config: Config) -> torch.dtype:
-    """Frozen weights follow mixed precision unless ``model.dtype`` says otherwise."""
-    explicit = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if config.model.dtype != "auto":
-        return explicit[config.model.dtype]
-    return {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[mixed_precision(config)]
-
-
-def autocast_dtype(config: Config) -> torch.dtype | None:
-    return {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[mixed_precision(config)]
-
-
-def mixed_precision(config: Config) -> str:
-    """``train.mixed_precision`` with ``auto`` resolved for this machine: ``no``, ``fp16`` or ``bf16``."""
-    from difftune.training.performance import resolve_mixed_precision
-
-    return resolve_mixed_precision(config.train.mixed_precision, config.model.dtype)
-
-
 def step_seed(seed: int, step: int, rank: int) -> int:
     """A seed for one optimizer step on one process, so resuming at any step replays it exactly."""
-    digest = hashlib.sha256(f"{seed}/{step}/{rank}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+    return derived_seed(seed, step, rank)
 
 
 #: Keys whose change does not change what a resumed run computes.
@@ -113,16 +94,6 @@ RESUME_NEUTRAL = ("train.resume", "train.resume_force", "train.checkpoint_every"
 
 #: Exceptions inside the neutral sections: the held-out split decides which images train.
 RESUME_RELEVANT = ("validation.holdout",)
-
-
-def flat_config(config: Config) -> dict[str, object]:
-    flat = {}
-    for section, values in config_to_dict(config).items():
-        if isinstance(values, dict):
-            flat.update({f"{section}.{k}": v for k, v in values.items()})
-        else:
-            flat[section] = values
-    return flat
 
 
 def resume_relevant(config: Config) -> dict[str, object]:

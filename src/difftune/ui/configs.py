@@ -10,9 +10,11 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from difftune.config.loader import _looks_local, _toml_value, _type_name, load_config
+from difftune.config.loader import field_choices, toml_value, type_name
+from difftune.config.rules import looks_local
 from difftune.config.schema import SECTIONS
 from difftune.errors import DifftuneError
+from difftune.run_config import load_config, registered_choices
 from difftune.ui import toml_edit
 from difftune.ui.paths import Root
 
@@ -29,7 +31,7 @@ def _kind(tp: Any, meta: dict) -> str:
     if tp is bool:
         return "bool"
     if tp is str:
-        return "choice" if meta.get("choices") else "text"
+        return "choice" if field_choices(meta, registered_choices()) else "text"
     if tp in (int, float):
         return "number"
     if typing.get_origin(tp) is list and typing.get_args(tp)[0] is str:
@@ -45,12 +47,12 @@ def schema_description() -> list[dict]:
         fields = []
         for f in dataclasses.fields(cls):
             meta = dict(f.metadata)
-            choices = meta.get("choices")
-            choices = list(choices() if callable(choices) else choices) if choices else None
+            choices = field_choices(meta, registered_choices())
+            choices = list(choices) if choices else None
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             kind = _kind(hints[f.name], meta)
             fields.append({
-                "key": f"{name}.{f.name}", "name": f.name, "kind": kind, "type": _type_name(hints[f.name]),
+                "key": f"{name}.{f.name}", "name": f.name, "kind": kind, "type": type_name(hints[f.name]),
                 "default": None if default is None else display(kind, default), "choices": choices,
                 "min": meta.get("min"), "max": meta.get("max"), "min_exclusive": bool(meta.get("min_exclusive")),
                 "doc": meta["doc"],
@@ -72,7 +74,7 @@ def display(kind: str, value: Any) -> str:
         return value
     if kind in ("text", "choice") and isinstance(value, str):
         return value
-    return _toml_value(value)
+    return toml_value(value)
 
 
 def parse_field(kind: str, raw: str | None) -> Any:
@@ -161,7 +163,7 @@ def outside_root(raw: dict, root: Root) -> str | None:
         if key == "train.resume" and value == "latest":
             continue
         if key in ("model.path", "model.config", "data.path") or key.startswith("data.datasets"):
-            if is_builtin_model(value) or not _looks_local(value):
+            if is_builtin_model(value) or not looks_local(value):
                 continue  # a Hub id, or a built-in model
         if not root.contains(value):
             return (f"{key}: {value} is outside the root folder {root.path}; the web app only uses files under "

@@ -218,7 +218,7 @@ class App:
         check = configs.check(text, self.root)
         if not check["ok"]:
             raise DifftuneError(check["message"])
-        from difftune.config import load_config
+        from difftune.run_config import load_config
 
         config = load_config(data=tomllib.loads(text))
         run_dir = self.root.resolve(config.output.dir) if not Path(config.output.dir).is_absolute() else \

@@ -11,7 +11,7 @@ import re
 import tomllib
 from typing import Any
 
-from difftune.config.loader import _toml_value, dump_toml
+from difftune.config.loader import dump_toml, toml_value
 
 _HEADER = re.compile(r"^\s*\[\s*([A-Za-z0-9_.\-]+)\s*\]\s*(#.*)?$")
 _ARRAY_HEADER = re.compile(r"^\s*\[\[")
@@ -39,9 +39,9 @@ def set_value(text: str, section: str | None, key: str, value: Any) -> str:
         if value is None:
             return text
         if section is None:  # top-level key in a text that starts with a table: put it first
-            return f"{key} = {_toml_value(value)}\n" + text
+            return f"{key} = {toml_value(value)}\n" + text
         sep = "" if not text or text.endswith("\n") else "\n"
-        return f"{text}{sep}\n[{section}]\n{key} = {_toml_value(value)}\n"
+        return f"{text}{sep}\n[{section}]\n{key} = {toml_value(value)}\n"
     found = _find_key(lines, start, end, key)
     if found is None:
         if _has(data, section, key):  # written some other way (dotted key, inline table): rewrite whole
@@ -49,13 +49,13 @@ def set_value(text: str, section: str | None, key: str, value: Any) -> str:
         if value is None:
             return text
         at = _insert_point(lines, start, end)
-        new = f"{key} = {_toml_value(value)}\n"
+        new = f"{key} = {toml_value(value)}\n"
         if at > 0 and not lines[at - 1].endswith("\n"):
             lines[at - 1] += "\n"
         lines.insert(at, new)
         return "".join(lines)
     first, count, indent, comment = found
-    replacement = [] if value is None else [f"{indent}{key} = {_toml_value(value)}{comment}\n"]
+    replacement = [] if value is None else [f"{indent}{key} = {toml_value(value)}{comment}\n"]
     last = lines[first + count - 1]
     if replacement and not last.endswith("\n"):
         replacement[0] = replacement[0][:-1]

@@ -1,0 +1,48 @@
+"""Config values resolved to what a run uses: the datasets of a run as one list, colours as RGB."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from difftune.config.schema import DataConfig
+
+
+@dataclass
+class ResolvedDataset:
+    """One dataset with every inherited setting filled in. ``index`` is its position in the run."""
+
+    index: int
+    path: str
+    weight: float | None
+    repeats: int
+    instance_prompt: str | None
+    caption_source: str
+    trigger: str
+
+    def key(self, data: DataConfig) -> str:
+        """The config key of this dataset: ``data`` for ``data.path``, else ``data.datasets[i]``."""
+        return "data" if self.index == 0 and data.path else f"data.datasets[{self.index - bool(data.path)}]"
+
+
+def resolve_datasets(cfg: DataConfig) -> list[ResolvedDataset]:
+    """``data.path`` (if set) as the first dataset, then each of ``data.datasets``."""
+    out = []
+    if cfg.path:
+        out.append(ResolvedDataset(0, cfg.path, None, cfg.repeats, cfg.instance_prompt, cfg.caption_source,
+                                   cfg.trigger or ""))
+    for spec in cfg.datasets:
+        out.append(ResolvedDataset(
+            len(out), spec.path, spec.weight, spec.repeats,
+            spec.instance_prompt if spec.instance_prompt is not None else cfg.instance_prompt,
+            spec.caption_source or cfg.caption_source,
+            (spec.trigger if spec.trigger is not None else cfg.trigger) or "",
+        ))
+    return out
+
+
+def parse_colour(text: str) -> tuple[int, int, int]:
+    """An RGB triple from a colour name or ``#rrggbb``; raises ``ValueError`` for anything else."""
+    from PIL import ImageColor
+
+    rgb = ImageColor.getrgb(text)
+    return tuple(rgb[:3])  # type: ignore[return-value]

@@ -1,0 +1,112 @@
+"""Cross-field checks of a run config that need nothing but the config (and the paths it names).
+
+Checks that need to know what is registered — the model families, the methods and each method's
+own rules — run after these, in :mod:`difftune.run_config`.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from difftune.config.resolve import parse_colour, resolve_datasets
+from difftune.config.schema import Config
+from difftune.errors import ConfigError
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def looks_local(text: str) -> bool:
+    """True if ``text`` names a local path rather than a Hub id (``owner/name``)."""
+    return (
+        text.startswith((".", "/", "~"))
+        or "\\" in text
+        or text.endswith((".safetensors", ".ckpt", ".bin", ".pt"))
+        or not HUB_ID.match(text)
+    )
+
+
+def validate_semantics(config: Config, check_paths: bool = True) -> None:
+    """Cross-field checks and path checks. Loads no weights."""
+    if not config.model.path:
+        raise ConfigError("model.path: required; give a diffusers folder, a .safetensors file or a Hub id")
+    if not config.data.path and not config.data.datasets:
+        raise ConfigError("data.path: required; give an image folder or a dataset (or data.datasets)")
+    for i, spec in enumerate(config.data.datasets):
+        if not spec.path:
+            raise ConfigError(f"data.datasets[{i}].path: required; give an image folder or a dataset")
+    if check_paths:
+        check_paths_exist(config)
+    check_data_options(config)
+    if config.data.caption_source == "instance_prompt" and not config.data.instance_prompt:
+        raise ConfigError('data.instance_prompt: required when data.caption_source = "instance_prompt"')
+    if config.model.dtype == "fp16" and config.train.mixed_precision == "bf16":
+        raise ConfigError("model.dtype: fp16 weights with bf16 mixed precision; use model.dtype = \"bf16\"")
+    check_prior_preservation(config, check_paths)
+    check_holdout(config, check_paths)
+    max_steps = config.train.max_steps
+    if max_steps is not None and config.train.warmup_steps > max_steps:
+        raise ConfigError(
+            f"train.warmup_steps: {config.train.warmup_steps} is more than train.max_steps ({max_steps})"
+        )
+
+
+def check_paths_exist(config: Config) -> None:
+    """Local paths the config names must exist (Hub ids are left to the loaders)."""
+    named = [("model.path", config.model.path), ("data.path", config.data.path)]
+    named += [(f"data.datasets[{i}].path", d.path) for i, d in enumerate(config.data.datasets)]
+    for key, value in named:
+        if value and not Path(value).expanduser().exists() and looks_local(value):
+            raise ConfigError(f"{key}: {value} does not exist")
+    vae = config.model.vae
+    if vae and not Path(vae).expanduser().exists():
+        raise ConfigError(f"model.vae: {vae} does not exist; give a VAE folder or a .safetensors file")
+    resume = config.train.resume
+    if resume and resume != "latest" and not Path(resume).expanduser().is_dir():
+        raise ConfigError(f"train.resume: {resume} is not a checkpoint folder (or use \"latest\")")
+
+
+def check_data_options(config: Config) -> None:
+    """Cross-field checks of ``[data]``."""
+    data = config.data
+    try:
+        parse_colour(data.background)
+    except ValueError:
+        raise ConfigError(f"data.background: {data.background!r} is not a colour; use a name such as "
+                          "\"white\" or \"#808080\"") from None
+    if data.buckets and data.bucket_step > data.resolution:
+        raise ConfigError(f"data.bucket_step: {data.bucket_step} is larger than data.resolution "
+                          f"({data.resolution}); use a step of at most the resolution, e.g. 64")
+    if data.cache_text and config.method.train_text_encoder:
+        raise ConfigError("data.cache_text: the text encoder is trained (method.train_text_encoder), so its "
+                          "embeddings change every step and cannot be cached; turn one of them off")
+    if data.cache_text and data.shuffle_tags:
+        raise ConfigError("data.cache_text: data.shuffle_tags makes a new caption every epoch, which cannot be "
+                          "cached; turn one of them off")
+    for spec in resolve_datasets(data):
+        if spec.caption_source == "instance_prompt" and not spec.instance_prompt:
+            raise ConfigError(f'{spec.key(data)}.instance_prompt: required when caption_source = "instance_prompt"')
+
+
+def check_prior_preservation(config: Config, check_paths: bool) -> None:
+    """``[prior_preservation]`` is complete (whether the method uses it is the method's rule)."""
+    prior = config.prior_preservation
+    if prior.class_prompt:
+        if not prior.class_data:
+            raise ConfigError("prior_preservation.class_data: required with class_prompt (a folder for class images)")
+        if check_paths and Path(prior.class_data).expanduser().is_file():
+            raise ConfigError(f"prior_preservation.class_data: {prior.class_data} is a file, not a folder")
+    elif prior.class_data:
+        raise ConfigError("prior_preservation.class_prompt: required when class_data is set")
+
+
+def check_holdout(config: Config, check_paths: bool) -> None:
+    val = config.validation
+    if isinstance(val.holdout, float) and not 0.0 < val.holdout < 1.0:
+        raise ConfigError(f"validation.holdout: {val.holdout!r} must be a fraction between 0 and 1, or a folder")
+    if isinstance(val.holdout, str) and check_paths and not Path(val.holdout).expanduser().is_dir():
+        raise ConfigError(f"validation.holdout: {val.holdout} is not a folder (give a fraction such as 0.1, or a folder)")
+    if val.holdout is None:
+        for key in ("loss_every", "patience"):
+            if getattr(val, key):
+                raise ConfigError(f"validation.{key}: needs validation.holdout (a fraction such as 0.1, or a folder)")

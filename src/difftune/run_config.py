@@ -1,0 +1,43 @@
+"""A run config as difftune loads it: read and checked by :mod:`difftune.config` (which knows nothing
+else), then checked against what is registered — the model family, the method, and the method's own
+rules. Nothing here imports torch, so ``difftune validate`` is instant.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from difftune.config.loader import Registered, parse_config
+from difftune.config.schema import Config
+from difftune.errors import ConfigError
+from difftune.methods import METHODS
+from difftune.models import FAMILIES
+
+
+def registered_choices() -> Registered:
+    """The names each ``registry`` field of the schema may take (``model.family``, ``method.type``)."""
+    return {"families": FAMILIES.names(), "methods": METHODS.names()}
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                data: dict | None = None, check_paths: bool = True) -> Config:
+    """Load, override and validate a config: every key, type, range, path and method rule, no weights.
+
+    ``path`` is a TOML file, or ``data`` a mapping of sections; ``overrides`` are ``section.key=value``
+    strings (``--set``). Raises :class:`~difftune.errors.ConfigError` with a one-line reason.
+    """
+    config = parse_config(path, overrides, data, check_paths, registered=registered_choices())
+    check_method(config)
+    return config
+
+
+def check_method(config: Config) -> None:
+    """The method's own rules, and whether it uses prior preservation when that is configured."""
+    spec = METHODS.get(config.method.type)
+    spec.check(config.method)
+    if config.prior_preservation.class_prompt and not spec.supports_prior_preservation:
+        supported = " or ".join(f'"{n}"' for n in METHODS.names() if METHODS.get(n).supports_prior_preservation)
+        raise ConfigError(
+            f"prior_preservation.class_prompt: method.type = {config.method.type!r} does not use prior "
+            f"preservation; use {supported}, or remove the [prior_preservation] section"
+        )
