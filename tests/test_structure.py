@@ -142,7 +142,6 @@ def _functions(tree: ast.AST):
             yield node
 
 
-@pytest.mark.xfail(strict=True, reason="training/loop.py _train is split into setup/step/finish in the next change")
 def test_no_function_in_src_is_longer_than_sixty_lines():
     long = []
     for path in MODULES.values():
@@ -179,9 +178,7 @@ def _private_uses(tree: ast.AST) -> list[str]:
     return found
 
 
-@pytest.mark.parametrize("folder", [
-    pytest.param("tests", marks=pytest.mark.xfail(strict=True, reason="tests patch loop._loss until the loop split")),
-    "benchmarks", "scripts"])
+@pytest.mark.parametrize("folder", ["tests", "benchmarks", "scripts"])
 def test_no_test_or_script_uses_a_private_name_of_difftune(folder):
     offenders = {str(p.relative_to(ROOT)): uses for p in sorted((ROOT / folder).rglob("*.py"))
                  if (uses := _private_uses(ast.parse(p.read_text())))}

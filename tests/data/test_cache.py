@@ -43,8 +43,8 @@ def test_cache_hits_and_misses_follow_the_key(tiny_sd, loaded, tmp_path):
     assert (run.latent_stats.misses, run.latent_stats.hits) == (6, 0)  # plain + flipped
     assert (run.text_stats.misses, run.text_stats.hits) == (3, 0)
     item = run.dataset[(0, 0)]
-    assert "pixels" not in item and item["latent_mean"].shape == (4, 16, 16)
-    assert set(item["conditioning"]) == {"encoder_hidden_states"}
+    assert item.pixels is None and item.latent_mean.shape == (4, 16, 16)
+    assert set(item.conditioning) == {"encoder_hidden_states"}
 
     again = build_training_data(_config(tiny_sd, data, tmp_path, random_flip=True), family, components)
     assert (again.latent_stats.misses, again.latent_stats.hits) == (0, 6)
@@ -71,8 +71,8 @@ def test_cached_latents_match_the_vae(tiny_sd, loaded, tmp_path):
     pixels = prepare_image(run.scan.examples[0].image, (32, 32), center_crop=True, rng=random.Random(0)).pixels
     dist = components.vae.encode(pixels[None]).latent_dist
     scale = components.vae.config.scaling_factor
-    torch.testing.assert_close(item["latent_mean"], dist.mean[0] * scale)
-    torch.testing.assert_close(item["latent_std"], dist.std[0] * scale)
+    torch.testing.assert_close(item.latent_mean, dist.mean[0] * scale)
+    torch.testing.assert_close(item.latent_std, dist.std[0] * scale)
 
 
 def test_nan_latents_are_reported_with_the_file_name(tiny_sd, loaded, tmp_path, monkeypatch):

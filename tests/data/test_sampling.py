@@ -12,8 +12,8 @@ from difftune import load_config
 from difftune.config.schema import DataConfig
 from difftune.data.buckets import make_buckets, nearest_bucket
 from difftune.data.captions import final_caption
-from difftune.data.dataset import ImageCaptionDataset, ResumableBatches
-from difftune.data.sampling import BucketBatches, EpochPlan, batch_order, item_sizes
+from difftune.data.dataset import ImageCaptionDataset
+from difftune.data.sampling import BucketBatches, EpochPlan, ResumableBatches, batch_order, item_sizes
 from difftune.data.sources import scan
 from difftune.errors import ConfigError
 
@@ -100,12 +100,12 @@ def test_dataset_captions_are_seeded_per_epoch_and_index(tmp_path):
                      buckets=True, bucket_step=8)
     examples = scan(cfg).examples
     ds = ImageCaptionDataset(examples, cfg, seed=1, sizes=item_sizes(examples, cfg))
-    first = [ds[(e, i)]["caption"] for e in range(4) for i in range(3)]
-    assert [ImageCaptionDataset(examples, cfg, 1, item_sizes(examples, cfg))[(e, i)]["caption"]
+    first = [ds[(e, i)].caption for e in range(4) for i in range(3)]
+    assert [ImageCaptionDataset(examples, cfg, 1, item_sizes(examples, cfg))[(e, i)].caption
             for e in range(4) for i in range(3)] == first
     assert len(set(first)) > 2
     item = ds[(0, 0)]
-    assert item["pixels"].shape[1:] == item["target_size"] and item["target_size"][0] < item["target_size"][1]
+    assert item.pixels.shape[1:] == item.target_size and item.target_size[0] < item.target_size[1]
 
 
 def test_datasets_list_of_tables_is_strict(tmp_path):

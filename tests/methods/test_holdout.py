@@ -48,7 +48,7 @@ def test_same_weights_give_the_same_held_out_loss(run_config, tiny_sd, shapes_da
     method.prepare(components)
     objective = OBJECTIVES.get(family.objective)(family.objective_settings(components), cfg.train)
     _, held = split(load_examples(cfg.data).examples, cfg.data, cfg.validation, cfg.train.seed)
-    evaluator = holdout.HeldOutLoss(held, cfg)
+    evaluator = holdout.HeldOutLoss(held, cfg.data, cfg.validation, cfg.train.seed, cfg.train.batch_size)
 
     def evaluate():
         return evaluator.evaluate(family, components, objective, method, torch.device("cpu"), None)
@@ -65,7 +65,7 @@ def test_same_weights_give_the_same_held_out_loss(run_config, tiny_sd, shapes_da
 def test_early_stopping_bookkeeping(run_config, tiny_sd, shapes_data, tmp_path):
     cfg = load_config(data=run_config(tiny_sd, shapes_data, tmp_path / "o",
                                       validation={"holdout": 0.25, "patience": 2}))
-    evaluator = holdout.HeldOutLoss([], cfg)
+    evaluator = holdout.HeldOutLoss([], cfg.data, cfg.validation, cfg.train.seed, cfg.train.batch_size)
     assert evaluator.record(1, 1.0) and not evaluator.should_stop
     assert not evaluator.record(2, 1.1) and not evaluator.should_stop
     assert evaluator.record(3, 0.9)

@@ -30,29 +30,30 @@ def test_batches_pair_instance_and_class_images_with_the_prior_weight(run_config
     data = build_training_data(config, class_examples=class_examples)
     dataset, collate = data.dataset, data.collate
     batch = collate([dataset[(0, 0)], dataset[(0, 1)]])
-    assert batch["pixels"].shape[0] == 4
-    assert batch["captions"] == ["a photo of sks shape"] * 2 + ["a photo of a shape"] * 2
-    assert batch["is_class_image"].tolist() == [False, False, True, True]
-    assert batch["loss_weights"].tolist() == [1.0, 1.0, 0.25, 0.25]
+    assert batch.pixels.shape[0] == 4 and batch.latent_mean is None
+    assert batch.captions == ["a photo of sks shape"] * 2 + ["a photo of a shape"] * 2
+    assert batch.is_class_image.tolist() == [False, False, True, True]
+    assert batch.loss_weights.tolist() == [1.0, 1.0, 0.25, 0.25]
 
 
 def test_the_loss_applies_per_image_weights(tiny_sd):
     from difftune.config.schema import Config
+    from difftune.data.batch import Batch
     from difftune.models import detect_family, get_family
     from difftune.models.loading import resolve_source
     from difftune.objectives import OBJECTIVES
-    from difftune.training.loop import _loss
+    from difftune.training.loss import micro_batch_loss
 
     source = resolve_source(str(tiny_sd), None, None, None)
     family = get_family(detect_family(source, "auto"))
     components = family.load(source, dtype=torch.float32)
     objective = OBJECTIVES.get(family.objective)(family.objective_settings(components), Config().train)
-    batch = {"pixels": torch.rand(2, 3, 32, 32) * 2 - 1, "captions": ["a", "b"]}
+    pixels = torch.rand(2, 3, 32, 32) * 2 - 1
 
     def loss(weights=None):
         torch.manual_seed(0)
-        return _loss(family, components, objective, batch if weights is None else {**batch, "loss_weights": weights},
-                     torch.device("cpu"), Config())
+        batch = Batch(captions=["a", "b"], pixels=pixels, loss_weights=weights)
+        return micro_batch_loss(family, components, objective, batch, torch.device("cpu"), trains_text=False)
 
     unweighted = loss()
     only_first, only_second = loss(torch.tensor([1.0, 0.0])), loss(torch.tensor([0.0, 1.0]))
@@ -114,23 +115,24 @@ def test_class_images_are_cached_with_the_instance_images(run_config, tiny_sd, s
     flips = 2 if config.data.random_flip else 1
     assert data.latent_stats.misses == (instances + len(class_examples)) * flips  # one bucket size here
     batch = data.collate([data.dataset[(0, 0)], data.dataset[(0, 1)]])
-    assert "pixels" not in batch and batch["latent_mean"].shape[0] == 4
-    assert batch["is_class_image"].tolist() == [False, False, True, True]
+    assert batch.pixels is None and batch.latent_mean.shape[0] == 4
+    assert batch.is_class_image.tolist() == [False, False, True, True]
     # The class rows are the VAE's latents of the class images and the class prompt's embeddings.
     pair = data.dataset[(0, 1)][1]
     class_image = data.dataset.classes.examples[1 % len(class_examples)]  # epoch 0, instance 1
     from difftune.data.transforms import prepare_image
 
     assert not config.data.random_flip
-    pixels = prepare_image(class_image.image, pair["target_size"], center_crop=True, flip=False,
+    pixels = prepare_image(class_image.image, pair.target_size, center_crop=True, flip=False,
                            rng=random.Random(0)).pixels
     expected, _ = family.latent_distribution(components, pixels[None])
-    torch.testing.assert_close(pair["latent_mean"], expected[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(pair.latent_mean, expected[0], rtol=1e-4, atol=1e-4)
     other = data.dataset.classes.examples[0]
     assert other.digest != class_image.digest  # and it is not just any class image's latents:
-    assert not torch.allclose(data.dataset[(0, 0)][1]["latent_mean"], pair["latent_mean"])
+    assert not torch.allclose(data.dataset[(0, 0)][1].latent_mean, pair.latent_mean)
     embeds = family.encode_prompt(components, ["a photo of a shape"])
-    for key, value in pair["conditioning"].items():
+    assert pair.is_class_image and pair.caption == "a photo of a shape"
+    for key, value in pair.conditioning.items():
         torch.testing.assert_close(value, embeds[key][0])
 
     # A second build reuses every entry, class images included.

@@ -7,6 +7,8 @@ import torch
 from method_helpers import base_pipeline, pipeline_image
 from safetensors.torch import load_file
 
+from difftune.data.batch import Batch
+
 TI = {"type": "textual_inversion", "token": "<sks>", "initializer_token": "dog", "num_vectors": 2}
 
 
@@ -33,9 +35,9 @@ def test_only_new_rows_change_even_with_weight_decay(tiny_sd, tmp_path, run_conf
     assert first == original.shape[0] and tokenizer.convert_tokens_to_ids("<sks>_1") == first + 1
     optimizer = torch.optim.AdamW(method.param_groups(components, 1e-2), weight_decay=0.1)
     for step in range(1, 4):
-        batch = method.prepare_batch({"captions": ["a red circle"]})
-        assert "<sks> <sks>_1" in batch["captions"][0]
-        out = family.encode_prompt(components, batch["captions"])["encoder_hidden_states"]
+        batch = method.prepare_batch(Batch(captions=["a red circle"]))
+        assert "<sks> <sks>_1" in batch.captions[0]
+        out = family.encode_prompt(components, batch.captions)["encoder_hidden_states"]
         out.pow(2).mean().backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -52,7 +54,7 @@ def test_without_restoring_rows_weight_decay_would_move_them(tiny_sd, tmp_path, 
     original = components.text_encoders[0].get_input_embeddings().weight.detach().clone()
     method.prepare(components)
     optimizer = torch.optim.AdamW(method.param_groups(components, 1e-2), weight_decay=0.1)
-    out = family.encode_prompt(components, method.prepare_batch({"captions": ["x"]})["captions"])
+    out = family.encode_prompt(components, method.prepare_batch(Batch(captions=["x"])).captions)
     out["encoder_hidden_states"].pow(2).mean().backward()
     optimizer.step()
     weight = components.text_encoders[0].get_input_embeddings().weight.detach()
@@ -107,6 +109,6 @@ def test_two_encoder_family_saves_one_key_per_encoder(tmp_path, tiny_sd):
 
 def test_style_templates_and_plain_captions(tiny_sd, tmp_path, run_config, shapes_data):
     *_, method = _load(tiny_sd, tmp_path, run_config, shapes_data, templates="style")
-    assert "in the style of <sks> <sks>_1" in method.prepare_batch({"captions": ["x"]})["captions"][0]
+    assert "in the style of <sks> <sks>_1" in method.prepare_batch(Batch(captions=["x"])).captions[0]
     *_, method = _load(tiny_sd, tmp_path, run_config, shapes_data, templates="none")
-    assert method.prepare_batch({"captions": ["my <sks> toy"]})["captions"] == ["my <sks> <sks>_1 toy"]
+    assert method.prepare_batch(Batch(captions=["my <sks> toy"])).captions == ["my <sks> <sks>_1 toy"]

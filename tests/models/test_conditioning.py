@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from difftune import load_config
+from difftune.data.batch import Batch
 from difftune.models import get_family
 from difftune.models.loading import resolve_source
 
@@ -21,7 +24,7 @@ def _predict(family, components, batch=None):
         cond = family.encode_prompt(components, ["a red circle"])
         latents = torch.randn_like(family.encode_images(components, torch.zeros(1, 3, 32, 32)))
         t = torch.tensor([500.0])
-        return family.predict(components, components.denoiser, latents, t, cond, batch or {})
+        return family.predict(components, components.denoiser, latents, t, cond, batch or Batch())
 
 
 def test_sdxl_time_ids_come_from_each_sample(tmp_path):
@@ -29,13 +32,14 @@ def test_sdxl_time_ids_come_from_each_sample(tmp_path):
 
     family = _family("sdxl", tmp_path)
     components = family.load(resolve_source(str(build_tiny_sdxl(tmp_path / "xl"))), dtype=torch.float32)
-    batch = {"original_sizes": [(600, 400)], "crop_top_lefts": [(10, 20)], "target_sizes": [(32, 32)]}
+    batch = Batch(captions=["a red circle"], original_sizes=[(600, 400)], crop_top_lefts=[(10, 20)],
+                  target_sizes=[(32, 32)])
     ids = family.time_ids(components, batch, torch.zeros(1, 4, 16, 16))
     assert ids.tolist() == [[600, 400, 10, 20, 32, 32]]
     # Without a per-sample record: the uncropped latent size in pixels.
-    assert family.time_ids(components, {}, torch.zeros(1, 4, 16, 16)).tolist() == [[32, 32, 0, 0, 32, 32]]
+    assert family.time_ids(components, Batch(), torch.zeros(1, 4, 16, 16)).tolist() == [[32, 32, 0, 0, 32, 32]]
     # The UNet sees them: a different crop changes the prediction.
-    other = dict(batch, crop_top_lefts=[(0, 0)])
+    other = dataclasses.replace(batch, crop_top_lefts=[(0, 0)])
     assert not torch.allclose(_predict(family, components, batch), _predict(family, components, other))
 
 

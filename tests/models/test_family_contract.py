@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from difftune import load_config, tiny
+from difftune.data.batch import Batch
 from difftune.models import FAMILIES, detect_family, get_family
 from difftune.models.loading import resolve_source
 from difftune.objectives import OBJECTIVES
@@ -86,7 +87,8 @@ def test_family_contract(family_model, tmp_path, shapes_data, run_config):
         objective = OBJECTIVES.get(family.objective)(family.objective_settings(components),
                                                       load_config(data=run_config(folder, shapes_data, tmp_path)).train)
         noised = objective.noise(latents.float())
-        batch = {"original_sizes": [(40, 32)] * 2, "crop_top_lefts": [(4, 0)] * 2, "target_sizes": [(32, 32)] * 2}
+        batch = Batch(captions=["a red circle", "a blue square"], original_sizes=[(40, 32)] * 2,
+                      crop_top_lefts=[(4, 0)] * 2, target_sizes=[(32, 32)] * 2)
         # Conditioning is a plain dict of tensors (cacheable): predicting needs no text encoder.
         no_text = dataclasses.replace(components, text_encoders=[_Unusable() for _ in components.text_encoders])
         pred = family.predict(no_text, components.denoiser, noised.noisy_latents, noised.timesteps, cond, batch)

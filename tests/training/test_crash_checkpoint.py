@@ -16,28 +16,32 @@ from difftune.training import checkpoint as ckpt
 def _state(step: int, mb: float = 0.01) -> ckpt.TrainingState:
     n = int(mb * 2**20 / 4)
     return ckpt.TrainingState(step, {"w": torch.full((n,), float(step))}, {"state": {0: {"m": torch.ones(n)}}},
-                              {"last_epoch": step}, {"scaler": {"scale": 1024.0}})
+                              {"last_epoch": step}, scaler={"scale": 1024.0})
+
+
+def _save(root, state: ckpt.TrainingState, info: dict):
+    return ckpt.save_checkpoint(root, state.step, state, info)
 
 
 def test_checkpoint_holds_every_part_and_per_process_rng(tmp_path):
     root = tmp_path / "ck"
     staging = ckpt.begin(root, 7)
     torch.manual_seed(1)
-    ckpt.save_rng(staging, 0)
+    ckpt.save_process_state(staging, 0)
     expected = torch.rand(3)  # what rank 0's torch RNG produces after the saved point
     torch.manual_seed(2)
-    ckpt.save_rng(staging, 1)  # another process writes its own file before the main process finishes
+    ckpt.save_process_state(staging, 1)  # another process writes its own file before the main process finishes
     folder = ckpt.finish(root, staging, _state(7), {"note": "x"})
 
     assert folder == root / "step-7" and not staging.exists()
     assert ckpt.verify(folder) is None
     state = ckpt.load_checkpoint(folder, rank=0)
-    assert state.step == 7 and state.scheduler == {"last_epoch": 7} and state.extra["scaler"] == {"scale": 1024.0}
-    assert state.extra["info"]["note"] == "x"
-    ckpt.set_rng_state(state.extra["rng"])
+    assert state.step == 7 and state.scheduler == {"last_epoch": 7} and state.scaler == {"scale": 1024.0}
+    assert state.info == {"step": 7, "note": "x"}
+    ckpt.set_rng_state(state.rng)
     assert torch.equal(torch.rand(3), expected)
     other = ckpt.load_checkpoint(folder, rank=1)
-    assert not torch.equal(other.extra["rng"]["torch"], state.extra["rng"]["torch"])
+    assert not torch.equal(other.rng["torch"], state.rng["torch"])
     # The manifest covers every process's file, so a damaged rng file is detected.
     (folder / "rng-1.pt").write_bytes(b"x")
     assert ckpt.verify(folder) == "rng-1.pt does not match its checksum"
@@ -46,7 +50,7 @@ def test_checkpoint_holds_every_part_and_per_process_rng(tmp_path):
 def test_resaving_a_step_never_leaves_it_missing(tmp_path, monkeypatch):
     """A kill between moving the old step-N aside and renaming the new one in is repaired on resume."""
     root = tmp_path / "ck"
-    ckpt.save_checkpoint(root, _state(3), {})
+    _save(root, _state(3), {})
     real_replace = os.replace
 
     def killed_before_renaming_the_new_one_in(src, dst):
@@ -56,7 +60,7 @@ def test_resaving_a_step_never_leaves_it_missing(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "replace", killed_before_renaming_the_new_one_in)
     with pytest.raises(KeyboardInterrupt):
-        ckpt.save_checkpoint(root, _state(3), {"second": True})
+        _save(root, _state(3), {"second": True})
     monkeypatch.setattr(os, "replace", real_replace)
 
     assert not (root / "step-3").exists() and (root / ".old-step-3").is_dir()
@@ -69,7 +73,7 @@ def test_resaving_a_step_never_leaves_it_missing(tmp_path, monkeypatch):
 
 def test_stale_staging_folders_are_ignored_and_cleaned(tmp_path):
     root = tmp_path / "ck"
-    ckpt.save_checkpoint(root, _state(1), {})
+    _save(root, _state(1), {})
     half = root / ".tmp-step-2"
     half.mkdir()
     (half / "trainable.safetensors").write_bytes(b"partial")
@@ -82,14 +86,14 @@ def test_stale_staging_folders_are_ignored_and_cleaned(tmp_path):
 
 def test_full_disk_keeps_previous_checkpoint_and_says_so(tmp_path, monkeypatch):
     root = tmp_path / "ck"
-    ckpt.save_checkpoint(root, _state(1), {})
+    _save(root, _state(1), {})
 
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(ckpt, "save_safetensors", disk_full)
     with pytest.raises(DifftuneError) as caught:
-        ckpt.save_checkpoint(root, _state(2, mb=3), {})
+        _save(root, _state(2, mb=3), {})
     message = str(caught.value)
     assert "the disk is full" in message and "step-2" in message and str(root) in message
     assert "about 7.0 MB" in message and "MB free" in message  # 3 MB weights + 3 MB optimizer + 1 MB margin
@@ -100,21 +104,21 @@ def test_full_disk_keeps_previous_checkpoint_and_says_so(tmp_path, monkeypatch):
 
 def test_full_disk_while_writing_rng_file(tmp_path, monkeypatch):
     root = tmp_path / "ck"
-    ckpt.save_checkpoint(root, _state(1), {})
+    _save(root, _state(1), {})
 
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(ckpt.torch, "save", disk_full)
     with pytest.raises(ckpt.DiskFullError):
-        ckpt.save_checkpoint(root, _state(2), {})
+        _save(root, _state(2), {})
     assert sorted(p.name for p in root.iterdir()) == ["step-1"]
 
 
 def test_prune_counts_only_complete_checkpoints(tmp_path):
     root = tmp_path / "ck"
     for step in (1, 2):
-        ckpt.save_checkpoint(root, _state(step), {})
+        _save(root, _state(step), {})
     (root / "step-3").mkdir()  # damaged newest: must not push the last good one out
     ckpt.prune(root, keep=1)
     assert [p.name for p in ckpt.list_checkpoints(root)] == ["step-2", "step-3"]
@@ -123,7 +127,7 @@ def test_prune_counts_only_complete_checkpoints(tmp_path):
 
 def test_damaged_checkpoint_load_is_a_person_facing_error(tmp_path):
     root = tmp_path / "ck"
-    folder = ckpt.save_checkpoint(root, _state(1), {})
+    folder = _save(root, _state(1), {})
     (folder / "training_state.pt").write_bytes(b"x")
     with pytest.raises(DifftuneError, match="damaged checkpoint .training_state.pt does not match"):
         ckpt.load_checkpoint(folder)

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-import difftune.training.loop as loop
+import difftune.training.step as training_step
 from difftune import load_config
 from difftune.errors import DifftuneError
 from difftune.models.sd import StableDiffusion
@@ -78,14 +78,14 @@ def _cfg(run_config, tiny_sd, data, out, **train_kw):
 
 def test_nan_steps_are_skipped_then_the_run_stops_with_the_last_good_state(tmp_path, tiny_sd, shapes_data,
                                                                           run_config, monkeypatch):
-    real, calls = loop._loss, []
+    real, calls = training_step.micro_batch_loss, []
 
     def loss(*args, **kwargs):  # one micro-batch per step: call i is step i + 1
         value = real(*args, **kwargs)
         calls.append(1)
         return value * float("nan") if len(calls) in (2, 4, 5, 6) else value
 
-    monkeypatch.setattr(loop, "_loss", loss)
+    monkeypatch.setattr(training_step, "micro_batch_loss", loss)
     messages = []
     out = tmp_path / "out"
     with pytest.raises(DifftuneError) as caught:

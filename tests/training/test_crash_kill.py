@@ -26,8 +26,8 @@ def _save_forever(root, start: int) -> None:
         while True:
             step = step if again else step + 1
             state = ckpt.TrainingState(step, {"w": torch.full((n,), float(step))},
-                                       {"state": {0: {"m": torch.full((n,), -float(step))}}}, {"last_epoch": step}, {})
-            ckpt.save_checkpoint(root, state, {"again": again})
+                                       {"state": {0: {"m": torch.full((n,), -float(step))}}}, {"last_epoch": step})
+            ckpt.save_checkpoint(root, step, state, {"again": again})
             ckpt.prune(root, keep=2)
             again = not again
     finally:
@@ -39,8 +39,8 @@ def _seconds_per_save(tmp_path) -> float:
     n = 2**19
     started = time.perf_counter()
     for step in range(1, 4):
-        state = ckpt.TrainingState(step, {"w": torch.zeros(n)}, {"state": {0: {"m": torch.zeros(n)}}}, {}, {})
-        ckpt.save_checkpoint(tmp_path / "probe", state, {})
+        state = ckpt.TrainingState(step, {"w": torch.zeros(n)}, {"state": {0: {"m": torch.zeros(n)}}}, {})
+        ckpt.save_checkpoint(tmp_path / "probe", step, state, {})
     return (time.perf_counter() - started) / 3
 
 

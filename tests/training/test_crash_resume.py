@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import difftune.training.loop as loop
+import difftune.training.step as training_step
 from difftune import load_config
 from difftune.errors import DifftuneError
 from difftune.training import checkpoint as ckpt
@@ -36,7 +36,7 @@ def _cfg(run_config, tiny_sd, data, out, method=None, **train_kw):
 
 def _interrupt_at_micro_batch(monkeypatch, k: int, signum=signal.SIGINT):
     """Send ``signum`` to this process while micro-batch ``k`` of the next run is computed."""
-    real, calls = loop._loss, []
+    real, calls = training_step.micro_batch_loss, []
 
     def loss(*args, **kwargs):
         if len(calls) == k:
@@ -44,7 +44,7 @@ def _interrupt_at_micro_batch(monkeypatch, k: int, signum=signal.SIGINT):
         calls.append(k)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "_loss", loss)
+    monkeypatch.setattr(training_step, "micro_batch_loss", loss)
 
 
 def test_chained_interruptions_give_bit_identical_adapter_and_losses(tmp_path, tiny_sd, shapes_data, run_config,

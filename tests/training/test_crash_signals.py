@@ -62,7 +62,7 @@ def test_cli_force_resume_flag_and_sigint_exit_code(tmp_path, tiny_sd, shapes_da
     import difftune.training.loop as loop
     from difftune.cli import main
     from difftune.config.loader import dump_toml
-    from difftune.training.run import RunResult
+    from difftune.training.state import RunResult
 
     seen = []
 

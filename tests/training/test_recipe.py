@@ -8,9 +8,8 @@ import torch
 from difftune import load_config
 from difftune.config.schema import TrainConfig
 from difftune.errors import DifftuneError
-from difftune.training.optim import build_optimizer, build_scheduler
+from difftune.training.optim import build_optimizer, build_scheduler, learning_rate, total_steps
 from difftune.training.precision import weight_dtype
-from difftune.training.run import learning_rate, total_steps
 
 
 def _lrs(name: str, **kw) -> list[float]:
@@ -43,10 +42,10 @@ def test_scale_lr_and_steps_from_epochs(tmp_path, tiny_sd, shapes_data, run_conf
         "learning_rate": 1e-4, "scale_lr": True, "batch_size": 2, "gradient_accumulation": 3, "epochs": 4})
     del raw["train"]["max_steps"]  # unset: derived from epochs
     cfg = load_config(data=raw)
-    assert learning_rate(cfg, num_processes=2) == pytest.approx(1e-4 * 2 * 3 * 2)
+    assert learning_rate(cfg.train, num_processes=2) == pytest.approx(1e-4 * 2 * 3 * 2)
     # 4 images / batch 2 = 2 micro-batches per epoch -> ceil(2 / 3) = 1 step per epoch.
-    assert total_steps(cfg, batches_per_epoch=2) == 4
-    assert total_steps(cfg, batches_per_epoch=7) == 4 * 3
+    assert total_steps(cfg.train, batches_per_epoch=2) == 4
+    assert total_steps(cfg.train, batches_per_epoch=7) == 4 * 3
 
 
 def test_frozen_parts_are_frozen_in_low_precision_and_lora_stays_fp32(tiny_sd, shapes_data, tmp_path, run_config):

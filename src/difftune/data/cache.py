@@ -175,7 +175,7 @@ def release_frozen_encoders(components, keep_on_cpu: bool) -> None:
     if keep_on_cpu:
         for m in modules:
             m.to("cpu")
-        components.extra["encoders_offloaded"] = True
+        components.encoders_offloaded = True
     else:
         components.vae = None
         components.text_encoders = [None] * len(components.text_encoders)
@@ -188,7 +188,7 @@ def release_frozen_encoders(components, keep_on_cpu: bool) -> None:
 @contextlib.contextmanager
 def frozen_encoders_on(components, device):
     """Bring offloaded encoders to ``device`` for a validation, and send them back after."""
-    if not components.extra.get("encoders_offloaded"):
+    if not components.encoders_offloaded:
         yield
         return
     modules = [components.vae, *components.text_encoders]

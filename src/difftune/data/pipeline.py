@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+
+from torch.utils.data import Dataset
 
 from difftune.config.resolve import parse_colour
 from difftune.config.schema import Config
+from difftune.data.batch import Batch, collate
 from difftune.data.cache import (
     FillStats,
     default_cache_dir,
@@ -18,21 +21,23 @@ from difftune.data.cache import (
     text_cache_for,
 )
 from difftune.data.captions import possible_captions
-from difftune.data.dataset import ImageCaptionDataset, collate
+from difftune.data.dataset import ImageCaptionDataset
 from difftune.data.holdout import split
 from difftune.data.prior import with_class_images
 from difftune.data.probe import Problem
-from difftune.data.sampling import batch_order, item_sizes
+from difftune.data.sampling import BatchOrder, batch_order, item_sizes
 from difftune.data.sources import ScanResult, load_examples
 from difftune.errors import DifftuneError
 
 
 @dataclass
 class TrainingData:
+    """What the loop needs from the data: the dataset, the order it is read in, and how items batch."""
+
     scan: ScanResult
-    dataset: ImageCaptionDataset
-    order: Any  # ResumableBatches or BucketBatches
-    collate: Any = collate
+    dataset: Dataset
+    order: BatchOrder
+    collate: Callable[[list], Batch] = collate
     latent_stats: FillStats | None = None
     text_stats: FillStats | None = None
     held_out: list = dataclasses.field(default_factory=list)
@@ -44,10 +49,6 @@ class TrainingData:
         return f"{n} images ({skipped})" if skipped != "none skipped" else f"{n} images"
 
 
-def _quiet(_msg: str) -> None:
-    pass
-
-
 def build_training_data(config: Config, family=None, components=None, *, class_examples=(), rank: int = 0,
                         world: int = 1, is_main: bool = True, barrier=lambda: None, log=print,
                         progress: bool = False) -> TrainingData:
@@ -55,11 +56,11 @@ def build_training_data(config: Config, family=None, components=None, *, class_e
 
     The held-out split (``validation.holdout``) is taken before anything else, so held-out images
     are never trained on nor cached; ``class_examples`` (prior preservation) are paired with the
-    training images.
+    training images. ``log`` receives messages (a multi-process run passes a no-op on the others).
     """
     cfg = config.data
     classes = list(class_examples)
-    scan = load_examples(cfg, log if is_main else None)
+    scan = load_examples(cfg, log)
     train_examples, held_out = split(scan.examples, cfg, config.validation, config.train.seed)
     scan = dataclasses.replace(scan, examples=train_examples)
     sizes = item_sizes(scan.examples, cfg)
@@ -83,14 +84,12 @@ def build_training_data(config: Config, family=None, components=None, *, class_e
                                for c in possible_captions(ex.caption, ex.trigger, cfg)})
             text_stats = fill_text(text_cache, family, components, captions, progress=progress) if is_main else None
         barrier()
-        if is_main:
-            for name, stats in (("latent", latent_stats), ("text", text_stats)):
-                if stats is not None:
-                    log(f"{name} cache {folder}: {stats.hits} reused, {stats.misses} computed")
+        for name, stats in (("latent", latent_stats), ("text", text_stats)):
+            if stats is not None:
+                log(f"{name} cache {folder}: {stats.hits} reused, {stats.misses} computed")
         if latent_cache is not None:
-            _drop_nonfinite(scan, sizes, latent_cache, cfg, log if is_main else _quiet)
-            classes = _finite_class_examples(classes, sorted(set(sizes)), latent_cache, cfg,  # after drops
-                                             log if is_main else _quiet)
+            _drop_nonfinite(scan, sizes, latent_cache, cfg, log)
+            classes = _finite_class_examples(classes, sorted(set(sizes)), latent_cache, cfg, log)  # after drops
     dataset = ImageCaptionDataset(scan.examples, cfg, config.train.seed, sizes, latent_cache, text_cache)
     try:
         order = batch_order(scan, sizes, cfg, config.train.batch_size, config.train.seed, rank, world)

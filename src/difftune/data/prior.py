@@ -1,7 +1,7 @@
 """DreamBooth prior preservation: class images, generated once with the base model, paired with instance images.
 
 Every micro-batch holds the instance images followed by as many class images, captioned with
-``prior_preservation.class_prompt``; ``batch["loss_weights"]`` gives instance images weight 1 and
+``prior_preservation.class_prompt``; ``Batch.loss_weights`` gives instance images weight 1 and
 class images ``prior_preservation.loss_weight``. The loss is the mean of weight × loss over the
 batch, i.e. (instance loss + weight × prior loss) / 2.
 """
@@ -14,7 +14,8 @@ import torch
 from torch.utils.data import Dataset
 
 from difftune.config.schema import Config, PriorPreservationConfig
-from difftune.data.dataset import ImageCaptionDataset, collate
+from difftune.data.batch import Batch, Item, collate
+from difftune.data.dataset import ImageCaptionDataset
 from difftune.data.probe import Problem, probe_image
 from difftune.data.sources import IMAGE_SUFFIXES, Example
 from difftune.errors import DifftuneError
@@ -104,24 +105,19 @@ class PriorPreservationDataset(Dataset):
     def __len__(self) -> int:
         return len(self.instances)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[dict, dict]:
+    def __getitem__(self, key: tuple[int, int]) -> tuple[Item, Item]:
         epoch, index = key
         class_index = (epoch * len(self.instances) + index) % len(self.classes)
         instance = self.instances[key]
         # The class image takes its instance's size, so a batch stays one bucket.
-        cls = self.classes.item((epoch, class_index), size=instance["target_size"])
-        return instance, {**cls, "loss_weight": self.loss_weight}
+        cls = self.classes.item((epoch, class_index), size=instance.target_size)
+        cls.loss_weight, cls.is_class_image = self.loss_weight, True
+        return instance, cls
 
 
-def collate_with_class_images(pairs: list[tuple[dict, dict]]) -> dict:
+def collate_with_class_images(pairs: list[tuple[Item, Item]]) -> Batch:
     """Instance images first, then their class images; ``loss_weights`` and ``is_class_image`` per image."""
-    instances = [{**p[0], "loss_weight": 1.0} for p in pairs]
-    classes = [p[1] for p in pairs]
-    items = instances + classes
-    batch = collate(items)
-    batch["loss_weights"] = torch.tensor([it["loss_weight"] for it in items], dtype=torch.float32)
-    batch["is_class_image"] = torch.tensor([False] * len(instances) + [True] * len(classes))
-    return batch
+    return collate([p[0] for p in pairs] + [p[1] for p in pairs])
 
 
 def with_class_images(config: Config, dataset: ImageCaptionDataset, classes: list[Example], latent_cache=None,

@@ -1,18 +1,35 @@
 """Which items each epoch visits (repeats, dataset weights), and batch orders that resume exactly.
 
-Both batch orders share one contract with the loop: ``batches_per_epoch``, a settable ``start``
-(the micro-batch index to begin at) and iteration yielding lists of ``(epoch, index)``.
+Both batch orders follow :class:`BatchOrder`, the contract with the training loop.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Protocol
 
 import torch
 
 from difftune.config.schema import DataConfig
 from difftune.data.buckets import make_buckets, nearest_bucket
 from difftune.seeds import derived_seed
+
+
+class BatchOrder(Protocol):
+    """A deterministic, endless order of micro-batches for one process, resumable at any micro-batch."""
+
+    #: Micro-batches this process sees per epoch (its first epoch, for orders whose epochs differ).
+    batches_per_epoch: int
+    #: The micro-batch index iteration begins at (set when resuming).
+    start: int
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        """Lists of dataset keys ``(epoch, index)``, one list per micro-batch, from ``start`` on."""
+        ...
+
+    def position(self, micro_batch: int) -> tuple[int, int]:
+        """(epoch, micro-batch within the epoch) of this process's ``micro_batch``-th micro-batch."""
+        ...
 
 
 def _generator(*parts: object) -> torch.Generator:
@@ -59,8 +76,51 @@ class EpochPlan:
         return [pool[i] for i in torch.randperm(len(pool), generator=g).tolist()]
 
 
+class ResumableBatches:
+    """An endless, deterministic sequence of micro-batches for one process.
+
+    Micro-batch ``m`` belongs to epoch ``m // batches_per_epoch``; each epoch shuffles the data
+    with a generator seeded by ``(seed, epoch)`` and deals consecutive batches to processes in
+    turn. Starting at any ``m`` reproduces exactly what an uninterrupted run would see.
+    ``plan`` (an :class:`EpochPlan`) adds repeats and dataset weights.
+    """
+
+    def __init__(self, num_items: int, batch_size: int, seed: int, rank: int = 0, world: int = 1,
+                 start: int = 0, plan=None) -> None:
+        epoch_items = plan.size if plan is not None else num_items
+        self.batches_per_epoch = epoch_items // (batch_size * world)
+        if self.batches_per_epoch == 0:
+            raise ValueError(
+                f"the dataset has {epoch_items} images, fewer than train.batch_size ({batch_size}) × "
+                f"{world} process(es); lower the batch size or add images"
+            )
+        self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
+        self.rank, self.world, self.start, self.plan = rank, world, start, plan
+
+    def order(self, epoch: int) -> list[int]:
+        if self.plan is not None:
+            return self.plan.order(epoch)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.num_items, generator=g).tolist()
+
+    def position(self, micro_batch: int) -> tuple[int, int]:
+        """(epoch, batch within the epoch) of this process's ``micro_batch``-th micro-batch."""
+        return divmod(micro_batch, self.batches_per_epoch)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        m = self.start
+        cached_epoch, order = -1, []
+        while True:
+            epoch, b = divmod(m, self.batches_per_epoch)
+            if epoch != cached_epoch:
+                cached_epoch, order = epoch, self.order(epoch)
+            first = (b * self.world + self.rank) * self.batch_size
+            yield [(epoch, i) for i in order[first : first + self.batch_size]]
+            m += 1
+
+
 class BucketBatches:
-    """Like :class:`~difftune.data.dataset.ResumableBatches`, but every batch holds one bucket.
+    """Like :class:`ResumableBatches`, but every batch holds one bucket.
 
     Each epoch takes the plan's order, groups it by bucket (keeping that order), fills a bucket's
     last batch by wrapping round to its first items (so no image is dropped), and shuffles the
@@ -129,10 +189,8 @@ def item_sizes(examples, cfg: DataConfig) -> list[tuple[int, int]]:
 
 
 def batch_order(scan, sizes: list[tuple[int, int]], cfg: DataConfig, batch_size: int, seed: int,
-                rank: int = 0, world: int = 1):
+                rank: int = 0, world: int = 1) -> BatchOrder:
     """The batch order for a run: bucketed when ``data.buckets`` is on, plain otherwise."""
-    from difftune.data.dataset import ResumableBatches
-
     datasets = scan.datasets
     plan = EpochPlan(scan.groups(), [d.repeats for d in datasets], [d.weight for d in datasets], seed)
     if cfg.buckets:

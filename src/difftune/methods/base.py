@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from difftune.config.schema import MethodConfig
+from difftune.data.batch import Batch
 from difftune.models.base import Components, ModelFamily
 
 
@@ -73,17 +74,33 @@ class Method(ABC):
         """Write the result into ``out_dir``; return the files written."""
 
     def card_details(self) -> dict[str, Any]:
-        """Facts for the model card: a ``summary`` table and a ``usage`` code snippet."""
+        """Facts for the model card: a ``summary`` table and a ``usage`` code snippet (:meth:`usage_code`)."""
         return {}
+
+    def usage_code(self, load: str = "", prompt: str = "{prompt}", model: str = "{base_model}", after: str = "") -> str:
+        """Python that loads ``model`` into the family's pipeline, runs ``load`` (lines that load this run's
+        result into ``pipe``) and makes an image of ``prompt``; ``after``: lines at the end.
+
+        ``{base_model}``, ``{repo_or_folder}`` and ``{prompt}`` are filled in when the card is written.
+        """
+        pipe = self.family.pipeline_class().__name__
+        return ("import torch\n"
+                f"from diffusers import {pipe}\n\n"
+                f'pipe = {pipe}.from_pretrained("{model}", torch_dtype=torch.float16).to("cuda")\n'
+                + load + f'image = pipe("{prompt}").images[0]\n' + after)
 
     # --- hooks the loop calls; the defaults do nothing ----------------------------------------
 
-    def prepare_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
+    def prepare_batch(self, batch: Batch) -> Batch:
         """Adjust a collated batch before the loss (e.g. write placeholder tokens into captions).
 
         Random choices must use the torch RNG, which the loop seeds per step.
         """
         return batch
+
+    def on_autocast(self, train_view: Components) -> None:
+        """Called once when training runs under autocast; ``train_view`` holds the modules the step runs."""
+        return None
 
     def on_step_end(self, step: int, components: Components) -> None:
         """Called after each optimizer step; ``step`` counts the steps completed so far."""

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from difftune.data.batch import Batch
 from difftune.errors import ConfigError
 from difftune.fileio import save_safetensors
 from difftune.models.base import Components
@@ -214,8 +215,8 @@ class LearnsTokens:
         self._encoder_names = list(components.encoder_names)
         cast_training_params(components.text_encoders, dtype=torch.float32)
 
-    def prepare_batch(self, batch: dict) -> dict:
-        return {**batch, "captions": self.embeddings.captions(batch["captions"])}
+    def prepare_batch(self, batch: Batch) -> Batch:
+        return batch.with_captions(self.embeddings.captions(batch.captions))
 
     def embeddings_load_snippet(self) -> str:
         """Code that loads the saved embeddings into ``pipe`` (per encoder where there are several)."""

@@ -94,9 +94,8 @@ class FullFineTune(Method):
         return out
 
     def export(self, components: Components, out_dir: Path, metadata: dict[str, str]) -> list[Path]:
-        trained = self.exported_modules(components)
-        denoiser = trained.get("denoiser", components.denoiser)
-        encoders = [trained.get(n, e) for n, e in zip(components.encoder_names, components.text_encoders, strict=True)]
+        trained = components.with_modules(self.exported_modules(components))
+        denoiser, encoders = trained.denoiser, trained.text_encoders
         pipe = self.family.build_pipeline(components, denoiser, encoders)
         folder = out_dir / PIPELINE_FOLDER
         with atomic_folder(folder) as tmp:  # a kill mid-export never leaves a half-written pipeline
@@ -118,14 +117,10 @@ class FullFineTune(Method):
                 "Saved as": f"diffusers pipeline folder `{PIPELINE_FOLDER}/`"
                 + (f" and single file `{SINGLE_FILE}` (original layout)" if m.save_single_file else ""),
             },
-            "usage": (
-                "import torch\n"
-                f"from diffusers import {pipe}\n\n"
-                f'pipe = {pipe}.from_pretrained("{{repo_or_folder}}/{PIPELINE_FOLDER}", '
-                'torch_dtype=torch.float16).to("cuda")\n'
-                'image = pipe("{prompt}").images[0]\n'
-                + (f'# or the single file, e.g. for A1111 / ComfyUI: {pipe}.from_single_file('
-                   f'"{{repo_or_folder}}/{SINGLE_FILE}")\n' if m.save_single_file else "")
+            "usage": self.usage_code(
+                model=f"{{repo_or_folder}}/{PIPELINE_FOLDER}",
+                after=(f'# or the single file, e.g. for A1111 / ComfyUI: {pipe}.from_single_file('
+                       f'"{{repo_or_folder}}/{SINGLE_FILE}")\n' if m.save_single_file else ""),
             ),
             "tags": ["full-fine-tune"],
         }

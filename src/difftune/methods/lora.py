@@ -104,6 +104,9 @@ class LoRA(Method):
             modules.update((name, encoders[name]) for name in self.family.lora_encoder_names(components))
         return modules
 
+    def on_autocast(self, train_view: Components) -> None:
+        skip_input_casts(train_view)
+
     def lora_modules(self, components: Components) -> dict[str, nn.Module]:
         """Modules carrying a peft adapter, keyed by their prefix in the saved file."""
         prefixes = self.family.lora_prefixes(components)
@@ -214,7 +217,6 @@ class LoRA(Method):
         from difftune.adapters.tools import card_usage
 
         m = self.cfg
-        pipe = self.family.pipeline_class().__name__
         summary = {
             "Method": VARIANT_TITLES[m.variant] + (" (denoiser + text encoder)" if m.train_text_encoder else ""),
             "Rank / alpha": f"{m.rank} / {m.alpha if m.alpha is not None else m.rank}",
@@ -228,16 +230,29 @@ class LoRA(Method):
             summary["Alpha pattern"] = ", ".join(f"{k}: {v}" for k, v in m.alpha_pattern.items())
         return {
             "summary": summary,
-            "usage": (
-                "import torch\n"
-                f"from diffusers import {pipe}\n\n"
-                f'pipe = {pipe}.from_pretrained("{{base_model}}", torch_dtype=torch.float16).to("cuda")\n'
-                + self.load_snippet()
-                + 'image = pipe("{prompt}").images[0]\n'
-            ),
+            "usage": self.usage_code(self.load_snippet()),
             "tags": ["lora"] if m.variant == "lora" else ["lora", m.variant],
             "tool_usage": card_usage(self.family, m.variant, []),
         }
+
+
+def skip_input_casts(train_view: Components) -> int:
+    """Let plain LoRA layers pass their bf16/fp16 input straight to autocast; return how many.
+
+    peft casts a LoRA layer's input to the LoRA weights' dtype (fp32) before ``lora_A``, and
+    autocast casts it straight back to bf16 for the matmul: two copies of the activation, and two
+    more in the backward, for every LoRA layer in every step. Under autocast the product is the
+    same bf16 matmul either way, so the result is bit-for-bit the same (``tests/methods/test_lora_autocast.py``).
+    Variant layers (DoRA, LoHa, LoKr) keep peft's behaviour.
+    """
+    changed = 0
+    roots = [m for m in (train_view.denoiser, *train_view.text_encoders) if m is not None]
+    for module in (m for root in roots for m in root.modules()):
+        variants = getattr(module, "lora_variant", None)
+        if hasattr(module, "lora_A") and isinstance(variants, dict) and not variants:
+            module.cast_input_dtype_enabled = False
+            changed += 1
+    return changed
 
 
 def adapter_config_dict(module: nn.Module) -> dict[str, Any]:

@@ -77,11 +77,8 @@ class PivotalTuning(embeddings.LearnsTokens, LoRA):
             "Embeddings train until step": m.embedding_stop_step if m.embedding_stop_step is not None else "the end",
             **{k: v for k, v in details["summary"].items() if k != "Method"},
         }
-        lora_line = self.load_snippet()
-        details["usage"] = details["usage"].replace(
-            lora_line, "# both parts: the LoRA and the token embeddings\n" + lora_line
-            + self.embeddings_load_snippet()
-        ).replace('pipe("{prompt}")', f'pipe("a photo of {m.token[0]}")')
+        load = "# both parts: the LoRA and the token embeddings\n" + self.load_snippet() + self.embeddings_load_snippet()
+        details["usage"] = self.usage_code(load, prompt=f"a photo of {m.token[0]}")
         details["tags"] = [*details["tags"], "textual_inversion", "pivotal-tuning"]
         details["tool_usage"] = card_usage(self.family, m.variant, list(m.token))
         return details

@@ -58,7 +58,6 @@ class TextualInversion(embeddings.LearnsTokens, Method):
         from difftune.adapters.tools import card_usage
 
         m = self.cfg
-        pipe = self.family.pipeline_class().__name__
         return {
             "summary": {
                 "Method": "Textual inversion",
@@ -67,13 +66,7 @@ class TextualInversion(embeddings.LearnsTokens, Method):
                 "Initialised from": ", ".join(f"`{t}`" for t in m.initializer_token),
                 "Prompt templates": m.templates,
             },
-            "usage": (
-                "import torch\n"
-                f"from diffusers import {pipe}\n\n"
-                f'pipe = {pipe}.from_pretrained("{{base_model}}", torch_dtype=torch.float16).to("cuda")\n'
-                + self.embeddings_load_snippet()
-                + f'image = pipe("a photo of {m.token[0]}").images[0]\n'
-            ),
+            "usage": self.usage_code(self.embeddings_load_snippet(), prompt=f"a photo of {m.token[0]}"),
             "tags": ["textual_inversion"],
             "tool_usage": card_usage(self.family, None, list(m.token)),
         }

@@ -6,6 +6,7 @@ these methods; they never test a family's name.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from difftune.config.schema import ModelConfig, TrainConfig
+from difftune.data.batch import Batch
 from difftune.errors import DifftuneError
 
 
@@ -48,7 +50,19 @@ class Components:
     noise_scheduler: Any
     source: ModelSource
     encoder_names: list[str] = field(default_factory=lambda: ["text_encoder"])
-    extra: dict[str, Any] = field(default_factory=dict)
+    #: True while the VAE and text encoders wait on the CPU (both caches on; see ``data.cache``).
+    encoders_offloaded: bool = False
+
+    def with_modules(self, modules: dict[str, nn.Module]) -> Components:
+        """A view with some parts replaced, by role (``denoiser``, ``text_encoder``, ``text_encoder_2``...)."""
+        encoders = [modules.get(name, encoder) for name, encoder in zip(self.encoder_names, self.text_encoders,
+                                                                         strict=True)]
+        return dataclasses.replace(self, denoiser=modules.get("denoiser", self.denoiser), text_encoders=encoders)
+
+
+def vae_shift(vae) -> float:
+    """The VAE's latent ``shift_factor`` (SD3 and Flux have one; SD and SDXL none: 0)."""
+    return getattr(vae.config, "shift_factor", None) or 0.0
 
 
 class ModelFamily(ABC):
@@ -123,13 +137,18 @@ class ModelFamily(ABC):
     def encode_prompt(self, components: Components, captions: list[str]) -> dict[str, torch.Tensor]:
         """Tokenise (with truncation) and encode captions into the denoiser's conditioning."""
 
-    @abstractmethod
     def encode_images(self, components: Components, pixels: torch.Tensor) -> torch.Tensor:
-        """Encode images in [-1, 1] to scaled latents."""
+        """Encode images in [-1, 1] to latents normalised by the VAE's shift and scaling factors (a sample
+        of :meth:`latent_distribution`). This default covers every ``AutoencoderKL``."""
+        vae = components.vae
+        latents = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist.sample()
+        return (latents - vae_shift(vae)) * vae.config.scaling_factor
 
-    @abstractmethod
     def decode_latents(self, components: Components, latents: torch.Tensor) -> torch.Tensor:
-        """Decode scaled latents to images in [-1, 1]."""
+        """Decode normalised latents to images in [-1, 1] (the inverse of :meth:`encode_images`)."""
+        vae = components.vae
+        latents = latents.to(vae.dtype) / vae.config.scaling_factor + vae_shift(vae)
+        return vae.decode(latents, return_dict=False)[0]
 
     @abstractmethod
     def predict(
@@ -139,9 +158,9 @@ class ModelFamily(ABC):
         noisy_latents: torch.Tensor,
         timesteps: torch.Tensor,
         conditioning: dict[str, torch.Tensor],
-        batch: dict[str, Any],
+        batch: Batch,
     ) -> torch.Tensor:
-        """Run ``denoiser`` (possibly wrapped for distributed training) on one batch."""
+        """Run ``denoiser`` (possibly wrapped for distributed training) on one batch (its sizes, for SDXL)."""
 
     def objective_settings(self, components: Components) -> dict[str, Any]:
         """Settings the objective needs from the model (e.g. ``prediction_type``)."""
@@ -156,8 +175,7 @@ class ModelFamily(ABC):
         vae = components.vae
         dist = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist
         scale = vae.config.scaling_factor
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        return (dist.mean.float() - shift) * scale, dist.std.float() * scale
+        return (dist.mean.float() - vae_shift(vae)) * scale, dist.std.float() * scale
 
     def load_tokenizers(self, source: ModelSource) -> list[Any]:
         """Just the tokenizers (for caption length checks); empty when they cannot be loaded alone."""

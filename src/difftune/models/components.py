@@ -147,21 +147,6 @@ def clip_features(tokenizer, encoder, captions: list[str]) -> tuple[torch.Tensor
     return out.hidden_states[-2], out[0]
 
 
-def vae_encode(vae, pixels: torch.Tensor) -> torch.Tensor:
-    """Images in [-1, 1] → latents normalised by the VAE's shift and scaling factors (SD3/Flux have a shift)."""
-    pixels = pixels.to(device=vae.device, dtype=vae.dtype)
-    latents = vae.encode(pixels).latent_dist.sample()
-    shift = vae.config.get("shift_factor") or 0.0
-    return (latents - shift) * vae.config.scaling_factor
-
-
-def vae_decode(vae, latents: torch.Tensor) -> torch.Tensor:
-    """The inverse of :func:`vae_encode`: normalised latents → images in [-1, 1]."""
-    shift = vae.config.get("shift_factor") or 0.0
-    latents = latents.to(vae.dtype) / vae.config.scaling_factor + shift
-    return vae.decode(latents, return_dict=False)[0]
-
-
 def t5_features(tokenizer, encoder, captions: list[str], max_length: int) -> torch.Tensor:
     """Last hidden states of a T5 encoder for ``captions``, padded to ``max_length`` tokens."""
     length = min(max_length, int(tokenizer.model_max_length))

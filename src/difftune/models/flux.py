@@ -21,8 +21,6 @@ from difftune.models.components import (
     t5_features,
     tokenize,
     unwrap,
-    vae_decode,
-    vae_encode,
 )
 from difftune.models.kohya_names import KohyaModule, KohyaNames, modulation, single
 
@@ -110,13 +108,8 @@ class Flux(ModelFamily):
                          self.t5_max_length(components))
         return {"prompt_embeds": t5, "pooled_prompt_embeds": pooled}
 
-    def encode_images(self, components: Components, pixels: torch.Tensor) -> torch.Tensor:
-        return vae_encode(components.vae, pixels)
-
-    def decode_latents(self, components: Components, latents: torch.Tensor) -> torch.Tensor:
-        return vae_decode(components.vae, latents)
-
     def predict(self, components, denoiser: nn.Module, noisy_latents, timesteps, conditioning, batch):
+        # The pipeline's private packing helpers; tests/models/test_flux_packing.py pins what they do.
         pipe = self.pipeline_class()
         b, c, h, w = noisy_latents.shape
         packed = pipe._pack_latents(noisy_latents, b, c, h, w)

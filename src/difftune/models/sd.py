@@ -13,6 +13,8 @@ from difftune.models.components import (
     ModelParts,
     load_components,
     load_subfolder,
+    module_device,
+    tokenize,
 )
 
 __all__ = ["StableDiffusion", "StableDiffusion2", "load_subfolder"]
@@ -91,24 +93,8 @@ class StableDiffusion(ModelFamily):
 
     def encode_prompt(self, components: Components, captions: list[str]) -> dict[str, torch.Tensor]:
         tokenizer, text_encoder = components.tokenizers[0], components.text_encoders[0]
-        ids = tokenizer(
-            captions,
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(next(text_encoder.parameters()).device)
+        ids = tokenize(tokenizer, captions, tokenizer.model_max_length, module_device(text_encoder))
         return {"encoder_hidden_states": text_encoder(ids, return_dict=False)[0]}
-
-    def encode_images(self, components: Components, pixels: torch.Tensor) -> torch.Tensor:
-        vae = components.vae
-        pixels = pixels.to(device=vae.device, dtype=vae.dtype)
-        latents = vae.encode(pixels).latent_dist.sample()
-        return latents * vae.config.scaling_factor
-
-    def decode_latents(self, components: Components, latents: torch.Tensor) -> torch.Tensor:
-        vae = components.vae
-        return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
 
     def predict(self, components, denoiser: nn.Module, noisy_latents, timesteps, conditioning, batch):
         return denoiser(

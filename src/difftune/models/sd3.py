@@ -19,8 +19,6 @@ from difftune.models.components import (
     load_components,
     t5_features,
     unwrap,
-    vae_decode,
-    vae_encode,
 )
 from difftune.models.kohya_names import KohyaModule, KohyaNames, modulation, single
 
@@ -107,12 +105,6 @@ class StableDiffusion3(ModelFamily):
             "prompt_embeds": torch.cat([clip, t5.to(clip.dtype)], dim=-2),
             "pooled_prompt_embeds": torch.cat(pooled, dim=-1),
         }
-
-    def encode_images(self, components: Components, pixels: torch.Tensor) -> torch.Tensor:
-        return vae_encode(components.vae, pixels)
-
-    def decode_latents(self, components: Components, latents: torch.Tensor) -> torch.Tensor:
-        return vae_decode(components.vae, latents)
 
     def predict(self, components, denoiser: nn.Module, noisy_latents, timesteps, conditioning, batch):
         # The MMDiT takes the flow-matching time σ·1000 directly (no preconditioning).

@@ -7,18 +7,15 @@ kept in fp32 unless ``model.vae`` names a replacement (e.g. an fp16-safe VAE).
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
+from difftune.data.batch import Batch
 from difftune.models.base import Components, ModelFamily, ModelSource
 from difftune.models.components import (
     ModelParts,
     clip_features,
     load_components,
-    vae_decode,
-    vae_encode,
 )
 
 
@@ -57,18 +54,12 @@ class StableDiffusionXL(ModelFamily):
         # Pooled: the projected embedding of the second (OpenCLIP-G) encoder.
         return {"encoder_hidden_states": torch.cat(hidden, dim=-1), "text_embeds": pooled}
 
-    def encode_images(self, components: Components, pixels: torch.Tensor) -> torch.Tensor:
-        return vae_encode(components.vae, pixels)
-
-    def decode_latents(self, components: Components, latents: torch.Tensor) -> torch.Tensor:
-        return vae_decode(components.vae, latents)
-
-    def time_ids(self, components: Components, batch: dict[str, Any], latents: torch.Tensor) -> torch.Tensor:
+    def time_ids(self, components: Components, batch: Batch, latents: torch.Tensor) -> torch.Tensor:
         """``add_time_ids`` per sample: original (h, w), crop (top, left), target (h, w)."""
         n = latents.shape[0]
-        if "original_sizes" in batch:
-            rows = [(*o, *c, *t) for o, c, t in zip(batch["original_sizes"], batch["crop_top_lefts"],
-                                                     batch["target_sizes"], strict=True)]
+        if batch.original_sizes:
+            rows = [(*o, *c, *t) for o, c, t in zip(batch.original_sizes, batch.crop_top_lefts, batch.target_sizes,
+                                                     strict=True)]
         else:  # no per-sample record (e.g. a bare latent batch): uncropped images of the latent's size
             scale = 2 ** (len(components.vae.config.block_out_channels) - 1)
             h, w = latents.shape[-2] * scale, latents.shape[-1] * scale

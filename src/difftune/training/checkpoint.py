@@ -1,7 +1,7 @@
 """Training-state checkpoints that survive being killed at any moment.
 
-A checkpoint is written into a staging folder ``.tmp-step-N``: every process writes its own
-random state (``rng-<rank>.pt``), then the main process writes the weights, the training state
+A checkpoint is written into a staging folder ``.tmp-step-N`` (:func:`save_checkpoint`): every process
+writes its own random state (``rng-<rank>.pt``), then the main process writes the weights, the training state
 and ``info.json``, flushes them, writes ``manifest.json`` (each file's checksum) last and renames
 the folder into place in one step. A folder without an intact manifest is never used. Re-saving
 an existing step moves the old folder aside first (``.old-step-N``), so a complete copy of that
@@ -16,7 +16,8 @@ import json
 import os
 import random
 import shutil
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,20 +36,23 @@ _DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 @dataclass
 class TrainingState:
+    """What a checkpoint restores. ``info`` and ``rng`` are filled when a checkpoint is loaded."""
+
     step: int
+    #: Every trainable tensor, ``role.parameter_name`` (``Method.trainable_state_dict``).
     trainable: dict[str, torch.Tensor]
     optimizer: dict
     scheduler: dict
-    #: Saved into ``training_state.pt`` beside optimizer and scheduler (e.g. ``scaler``); on load it
-    #: also holds ``info`` (info.json) and ``rng`` (this process's random state, if saved).
-    extra: dict
+    #: The fp16 gradient scaler's state, if the run has one.
+    scaler: dict | None = None
+    #: ``info.json``: what the run recorded about itself (read through ``resume.CheckpointInfo``).
+    info: dict = field(default_factory=dict)
+    #: This process's random state (``rng-<rank>.pt``), if it was saved.
+    rng: dict | None = None
 
 
 class DiskFullError(DifftuneError):
     """The disk filled up while a checkpoint was written; the previous checkpoints are intact."""
-
-
-_sha256 = file_sha256
 
 
 def _fsync_file(path: Path) -> None:
@@ -88,8 +92,8 @@ def begin(root: Path, step: int) -> Path:
     return staging
 
 
-def save_rng(staging: Path, rank: int) -> None:
-    """Write this process's random state into the staging folder (each process, before :func:`finish`)."""
+def save_process_state(staging: Path, rank: int) -> None:
+    """What each process writes itself into the staging folder before :func:`finish`: its random state."""
     with _disk_full_is_reported(staging.parent, staging, 1 << 20):
         target = staging / f"rng-{rank}.pt"
         torch.save(rng_state(), target)
@@ -102,14 +106,16 @@ def finish(root: Path, staging: Path, state: TrainingState, info: dict) -> Path:
     with _disk_full_is_reported(root, staging, _estimated_bytes(state)):
         try:
             save_safetensors(state.trainable, staging / "trainable.safetensors")
-            torch.save({"optimizer": state.optimizer, "scheduler": state.scheduler, **state.extra},
-                       staging / "training_state.pt")
+            blob = {"optimizer": state.optimizer, "scheduler": state.scheduler}
+            if state.scaler is not None:
+                blob["scaler"] = state.scaler
+            torch.save(blob, staging / "training_state.pt")
             (staging / "info.json").write_text(json.dumps({"step": state.step, **info}, indent=2, sort_keys=True,
                                                           default=str))
             files = sorted(p for p in staging.iterdir() if p.is_file() and p.name != MANIFEST)
             for p in files:
                 _fsync_file(p)
-            manifest = {"step": state.step, "files": {p.name: _sha256(p) for p in files}}
+            manifest = {"step": state.step, "files": {p.name: file_sha256(p) for p in files}}
             (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
             _fsync_file(staging / MANIFEST)
             fsync_dir(staging)
@@ -120,15 +126,30 @@ def finish(root: Path, staging: Path, state: TrainingState, info: dict) -> Path:
     return final
 
 
-def save_checkpoint(root: Path, state: TrainingState, info: dict, rank: int = 0) -> Path:
-    """Write ``root/step-N`` atomically from one process and return it."""
-    staging = begin(root, state.step)
+def _alone() -> None:
+    """The barrier of a single process."""
+
+
+def save_checkpoint(root: Path, step: int, state: TrainingState | None, info: dict, *, rank: int = 0,
+                    barrier: Callable[[], None] = _alone) -> Path | None:
+    """Write ``root/step-N`` atomically and return it; every process of a run calls this.
+
+    The main process passes the ``state`` (the others ``None``): it opens the staging folder, each
+    process writes its own part (its random state), then it writes the rest. Returns ``None`` on the
+    other processes.
+    """
+    barrier()
+    if state is not None:
+        begin(root, step)
+    barrier()
+    staging = staging_folder(root, step)
     try:
-        save_rng(staging, rank)
+        save_process_state(staging, rank)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return finish(root, staging, state, info)
+    barrier()
+    return finish(root, staging, state, info) if state is not None else None
 
 
 def _move_into_place(staging: Path, final: Path) -> None:
@@ -146,7 +167,7 @@ def _estimated_bytes(state: TrainingState) -> int:
             return sum(size(v) for v in obj)
         return 0
 
-    return size(state.trainable) + size(state.optimizer) + size(state.extra) + (1 << 20)
+    return size(state.trainable) + size(state.optimizer) + size(state.scaler or {}) + (1 << 20)
 
 
 class _disk_full_is_reported:
@@ -192,7 +213,7 @@ def verify(folder: Path) -> str | None:
         p = folder / name
         if not p.is_file():
             return f"{name} is missing"
-        if _sha256(p) != digest:
+        if file_sha256(p) != digest:
             return f"{name} does not match its checksum"
     return None
 
@@ -257,7 +278,7 @@ def find_resumable(root: Path, log=print, repair_first: bool = True) -> Path | N
 
 
 def load_checkpoint(folder: Path, rank: int = 0) -> TrainingState:
-    """Load a verified checkpoint; ``extra["rng"]`` is process ``rank``'s random state (if saved)."""
+    """Load a verified checkpoint; ``rng`` is process ``rank``'s random state (if saved)."""
     from safetensors.torch import load_file
 
     problem = verify(folder)
@@ -267,12 +288,10 @@ def load_checkpoint(folder: Path, rank: int = 0) -> TrainingState:
     # Our own file, verified by checksum above; it holds optimizer state and Python RNG tuples.
     blob = torch.load(folder / "training_state.pt", map_location="cpu", weights_only=False)
     info = json.loads((folder / "info.json").read_text())
-    extra = {k: v for k, v in blob.items() if k not in ("optimizer", "scheduler")}
-    extra["info"] = info
     rng_file = folder / f"rng-{rank}.pt"
-    if rng_file.is_file():
-        extra["rng"] = torch.load(rng_file, map_location="cpu", weights_only=False)
-    return TrainingState(info["step"], trainable, blob["optimizer"], blob["scheduler"], extra)
+    rng = torch.load(rng_file, map_location="cpu", weights_only=False) if rng_file.is_file() else None
+    return TrainingState(info["step"], trainable, blob["optimizer"], blob["scheduler"], blob.get("scaler"),
+                         info, rng)
 
 
 def prune(root: Path, keep: int, protect: Path | None = None) -> list[Path]:

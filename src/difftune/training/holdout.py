@@ -16,11 +16,13 @@ from pathlib import Path
 
 import torch
 
-from difftune.config.schema import Config
-from difftune.data.dataset import ImageCaptionDataset, collate
+from difftune.config.schema import DataConfig, ValidationConfig
+from difftune.data.batch import collate
+from difftune.data.dataset import ImageCaptionDataset
 from difftune.data.sources import Example
 from difftune.fileio import atomic_write_text
 from difftune.seeds import derived_seed
+from difftune.training.loss import batch_conditioning, batch_latents, diffusion_losses
 
 BEST_FILE = "best.json"
 
@@ -28,12 +30,13 @@ BEST_FILE = "best.json"
 class HeldOutLoss:
     """Evaluates the held-out loss and keeps the early-stopping and best-checkpoint bookkeeping."""
 
-    def __init__(self, examples: list[Example], config: Config) -> None:
-        data = dataclasses.replace(config.data, center_crop=True, random_flip=False)
-        self.dataset = ImageCaptionDataset(examples, data, config.train.seed)
-        self.cfg = config.validation
-        self.seed = config.train.seed
-        self.batch_size = config.train.batch_size
+    def __init__(self, examples: list[Example], data: DataConfig, validation: ValidationConfig, seed: int,
+                 batch_size: int) -> None:
+        self.dataset = ImageCaptionDataset(examples, dataclasses.replace(data, center_crop=True, random_flip=False),
+                                           seed)
+        self.cfg = validation
+        self.seed = seed
+        self.batch_size = batch_size
         self.history: list[tuple[int, float]] = []
         self.best: tuple[int, float] | None = None
         self.evals_without_improvement = 0
@@ -46,39 +49,32 @@ class HeldOutLoss:
     @torch.no_grad()
     def evaluate(self, family, components, objective, method, device: torch.device,
                  autocast_dtype: torch.dtype | None) -> float:
-        """Mean held-out loss with fixed timesteps, noise, captions and VAE samples."""
-        modules = [components.denoiser, *components.text_encoders]
-        was_training = [m.training for m in modules]
-        for m in modules:
-            m.eval()
+        """Mean held-out loss with fixed timesteps, noise, captions and VAE samples.
+
+        Call it with the modules in eval mode (a run does, inside ``Run.evaluating()``).
+        """
         timesteps = objective.holdout_timesteps(self.cfg.loss_timesteps)
         total, count = 0.0, 0
         devices = [device] if device.type == "cuda" else []
         amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
-        try:
-            with torch.random.fork_rng(devices=devices), amp:
-                for start in range(0, len(self.dataset), self.batch_size):
-                    indices = list(range(start, min(start + self.batch_size, len(self.dataset))))
-                    torch.manual_seed(derived_seed(self.seed, "holdout", start))
-                    batch = method.prepare_batch(collate([self.dataset[(0, i)] for i in indices]))
-                    latents = family.encode_images(components, batch["pixels"].to(device)).float()
-                    conditioning = family.encode_prompt(components, batch["captions"])
-                    for k, t in enumerate(timesteps):
-                        noise = torch.stack([
-                            torch.randn(latents.shape[1:], generator=torch.Generator().manual_seed(
-                                derived_seed(self.seed, "holdout-noise", i, k)))
-                            for i in indices
-                        ]).to(device)
-                        t_batch = torch.full((len(indices),), t, device=device, dtype=timesteps.dtype)
-                        noised = objective.noise(latents, timesteps=t_batch, noise=noise)
-                        prediction = family.predict(components, components.denoiser, noised.noisy_latents,
-                                                    noised.timesteps, conditioning, batch)
-                        losses = objective.per_sample_loss(prediction, noised)
-                        total += float(losses.sum())
-                        count += len(indices)
-        finally:
-            for m, flag in zip(modules, was_training, strict=True):
-                m.train(flag)
+        with torch.random.fork_rng(devices=devices), amp:
+            for start in range(0, len(self.dataset), self.batch_size):
+                indices = list(range(start, min(start + self.batch_size, len(self.dataset))))
+                torch.manual_seed(derived_seed(self.seed, "holdout", start))
+                batch = method.prepare_batch(collate([self.dataset[(0, i)] for i in indices]))
+                latents = batch_latents(family, components, batch, device).float()
+                conditioning = batch_conditioning(family, components, batch, device, trains_text=False)
+                for k, t in enumerate(timesteps):
+                    noise = torch.stack([
+                        torch.randn(latents.shape[1:], generator=torch.Generator().manual_seed(
+                            derived_seed(self.seed, "holdout-noise", i, k)))
+                        for i in indices
+                    ]).to(device)
+                    t_batch = torch.full((len(indices),), t, device=device, dtype=timesteps.dtype)
+                    losses = diffusion_losses(family, components, objective, latents, conditioning, batch,
+                                              timesteps=t_batch, noise=noise)
+                    total += float(losses.sum())
+                    count += len(indices)
         return total / max(count, 1)
 
     def record(self, step: int, loss: float) -> bool:
@@ -95,17 +91,16 @@ class HeldOutLoss:
     def should_stop(self) -> bool:
         return bool(self.cfg.patience) and self.evals_without_improvement >= self.cfg.patience
 
-    def checkpoint_info(self, step: int) -> dict:
-        """Held-out facts for a checkpoint's info.json (empty if no evaluation happened at ``step``)."""
+    def checkpoint_facts(self, step: int) -> dict | None:
+        """Held-out facts for a checkpoint's info.json (``None`` if no evaluation happened at ``step``)."""
         if not self.history or self.history[-1][0] != step:
-            return {}
+            return None
         loss = self.history[-1][1]
         is_best = self.best_checkpoint is None or loss < self.best_checkpoint["val_loss"]
-        return {"holdout": {"val_loss": loss, "best": is_best}}
+        return {"val_loss": loss, "best": is_best}
 
-    def mark_checkpoint(self, checkpoints: Path, folder: Path, step: int, info: dict) -> None:
+    def mark_checkpoint(self, checkpoints: Path, folder: Path, step: int, facts: dict | None) -> None:
         """Point ``checkpoints/best.json`` at ``folder`` if it holds the lowest held-out loss so far."""
-        facts = info.get("holdout")
         if not facts or not facts["best"]:
             return
         self.best_checkpoint = {"checkpoint": folder.name, "step": step, "val_loss": facts["val_loss"]}

@@ -1,4 +1,4 @@
-"""Optimizers and learning-rate schedules."""
+"""Optimizers, learning-rate schedules, and how long a run is."""
 
 from __future__ import annotations
 
@@ -59,3 +59,19 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_st
         num_cycles=cfg.lr_cycles,
         power=cfg.lr_power,
     )
+
+
+def total_steps(cfg: TrainConfig, batches_per_epoch: int) -> int:
+    """``train.max_steps``, or ``train.epochs`` passes over the data in optimizer steps."""
+    if cfg.max_steps is not None:
+        return cfg.max_steps
+    per_epoch = -(-batches_per_epoch // cfg.gradient_accumulation)
+    return max(1, cfg.epochs * per_epoch)
+
+
+def learning_rate(cfg: TrainConfig, num_processes: int) -> float:
+    """``train.learning_rate``, scaled by the global batch when ``train.scale_lr`` is on."""
+    lr = cfg.learning_rate
+    if cfg.scale_lr:
+        lr *= cfg.batch_size * cfg.gradient_accumulation * num_processes
+    return lr

@@ -1,9 +1,5 @@
-"""Speed settings of a training run, applied in one place, and the run's speed and memory report.
-
-``train.channels_last`` and ``train.compile`` are applied by :func:`apply`, which also lets LoRA
-layers under autocast skip peft's input casts; :class:`RunMonitor` times steps (and the wait for data) without adding any host-device
-synchronisation, and reports peak memory at the end of the run.
-"""
+"""The run's speed and memory report: :class:`RunMonitor` times steps (and the wait for data) without
+adding any host-device synchronisation, and reports peak memory at the end of the run."""
 
 from __future__ import annotations
 
@@ -18,57 +14,6 @@ from pathlib import Path
 import torch
 
 from difftune.fileio import atomic_write_text
-from difftune.training.precision import autocast_dtype
-
-#: Why ``train.compile`` is refused without CUDA. Measured with torch 2.13 / diffusers 0.42 / peft 0.21:
-#: the "inductor" backend's backward through a LoRA UNet on CPU returned wrong LoRA gradients (some
-#: blocks zero) while the "eager" and "aot_eager" backends matched eager exactly, and the compiled
-#: step was no faster.
-COMPILE_ON_CPU_PROBLEM = (
-    "torch.compile on CPU gave wrong LoRA gradients in difftune's checks (and no speed-up); "
-    "it is only allowed with a CUDA GPU"
-)
-
-def apply(config, components, train_view, log=print):
-    """Apply the speed settings; return the view the training step uses.
-
-    Compiling wraps only the training view's denoiser, so validation, held-out evaluation and
-    export keep using the eager module (their no-grad calls would otherwise trigger recompiles).
-    """
-    t = config.train
-    if autocast_dtype(config) is not None:
-        skip_lora_input_casts(train_view)
-    if t.channels_last:
-        # Only the denoiser: latents from a channels-last VAE would make ``randn_like`` lay the same
-        # random numbers out differently, so a seed would no longer give the same noise.
-        components.denoiser.to(memory_format=torch.channels_last)
-    if t.compile:
-        import dataclasses
-
-        compiled = torch.compile(train_view.denoiser, mode=None if t.compile_mode == "default" else t.compile_mode)
-        train_view = dataclasses.replace(train_view, denoiser=compiled)
-        log(f"torch.compile ({t.compile_mode}): the first steps compile the denoiser; the compile time is "
-            "reported at the end of the run")
-    return train_view
-
-
-def skip_lora_input_casts(train_view) -> int:
-    """Let plain LoRA layers pass their bf16/fp16 input straight to autocast; return how many.
-
-    peft casts a LoRA layer's input to the LoRA weights' dtype (fp32) before ``lora_A``, and
-    autocast casts it straight back to bf16 for the matmul: two copies of the activation, and two
-    more in the backward, for every LoRA layer in every step. Under autocast the product is the
-    same bf16 matmul either way, so the result is bit-for-bit the same (``tests/training/test_performance_options.py``).
-    Variant layers (DoRA, LoHa, LoKr) keep peft's behaviour.
-    """
-    changed = 0
-    roots = [m for m in (train_view.denoiser, *train_view.text_encoders) if m is not None]
-    for module in (m for root in roots for m in root.modules()):
-        variants = getattr(module, "lora_variant", None)
-        if hasattr(module, "lora_A") and isinstance(variants, dict) and not variants:
-            module.cast_input_dtype_enabled = False
-            changed += 1
-    return changed
 
 
 def peak_memory(device: torch.device) -> tuple[int, str]:

@@ -1,19 +1,40 @@
-"""Everything a run builds before its first step: the model, the data and the optimisation."""
+"""Everything a run builds before its first step: the model, the data and the optimisation, in that order.
+
+:func:`setup` returns the :class:`~difftune.training.state.Run` that the step and the end of the run
+read. Every family, objective and method is reached through its registry, so this file never
+changes when one is added.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
+from difftune.config.loader import config_to_dict, dump_toml
 from difftune.config.schema import Config
 from difftune.data import prior
-from difftune.data.pipeline import TrainingData, build_training_data
+from difftune.data.pipeline import TrainingData, build_training_data, release_if_cached
 from difftune.data.sources import Example
 from difftune.errors import ConfigError
+from difftune.fileio import atomic_write_text
+from difftune.methods import METHODS
+from difftune.methods.base import Method
 from difftune.models import resolve_family
 from difftune.models.base import Components, ModelFamily
-from difftune.training.precision import weight_dtype
+from difftune.objectives import OBJECTIVES
+from difftune.training import checkpointing, resume, speed
+from difftune.training.accelerator import main_process_log, make_accelerator, start_trackers
+from difftune.training.faults import NonFiniteGuard
+from difftune.training.holdout import HeldOutLoss
+from difftune.training.loss import trains_text
+from difftune.training.optim import build_optimizer, build_scheduler, learning_rate, total_steps
+from difftune.training.performance import RunMonitor
+from difftune.training.precision import autocast_dtype, mixed_precision, weight_dtype
+from difftune.training.progress import RunProgress
+from difftune.training.state import LossMeter, Run, RunPaths, RunResult, Trainee
 
 
 @dataclass
@@ -45,3 +66,119 @@ def fill_caches(config: Config, log=print) -> TrainingData:
         module.to(device)
     return build_training_data(config, model.family, model.components, class_examples=model.class_examples,
                                log=log, progress=True)
+
+
+def setup(config: Config, log=print) -> Run:
+    """Build the run: model, method and objective; data; optimizer and schedule; restored if resuming."""
+    paths = RunPaths(Path(config.output.dir))
+    accelerator = make_accelerator(config, paths)
+    say = main_process_log(accelerator, log)
+    if accelerator.is_main_process:
+        paths.root.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(paths.root / "config.toml", dump_toml(config_to_dict(config)))
+    loaded, method, objective = _model(config, accelerator, log)
+    components = loaded.components
+    data, held_out, fingerprint = _data(config, loaded, accelerator, say)
+    steps = total_steps(config.train, data.order.batches_per_epoch)
+    lr = learning_rate(config.train, accelerator.num_processes)
+    optimizer = build_optimizer(method.param_groups(components, lr), config.train, accelerator.device)
+    scheduler = build_scheduler(optimizer, config.train, steps)
+    folder = checkpointing.resume_folder(config, paths, accelerator, say)
+    state = checkpointing.load_for_resume(folder, config, fingerprint, accelerator, say) if folder else None
+    if state is not None:
+        checkpointing.restore_before_wrapping(state, method, components, optimizer, scheduler)
+        say(f"resumed from {folder} at step {state.step}")
+    info = resume.CheckpointInfo.read(state.info) if state else None
+    guard = NonFiniteGuard(config.train.max_nan_steps, info.skipped_steps if info else 0)
+    model, optimizer = _wrap(config, accelerator, loaded, method, objective, optimizer, say)
+    if state is not None:
+        checkpointing.restore_after_wrapping(state, accelerator, say)
+    step = state.step if state else 0
+    data.order.start = resume.resume_micro_batch(info, config.train.gradient_accumulation) if info else 0
+    live = RunProgress(paths.logs, steps, step, enabled=accelerator.is_main_process)
+    monitor = RunMonitor(accelerator.device, compiled=config.train.compile)
+    start_trackers(accelerator, config, paths.root.name)
+    say(_banner(config, model, len(data.dataset), steps, lr, accelerator))
+    run = Run(config, paths, accelerator, say, model, data, held_out, optimizer, scheduler, guard, monitor,
+              _batches(config, data, monitor), lr, steps, step, step, data.order.start, fingerprint,
+              RunResult(paths.root, [], steps), _progress(steps, step, accelerator.is_main_process), live,
+              LossMeter(torch.zeros((), device=accelerator.device)), saved_step=step)
+    for module in model.trainable_modules():
+        module.train()
+    return run
+
+
+def _model(config: Config, accelerator, log) -> tuple[LoadedModel, Method, object]:
+    """The base model (on the device), the method's trainable parameters in it, and the objective."""
+    loaded = load_model(config, accelerator.device, is_main=accelerator.is_main_process,
+                        barrier=accelerator.wait_for_everyone, log=log)  # class images from the base model
+    family, components = loaded.family, loaded.components
+    method = METHODS.get(config.method.type).build(config.method, family)
+    torch.manual_seed(config.train.seed)  # new weights (LoRA A matrices, ...) start from the seed too
+    method.prepare(components)
+    objective = OBJECTIVES.get(family.objective)(family.objective_settings(components), config.train)
+    for module in (components.vae, *components.text_encoders, components.denoiser):
+        module.to(accelerator.device)
+    if config.train.gradient_checkpointing:
+        for module in method.trainable_modules(components).values():
+            _enable_gradient_checkpointing(module)
+    return loaded, method, objective
+
+
+def _enable_gradient_checkpointing(module: torch.nn.Module) -> None:
+    if hasattr(module, "enable_gradient_checkpointing"):
+        module.enable_gradient_checkpointing()
+    elif hasattr(module, "gradient_checkpointing_enable"):
+        module.gradient_checkpointing_enable()
+
+
+def _data(config: Config, loaded: LoadedModel, accelerator, say) -> tuple[TrainingData, HeldOutLoss | None, str]:
+    """This process's order of micro-batches (caches filled here), the held-out loss, the examples' fingerprint."""
+    data = build_training_data(config, loaded.family, loaded.components, class_examples=loaded.class_examples,
+                               rank=accelerator.process_index, world=accelerator.num_processes,
+                               is_main=accelerator.is_main_process, barrier=accelerator.wait_for_everyone, log=say,
+                               progress=accelerator.is_main_process)
+    held_out = None
+    if data.held_out:
+        held_out = HeldOutLoss(data.held_out, config.data, config.validation, config.train.seed,
+                               config.train.batch_size)
+    release_if_cached(config, loaded.components)
+    return data, held_out, resume.dataset_fingerprint(data.scan.examples)
+
+
+def _wrap(config: Config, accelerator, loaded: LoadedModel, method: Method, objective, optimizer,
+          say) -> tuple[Trainee, torch.optim.Optimizer]:
+    """Hand the trainable modules and the optimizer to the accelerator; apply the speed settings."""
+    components = loaded.components
+    trainable = method.trainable_modules(components)
+    prepared = accelerator.prepare(*trainable.values(), optimizer)
+    wrapped = dict(zip(trainable, prepared[:-1], strict=True))
+    train_view = components.with_modules(wrapped)
+    if autocast_dtype(config) is not None:
+        method.on_autocast(train_view)
+    train_view = speed.apply(config.train, components, train_view, say)
+    params = [p for m in trainable.values() for p in m.parameters() if p.requires_grad]
+    return Trainee(loaded.family, components, method, objective, wrapped, train_view, params,
+                   trains_text(train_view)), prepared[-1]
+
+
+def _batches(config: Config, data: TrainingData, monitor: RunMonitor):
+    """Micro-batches from the data order, timed while the step waits for them."""
+    loader = torch.utils.data.DataLoader(
+        data.dataset, batch_sampler=data.order, collate_fn=data.collate, num_workers=config.data.num_workers,
+        persistent_workers=config.data.num_workers > 0,
+    )
+    return monitor.timed(iter(loader))
+
+
+def _progress(steps: int, step: int, is_main: bool):
+    return tqdm(total=steps, initial=step, disable=not is_main, desc="train", unit="step", dynamic_ncols=True)
+
+
+def _banner(config: Config, model: Trainee, images: int, steps: int, lr: float, accelerator) -> str:
+    """The run's first line: what trains, on what, how long, how."""
+    t = config.train
+    return (f"training {model.family.title} with {model.method.name}: {images} images, {steps} steps, "
+            f"batch {t.batch_size}×{t.gradient_accumulation}×{accelerator.num_processes}, lr {lr:g}, "
+            f"{sum(p.numel() for p in model.params):,} trainable parameters, device {accelerator.device}, "
+            f"mixed precision {mixed_precision(config)}")

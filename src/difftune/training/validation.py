@@ -49,16 +49,14 @@ def sample_images(pipeline, cfg: ValidationConfig, resolution: int, device: torc
 
 def run_validation(family, components, denoiser, text_encoders, cfg: ValidationConfig, resolution: int,
                    device: torch.device, autocast_dtype, out_dir: Path, step: int, trackers) -> list[Path]:
-    """Save each image and a grid under ``out_dir/step-N`` and log them; returns the saved paths."""
-    was_training = [m.training for m in (denoiser, *text_encoders)]
-    for m in (denoiser, *text_encoders):
-        m.eval()
+    """Save each image and a grid under ``out_dir/step-N`` and log them; returns the saved paths.
+
+    Call it with the modules in eval mode (a run does, inside ``Run.evaluating()``).
+    """
     pipeline = family.build_pipeline(components, denoiser, text_encoders)
     try:
         samples = sample_images(pipeline, cfg, resolution, device, autocast_dtype)
     finally:
-        for m, flag in zip((denoiser, *text_encoders), was_training, strict=True):
-            m.train(flag)
         del pipeline
         gc.collect()
     folder = out_dir / f"step-{step}"

@@ -1,0 +1,92 @@
+"""A run's checkpoints: where it resumes from, what it restores, and what it saves.
+
+The files themselves (atomic folders, manifests, pruning) are :mod:`difftune.training.checkpoint`;
+what a checkpoint says about its run and whether a run may continue from it is
+:mod:`difftune.training.resume`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from difftune.config.schema import Config
+from difftune.errors import DifftuneError
+from difftune.training import checkpoint as ckpt
+from difftune.training.resume import CheckpointInfo, check_compatible, checkpoint_info, restore_rng
+from difftune.training.state import Run, RunPaths
+from difftune.version import __version__
+
+
+def resume_folder(config: Config, paths: RunPaths, accelerator, say) -> Path | None:
+    """The checkpoint ``train.resume`` names (``latest``: the newest intact one), or ``None``."""
+    resume = config.train.resume
+    if not resume:
+        return None
+    if resume == "latest":
+        if accelerator.is_main_process:  # a kill during a save may have left a staging folder or a moved-aside checkpoint
+            ckpt.repair(paths.checkpoints, say)
+        accelerator.wait_for_everyone()
+        folder = ckpt.find_resumable(paths.checkpoints, say, repair_first=False)
+        if folder is None:
+            say(f"train.resume = \"latest\": no checkpoint in {paths.checkpoints}, starting from step 0")
+        return folder
+    folder = Path(resume).expanduser()
+    problem = ckpt.verify(folder)
+    if problem:
+        raise DifftuneError(f"train.resume: {folder} cannot be used ({problem})")
+    return folder
+
+
+def load_for_resume(folder: Path, config: Config, fingerprint: str, accelerator, say) -> ckpt.TrainingState:
+    """This process's view of the checkpoint, after checking it belongs to this run."""
+    state = ckpt.load_checkpoint(folder, accelerator.process_index)
+    check_compatible(CheckpointInfo.read(state.info), config, fingerprint, accelerator.num_processes, say)
+    return state
+
+
+def restore_before_wrapping(state: ckpt.TrainingState, method, components, optimizer, scheduler) -> None:
+    """Trainable weights, optimizer and schedule, into the modules and optimizer as built."""
+    method.load_trainable_state_dict(components, state.trainable)
+    optimizer.load_state_dict(state.optimizer)
+    scheduler.load_state_dict(state.scheduler)
+
+
+def restore_after_wrapping(state: ckpt.TrainingState, accelerator, say) -> None:
+    """Gradient scaler (fp16) and this process's random state, once accelerate has set things up."""
+    if accelerator.scaler is not None and state.scaler:
+        accelerator.scaler.load_state_dict(state.scaler)
+    restore_rng(state, accelerator.process_index, say)
+
+
+def save(run: Run, step: int | None = None, *, scheduler_state: dict | None = None,
+         skipped: int | None = None) -> Path | None:
+    """Checkpoint the run as it stood after ``step`` (default: now). Every process calls this.
+
+    ``scheduler_state`` and ``skipped`` replace the current ones when saving an earlier state (the
+    last good step before a run of non-finite steps). Returns the folder on the main process.
+    """
+    step = run.step if step is None else step
+    info = checkpoint_info(run.config, step, run.fingerprint, len(run.data.scan.examples), run.data.order,
+                           run.micro_batch_at(step), run.world, run.guard.skipped if skipped is None else skipped,
+                           __version__)
+    info.holdout = run.held_out.checkpoint_facts(step) if run.held_out else None
+    root = run.paths.checkpoints
+    state = _training_state(run, step, scheduler_state) if run.is_main else None
+    folder = ckpt.save_checkpoint(root, step, state, info.to_json(), rank=run.rank,
+                                  barrier=run.accelerator.wait_for_everyone)
+    if run.is_main:
+        if run.held_out:
+            run.held_out.mark_checkpoint(root, folder, step, info.holdout)
+        ckpt.prune(root, run.config.train.checkpoints_keep,
+                   protect=run.held_out.best_folder(root) if run.held_out else None)
+        run.say(f"checkpoint: {folder}")
+    run.accelerator.wait_for_everyone()
+    return folder
+
+
+def _training_state(run: Run, step: int, scheduler_state: dict | None) -> ckpt.TrainingState:
+    optimizer = getattr(run.optimizer, "optimizer", run.optimizer)  # the optimizer inside accelerate's wrapper
+    scaler = run.accelerator.scaler
+    return ckpt.TrainingState(step, run.model.method.trainable_state_dict(run.model.components),
+                              optimizer.state_dict(), scheduler_state or run.scheduler.state_dict(),
+                              scaler.state_dict() if scaler is not None else None)

@@ -1,0 +1,130 @@
+"""The end of a run: last samples, the agreement check between processes, the report, the result files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from difftune.export.model_card import write_model_card
+from difftune.training.accelerator import check_replicas_agree
+from difftune.training.precision import autocast_dtype, mixed_precision
+from difftune.training.state import Run, RunResult
+from difftune.training.validation import run_validation
+from difftune.version import __version__
+
+
+def finish(run: Run) -> RunResult:
+    """Close the run: an interrupted run only ends its trackers; a finished one exports its result."""
+    run.progress.close()
+    result = run.result
+    result.skipped_steps = run.guard.skipped
+    if result.interrupted:
+        run.live.finish("stopped")
+        run.accelerator.end_training()
+        return result
+    validation = run.config.validation
+    if validation.prompts and not (validation.every and run.step % validation.every == 0):
+        validate(run)
+    run.accelerator.wait_for_everyone()
+    if run.world > 1:
+        check_replicas_agree(run.accelerator, run.model.params, run.say)
+    result.performance = run.monitor.summary()
+    run.accelerator.log({"perf/median_step_seconds": result.performance["median_step_seconds"],
+                         "perf/peak_memory_gib": result.performance["peak_memory_bytes"] / 2**30}, step=run.step)
+    if run.is_main:
+        run.say(f"performance: {run.monitor.describe(result.performance)}")
+        run.monitor.write(run.paths.logs, result.performance)
+        with run.evaluating(encoders=False):
+            result.files = run.model.method.export(run.model.components, run.paths.root, adapter_metadata(run))
+        write_card(run)
+        run.say(f"done: {run.step} steps; adapter in {run.paths.root}")
+        run.live.finish("done")
+    run.accelerator.wait_for_everyone()  # every process ends together, with no collective in flight
+    run.accelerator.end_training()
+    return result
+
+
+def validate(run: Run) -> None:
+    """Sample the validation prompts with the current weights (main process), into ``samples/step-N``."""
+    if run.is_main:
+        model, config = run.model, run.config
+        trained = {name: run.accelerator.unwrap_model(m) for name, m in model.wrapped.items()}
+        view = model.components.with_modules(trained)
+        with run.evaluating():
+            run.result.samples = run_validation(
+                model.family, model.components, view.denoiser, view.text_encoders, config.validation,
+                config.validation.resolution or config.data.resolution, run.device, autocast_dtype(config),
+                run.paths.samples, run.step, run.accelerator.trackers,
+            )
+    run.accelerator.wait_for_everyone()
+
+
+def adapter_metadata(run: Run) -> dict[str, str]:
+    """What the result files carry in their headers about the run."""
+    config, model = run.config, run.model
+    return {
+        "difftune.version": __version__,
+        "difftune.base_model": config.model.path,
+        "difftune.family": model.family.name,
+        "difftune.method": model.method.name,
+        "difftune.denoiser_config_sha256": model.family.denoiser_config_hash(model.components),
+        "difftune.steps": str(run.step),
+        "difftune.trigger": config.data.instance_prompt or "",
+    }
+
+
+def training_facts(run: Run) -> dict[str, object]:
+    """The model card's training table: schedule, optimizer, batch, data, precision, speed, held-out loss."""
+    config, result, t = run.config, run.result, run.config.train
+    facts: dict[str, object] = {
+        "Steps": run.step,
+        "Learning rate": f"{run.lr:g} ({t.lr_scheduler}, {t.warmup_steps} warm-up steps)",
+        "Optimizer": f"{t.optimizer} (β1 {t.adam_beta1}, β2 {t.adam_beta2}, weight decay {t.weight_decay})",
+        "Batch": f"{t.batch_size} × {t.gradient_accumulation} accumulation × {run.world} process(es)",
+        "Resolution": config.data.resolution,
+        "Dataset": run.data.card_entry(),
+        "Mixed precision": mixed_precision(config) + (" (auto)" if t.mixed_precision == "auto" else ""),
+        "Min-SNR γ": t.snr_gamma if t.snr_gamma is not None else "off",
+        "Noise offset": t.noise_offset,
+        "Seed": t.seed,
+    }
+    if result.performance:
+        perf = result.performance
+        facts["Speed"] = f"{perf['median_step_seconds']:.3f} s per step (median, {perf['steps']} steps)"
+        facts["Peak memory"] = f"{perf['peak_memory_bytes'] / 2**30:.2f} GiB ({perf['peak_memory_kind']})"
+    if result.val_losses:
+        best_step, best_loss = min(result.val_losses, key=lambda sl: sl[1])
+        facts["Held-out loss"] = (f"{result.val_losses[-1][1]:.5f} at the end, best {best_loss:.5f} at step "
+                                  f"{best_step}" + (" (stopped early)" if result.stopped_early else ""))
+    if config.prior_preservation.class_prompt:
+        pp = config.prior_preservation
+        facts["Prior preservation"] = f"`{pp.class_prompt}`, {pp.num_class_images} class images, weight {pp.loss_weight}"
+    return facts
+
+
+def write_card(run: Run) -> None:
+    """``README.md``: the model card (Hugging Face convention) of the finished run."""
+    config, method = run.config, run.model.method
+    details = method.card_details()
+    samples = []
+    for p in run.result.samples:
+        if p.name != "grid.png":
+            prompt_index = int(p.name.split("-", 1)[0])
+            samples.append((config.validation.prompts[prompt_index], p.relative_to(run.paths.root).as_posix()))
+    prompt = config.data.instance_prompt or (config.validation.prompts[0] if config.validation.prompts else "a photo")
+    usage = details.get("usage", "").format(base_model=config.model.path, repo_or_folder=str(run.paths.root),
+                                            prompt=prompt)
+    write_model_card(
+        run.paths.root / "README.md",
+        base_model=config.model.path,
+        family_title=run.model.family.title,
+        tags=["text-to-image", "diffusers", "difftune", *details.get("tags", []), *run.model.family.card_tags],
+        license=config.output.license,
+        instance_prompt=config.data.instance_prompt,
+        summary=details.get("summary", {}),
+        training=training_facts(run),
+        samples=samples,
+        usage=usage,
+        tool_usage=details.get("tool_usage", "").replace("{prompt}", prompt),
+        title=f"{details.get('summary', {}).get('Method', method.name)} for "
+              f"{Path(config.model.path).name or config.model.path}",
+    )
