@@ -123,6 +123,24 @@ def test_no_import_cycle_among_difftune_modules():
     assert _cycles(GRAPH) == []
 
 
+def _package(module: str) -> str:
+    """``difftune.training.step`` -> ``training``; top-level modules are their own package."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
+def test_no_import_cycle_among_difftune_packages():
+    """The packages form layers (docs/architecture.md): config at the bottom, training and the CLI on top."""
+    packages: dict[str, set[str]] = {}
+    for module, imported in GRAPH.items():
+        packages.setdefault(_package(module), set()).update(
+            _package(m) for m in imported if _package(m) != _package(module))
+    assert _cycles(packages) == []
+    assert packages["config"] <= {"errors"}
+    assert "training" not in set().union(*(deps for name, deps in packages.items() if name not in ("cli", "demo",
+                                                                                                 "difftune")))
+
+
 def test_cycle_detection_finds_a_cycle():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
@@ -228,3 +246,10 @@ def test_a_bad_method_setting_is_caught_by_validate_without_torch(tmp_path, tiny
     assert done.returncode == 2
     assert done.stderr.strip() == "difftune: error: method.token: required for method.type = 'textual_inversion', " \
                                   "e.g. token = \"<sks>\""
+
+
+def test_test_folders_mirror_the_packages():
+    """``tests/<package>/`` exists only for a package of ``src/difftune`` (tests live beside what they test)."""
+    folders = {p.name for p in (ROOT / "tests").iterdir() if p.is_dir() and not p.name.startswith((".", "__"))}
+    packages = {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()}
+    assert folders and folders <= packages, sorted(folders - packages)

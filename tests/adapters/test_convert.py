@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import torch
-from adapter_helpers import load_parts, pipeline, run
 from safetensors import safe_open
 
+from adapter_helpers import load_parts, pipeline, run
 from difftune.adapters import kohya
-from difftune.adapters.apply import weight_module_names
 from difftune.adapters.convert import read_adapter
 from difftune.cli import main
+from difftune.inference.apply import weight_module_names
 
 
 def test_kohya_names_and_alpha(lora_a, tmp_path):

@@ -107,3 +107,14 @@ def test_init_writes_a_config_that_validates_once_paths_exist(tmp_path, tiny_sd,
 def test_version_mismatch(tmp_path, good):
     with pytest.raises(ConfigError, match="version: this difftune reads config version 1, got 7"):
         load_config(write(tmp_path, "version = 7\n" + good))
+
+
+def test_holdout_config_errors(run_config, tiny_sd, shapes_data, tmp_path):
+    base = run_config(tiny_sd, shapes_data, tmp_path)
+    with pytest.raises(ConfigError, match="validation.holdout: 1.5"):
+        load_config(data={**base, "validation": {"holdout": 1.5}})
+    with pytest.raises(ConfigError, match="validation.holdout: .*not a folder"):
+        load_config(data={**base, "validation": {"holdout": str(tmp_path / "missing")}})
+    with pytest.raises(ConfigError, match="validation.loss_every: needs validation.holdout"):
+        load_config(data={**base, "validation": {"loss_every": 5}})
+    assert load_config(data={**base, "validation": {"holdout": 0.2}}).validation.holdout == 0.2

@@ -1,4 +1,5 @@
-"""Using trained adapters: generate, merge, convert, inspect and push — with safe, loud loading.
+"""Adapter files: what a weight file is, LoRA adapters in one in-memory form, the diffusers and kohya
+formats, conversion, merging, reduction to plain LoRA, inspection and safe loading.
 
-Importing this package is cheap; torch and diffusers load only inside the commands.
+Importing this package is cheap; torch loads inside the functions that need it.
 """

@@ -157,7 +157,7 @@ def reduce_file(path, rank: int, *, model: str | None = None, allow_pickle: bool
     tensors, metadata = load_tensors(file, allow_pickle=allow_pickle)
     pipe = None
     if model:
-        from difftune.adapters.generate import load_pipeline
+        from difftune.models import load_pipeline
 
         pipe, _, _ = load_pipeline(model, dtype=torch.float32)
     try:

@@ -63,4 +63,15 @@ def resolve_family(model: ModelConfig, train: TrainConfig | None = None) -> tupl
     return get_family(detect_family(source, model.family), model, train), source
 
 
-__all__ = ["FAMILIES", "detect_family", "get_family", "resolve_family"]
+def load_pipeline(path: str, family_name: str = "auto", dtype=None):
+    """A base model as an inference pipeline, loaded by its family; ``(pipeline, family, components)``."""
+    import torch
+
+    from difftune.config.schema import ModelConfig
+
+    family, source = resolve_family(ModelConfig(path=path, family=family_name))
+    components = family.load(source, dtype=dtype or torch.float32)
+    return family.build_pipeline(components, components.denoiser, components.text_encoders), family, components
+
+
+__all__ = ["FAMILIES", "detect_family", "get_family", "load_pipeline", "resolve_family"]

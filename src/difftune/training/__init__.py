@@ -1,4 +1,7 @@
-"""The training loop and what it needs: optimizers, checkpoints, validation."""
+"""The training run: ``setup`` builds it, ``train_step`` advances it, ``finish`` ends it (``loop.train`` ties them).
+
+See docs/architecture.md for the map of the modules.
+"""
 
 from difftune.compat import require_working_stack
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from difftune.export.model_card import write_model_card
+from difftune.publish.model_card import write_model_card
 from difftune.training.accelerator import check_replicas_agree
 from difftune.training.precision import autocast_dtype, mixed_precision
 from difftune.training.state import Run, RunResult

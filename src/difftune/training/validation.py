@@ -11,16 +11,7 @@ import torch
 from PIL import Image
 
 from difftune.config.schema import ValidationConfig
-
-
-def make_grid(images: list[Image.Image], cols: int) -> Image.Image:
-    cols = max(1, min(cols, len(images)))
-    rows = (len(images) + cols - 1) // cols
-    w, h = images[0].size
-    grid = Image.new("RGB", (cols * w, rows * h))
-    for i, img in enumerate(images):
-        grid.paste(img, ((i % cols) * w, (i // cols) * h))
-    return grid
+from difftune.inference.images import make_grid
 
 
 @torch.no_grad()

@@ -1,37 +1,15 @@
-"""Held-out loss: a deterministic split, the same number for the same weights, best checkpoint, early stop."""
+"""Held-out loss: the same number for the same weights, best checkpoint, early stop."""
 
 from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 
 from difftune import load_config
 from difftune.data.holdout import split
 from difftune.data.sources import load_examples
-from difftune.errors import ConfigError
-from difftune.tiny import make_tiny_dataset
 from difftune.training import holdout
-
-
-def test_split_is_deterministic_disjoint_and_follows_the_seed(run_config, tiny_sd, tmp_path):
-    data = make_tiny_dataset(tmp_path / "d", n=10, size=32)
-    cfg = load_config(data=run_config(tiny_sd, data, tmp_path / "o", validation={"holdout": 0.3}))
-    train_a, held_a = split(load_examples(cfg.data).examples, cfg.data, cfg.validation, cfg.train.seed)
-    train_b, held_b = split(load_examples(cfg.data).examples, cfg.data, cfg.validation, cfg.train.seed)
-    assert [e.name for e in held_a] == [e.name for e in held_b] and len(held_a) == 3
-    assert not {e.name for e in train_a} & {e.name for e in held_a} and len(train_a) == 7
-    other = load_config(data=run_config(tiny_sd, data, tmp_path / "o", validation={"holdout": 0.3},
-                                        train={"seed": 7}))
-    assert [e.name for e in split(load_examples(other.data).examples, other.data, other.validation, other.train.seed)[1]] != [e.name for e in held_a]
-
-
-def test_holdout_folder_is_used_whole(run_config, tiny_sd, shapes_data, tmp_path):
-    folder = make_tiny_dataset(tmp_path / "val", n=2, size=32, seed=3)
-    cfg = load_config(data=run_config(tiny_sd, shapes_data, tmp_path / "o", validation={"holdout": str(folder)}))
-    train, held = split(load_examples(cfg.data).examples, cfg.data, cfg.validation, cfg.train.seed)
-    assert len(train) == 4 and len(held) == 2
 
 
 def test_same_weights_give_the_same_held_out_loss(run_config, tiny_sd, shapes_data, tmp_path):
@@ -86,14 +64,3 @@ def test_run_logs_held_out_loss_and_marks_the_best_checkpoint(train_run):
     assert info["holdout"] == {"val_loss": best_loss, "best": True}  # kept despite checkpoints_keep = 1
     assert any("held-out loss" in m for m in result.messages)
     assert "Held-out loss" in (result.output_dir / "README.md").read_text()
-
-
-def test_holdout_config_errors(run_config, tiny_sd, shapes_data, tmp_path):
-    base = run_config(tiny_sd, shapes_data, tmp_path)
-    with pytest.raises(ConfigError, match="validation.holdout: 1.5"):
-        load_config(data={**base, "validation": {"holdout": 1.5}})
-    with pytest.raises(ConfigError, match="validation.holdout: .*not a folder"):
-        load_config(data={**base, "validation": {"holdout": str(tmp_path / "missing")}})
-    with pytest.raises(ConfigError, match="validation.loss_every: needs validation.holdout"):
-        load_config(data={**base, "validation": {"loss_every": 5}})
-    assert load_config(data={**base, "validation": {"holdout": 0.2}}).validation.holdout == 0.2

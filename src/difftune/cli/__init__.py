@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from difftune.adapters.commands import COMMANDS as ADAPTER_COMMANDS
+from difftune.cli.adapters import COMMANDS as ADAPTER_COMMANDS
 from difftune.errors import DifftuneError
 
 

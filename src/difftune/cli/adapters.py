@@ -19,7 +19,7 @@ def _pickle_arg(p: argparse.ArgumentParser) -> None:
 
 
 def add_generate_args(p: argparse.ArgumentParser) -> None:
-    from difftune.adapters.schedulers import SCHEDULERS
+    from difftune.inference.schedulers import SCHEDULERS
 
     p.add_argument("--model", required=True, help="base model: diffusers folder, .safetensors file or Hub id")
     p.add_argument("--lora", action="append", default=[], metavar="FILE_OR_DIR[:WEIGHT]",
@@ -43,8 +43,8 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_generate(args) -> int:
-    from difftune.adapters.generate import GenerateSettings, generate
     from difftune.adapters.safe_load import parse_token_suffix, parse_weighted
+    from difftune.inference.generate import GenerateSettings, generate
 
     generate(GenerateSettings(
         model=args.model, prompts=args.prompt, out=Path(args.out),
@@ -94,10 +94,10 @@ def cmd_merge(args) -> int:
 def _fuse(args, specs) -> int:
     import torch
 
-    from difftune.adapters.apply import check_base_model, check_coverage, pipeline_target
     from difftune.adapters.convert import read_adapter
-    from difftune.adapters.generate import load_pipeline
     from difftune.adapters.merge import concat_merge, fuse_into
+    from difftune.inference.apply import check_base_model, check_coverage, pipeline_target
+    from difftune.models import load_pipeline
 
     if not args.model:
         raise DifftuneError("--fuse needs --model PATH (the base model to bake the adapters into)")
@@ -152,8 +152,8 @@ def cmd_convert(args) -> int:
         if args.model:
             import torch
 
-            from difftune.adapters.apply import pipeline_target
-            from difftune.adapters.generate import load_pipeline
+            from difftune.inference.apply import pipeline_target
+            from difftune.models import load_pipeline
 
             pipe, family, _ = load_pipeline(args.model, dtype=torch.float32)
             target.update(pipeline_target(pipe))
@@ -208,7 +208,7 @@ def add_push_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_push(args) -> int:
-    from difftune.adapters.push import push
+    from difftune.publish.push import push
 
     push(args.run_dir, args.repo, base_model=args.base_model, private=args.private, dry_run=args.dry_run)
     return 0

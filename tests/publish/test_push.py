@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from difftune.adapters.push import card_base_model, files_to_push
 from difftune.cli import main
 from difftune.errors import DifftuneError
+from difftune.publish.push import card_base_model, files_to_push
 
 
 def test_files_to_push_lists_adapter_card_and_samples_only(trained_run):
@@ -61,7 +61,7 @@ def test_network_failure_is_one_line(trained_run, capsys, monkeypatch):
 def test_upload_uses_allow_patterns(trained_run, monkeypatch):
     from huggingface_hub import HfApi, constants
 
-    from difftune.adapters.push import push
+    from difftune.publish.push import push
 
     seen = {}
 

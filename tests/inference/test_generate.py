@@ -7,14 +7,14 @@ import json
 import numpy as np
 import pytest
 import torch
-from adapter_helpers import make_lora
 from PIL import Image
 
-from difftune.adapters.apply import load_adapters
-from difftune.adapters.generate import load_pipeline
+from adapter_helpers import make_lora
 from difftune.cli import main
 from difftune.errors import DifftuneError
 from difftune.fileio import save_safetensors
+from difftune.inference.apply import load_adapters
+from difftune.models import load_pipeline
 
 
 def _gen(tiny_sd, out, *extra):

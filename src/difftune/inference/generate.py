@@ -8,11 +8,12 @@ from pathlib import Path
 
 import torch
 
-from difftune.adapters.apply import load_adapters
 from difftune.adapters.safe_load import load_tensors, resolve_weight_file
-from difftune.adapters.schedulers import SCHEDULERS
 from difftune.errors import DifftuneError
-from difftune.training.validation import make_grid
+from difftune.inference.apply import load_adapters
+from difftune.inference.images import make_grid
+from difftune.inference.schedulers import SCHEDULERS
+from difftune.models import load_pipeline
 
 
 @dataclass
@@ -33,17 +34,6 @@ class GenerateSettings:
     family: str = "auto"
     dtype: str = "auto"
     allow_pickle: bool = False
-
-
-def load_pipeline(model: str, family_name: str = "auto", dtype: torch.dtype = torch.float32):
-    """Base model through difftune's own family loading, as an inference pipeline; (pipe, family, components)."""
-    from difftune.config.schema import ModelConfig
-    from difftune.models import resolve_family
-
-    family, source = resolve_family(ModelConfig(path=model, family=family_name))
-    components = family.load(source, dtype=dtype)
-    pipe = family.build_pipeline(components, components.denoiser, components.text_encoders)
-    return pipe, family, components
 
 
 def set_scheduler(pipe, choice: str) -> None:

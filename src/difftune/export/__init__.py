@@ -1,1 +1,0 @@
-"""Writing results: model cards and adapter metadata."""

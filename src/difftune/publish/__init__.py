@@ -1,0 +1,1 @@
+"""What a finished run gives to others: its model card, and the upload to the Hugging Face Hub."""
