@@ -196,8 +196,8 @@ def _private_uses(tree: ast.AST) -> list[str]:
     return found
 
 
-@pytest.mark.parametrize("folder", ["tests", "benchmarks", "scripts"])
-def test_no_test_or_script_uses_a_private_name_of_difftune(folder):
+@pytest.mark.parametrize("folder", ["tests", "benchmarks", "scripts", "src"])
+def test_no_module_uses_a_private_name_of_another(folder):
     offenders = {str(p.relative_to(ROOT)): uses for p in sorted((ROOT / folder).rglob("*.py"))
                  if (uses := _private_uses(ast.parse(p.read_text())))}
     assert offenders == {}

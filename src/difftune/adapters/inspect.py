@@ -10,7 +10,7 @@ from typing import Any
 
 from difftune.adapters.detect import adapter_from_tensors, detect_format
 from difftune.adapters.formats import MODULES_META_KEY
-from difftune.adapters.kohya import _prefix_role, kohya_training_summary, unflatten
+from difftune.adapters.kohya import kohya_training_summary, prefix_role, unflatten
 from difftune.adapters.safe_load import PICKLE_SUFFIXES, load_tensors, read_header, resolve_weight_file
 from difftune.adapters.tools import Readiness, readiness
 
@@ -68,7 +68,7 @@ def _lycoris_module(key: str) -> str:
     """``role.path`` of the module a LyCORIS/peft tensor belongs to."""
     name = re.split(r"\.(?:hada_|lokr_|lora_|lora\.|alpha|dora_scale)", key, maxsplit=1)[0]
     if name.startswith("lora_"):
-        role, flat = _prefix_role(name)
+        role, flat = prefix_role(name)
         return f"{role}.{unflatten(flat)}"
     return name
 

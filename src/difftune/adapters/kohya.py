@@ -40,48 +40,49 @@ COMPOUND_PARTS = (
 _COMPOUNDS = sorted((c.split("_") for c in COMPOUND_PARTS), key=len, reverse=True)
 
 
+#: Where kohya sd-scripts puts each part of a LoRA, by pipeline attribute (the role in difftune's own
+#: adapter keys). Numbered text-encoder prefixes are for models with several encoders (SDXL: ``lora_te1``,
+#: ``lora_te2``); a model with one writes ``lora_te``. Transformer families name their parts in their
+#: ``kohya_names`` (``models/kohya_names.py``).
+ROLE_PREFIXES = {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2",
+                 "text_encoder_3": "lora_te3"}
+SINGLE_TEXT_PREFIX = "lora_te"
+#: Roles a UNet-family kohya file can hold when difftune writes one.
+_WRITABLE_ROLES = ("unet", "text_encoder", "text_encoder_2")
+_PREFIX_ROLES = {**{prefix: role for role, prefix in ROLE_PREFIXES.items()}, SINGLE_TEXT_PREFIX: "text_encoder"}
+
+
 def role_prefixes(roles: list[str]) -> dict[str, str]:
     """Kohya prefix per role: ``lora_unet``, ``lora_te`` or ``lora_te1``/``lora_te2``."""
-    out = {}
-    two = "text_encoder_2" in roles
+    numbered = "text_encoder_2" in roles
     for role in roles:
-        if role == "unet":
-            out[role] = "lora_unet"
-        elif role == "text_encoder":
-            out[role] = "lora_te1" if two else "lora_te"
-        elif role == "text_encoder_2":
-            out[role] = "lora_te2"
-        else:
+        if role not in _WRITABLE_ROLES:
             raise DifftuneError(
                 f"kohya export: no kohya naming is defined here for {role!r} LoRA layers "
                 "(supported: UNet families SD 1.x/2.x/SDXL and their CLIP text encoders)"
             )
-    return out
-
-
-_PREFIXES = ("lora_unet", "lora_te1", "lora_te2", "lora_te3", "lora_te")
+    return {role: SINGLE_TEXT_PREFIX if role == "text_encoder" and not numbered else ROLE_PREFIXES[role]
+            for role in roles}
 
 
 def _split_prefix(name: str) -> tuple[str, str]:
-    for prefix in _PREFIXES:
+    for prefix in _PREFIX_ROLES:  # numbered prefixes before the bare ``lora_te``
         if name.startswith(prefix + "_"):
             return prefix, name[len(prefix) + 1:]
     raise DifftuneError(f"{name}: not a kohya LoRA name (expected lora_unet_, lora_te_ or lora_te1_/2_/3_)")
 
 
-def _prefix_role(name: str, layout=None) -> tuple[str, str]:
+def prefix_role(name: str, layout=None) -> tuple[str, str]:
     """(pipeline attribute, flattened module path) of a kohya module name."""
     prefix, flat = _split_prefix(name)
     if layout is not None:
         role = "transformer" if prefix == "lora_unet" else layout.role_for_prefix(prefix)
-        if role is None and prefix == "lora_te":  # ComfyUI writes the CLIP-L of Flux as lora_te_
+        if role is None and prefix == SINGLE_TEXT_PREFIX:  # ComfyUI writes the CLIP-L of Flux as lora_te_
             role = "text_encoder"
         if role is None:
             raise DifftuneError(f"{name}: {layout.title} kohya files have no {prefix}_ text encoder")
         return role, flat
-    roles = {"lora_unet": "unet", "lora_te1": "text_encoder", "lora_te2": "text_encoder_2",
-             "lora_te3": "text_encoder_3", "lora_te": "text_encoder"}
-    return roles[prefix], flat
+    return _PREFIX_ROLES[prefix], flat
 
 
 def unflatten(flat: str) -> str:
@@ -111,7 +112,7 @@ def _kohya_path(role: str, path: str) -> str:
     return path
 
 
-def _canonical_path(role: str, path: str) -> str:
+def canonical_path(role: str, path: str) -> str:
     """Text-encoder paths as the installed transformers names them (``text_model.`` dropped from v5)."""
     if role.startswith("text_encoder") and path.startswith("text_model.") and _clip_without_text_model():
         return path[len("text_model."):]
@@ -230,7 +231,7 @@ def from_kohya(tensors: dict[str, torch.Tensor], metadata: dict[str, str],
     recorded = recorded_modules(metadata)
     modules: dict[str, LoraModule] = {}
     for base, m in pairs.items():
-        role, flat = _prefix_role(base, layout)
+        role, flat = prefix_role(base, layout)
         if layout is not None and role == "transformer":
             for path, part in layout.split(flat, m, recorded).items():
                 modules[f"transformer.{path}"] = part
@@ -239,7 +240,7 @@ def from_kohya(tensors: dict[str, torch.Tensor], metadata: dict[str, str],
         if path is None:
             # CLIP with projection keeps ``text_model.`` in transformers >= 5; the recorded names say which.
             literal = unflatten(flat)
-            path = literal if f"{role}.{literal}" in recorded else _canonical_path(role, literal)
+            path = literal if f"{role}.{literal}" in recorded else canonical_path(role, literal)
         modules[f"{role}.{path}"] = m
     meta = {k: v for k, v in metadata.items() if k.startswith("difftune.") and k != MODULES_META_KEY}
     if layout is not None:

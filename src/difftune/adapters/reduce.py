@@ -18,7 +18,7 @@ from torch import nn
 
 from difftune.adapters.detect import detect_format
 from difftune.adapters.formats import ADAPTER_META_KEY
-from difftune.adapters.kohya import _canonical_path, _prefix_role, unflatten
+from difftune.adapters.kohya import canonical_path, prefix_role, unflatten
 from difftune.errors import DifftuneError
 
 _DIFFUSERS_TO_PEFT = ((".lora.down.", ".lora_A."), (".lora.up.", ".lora_B."),
@@ -114,8 +114,8 @@ def kohya_lycoris_deltas(tensors: dict[str, torch.Tensor], shapes: dict[str, tup
             delta = torch.kron(w1, w2)
         else:
             raise DifftuneError(f"{base}: neither a LoHa (hada_) nor a LoKr (lokr_) module")
-        role, flat = _prefix_role(base)
-        name = f"{role}.{_canonical_path(role, unflatten(flat))}"
+        role, flat = prefix_role(base)
+        name = f"{role}.{canonical_path(role, unflatten(flat))}"
         delta = delta * scale
         if shapes and name in shapes and delta.shape != shapes[name]:
             delta = delta.reshape(shapes[name])
