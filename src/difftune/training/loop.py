@@ -28,7 +28,7 @@ def train(config: Config, log=print) -> RunResult:
     with faults.out_of_memory_advice(config), StopRequest(log) as stop:
         run = setup(config, log)
         while run.step < run.total_steps:
-            outcome = train_step(run, stop.requested)
+            outcome = train_step(run, stop)
             if run.guard.should_stop:
                 raise run.guard.error(save_last_good_state(run))
             if run.step % config.train.log_every == 0 or run.step == run.total_steps:

@@ -99,10 +99,12 @@ def setup(config: Config, log=print) -> Run:
     monitor = RunMonitor(accelerator.device, compiled=config.train.compile)
     start_trackers(accelerator, config, paths.root.name)
     say(_banner(config, model, len(data.dataset), steps, lr, accelerator))
-    run = Run(config, paths, accelerator, say, model, data, held_out, optimizer, scheduler, guard, monitor,
-              _batches(config, data, monitor), lr, steps, step, step, data.order.start, fingerprint,
-              RunResult(paths.root, [], steps), _progress(steps, step, accelerator.is_main_process), live,
-              LossMeter(torch.zeros((), device=accelerator.device)), saved_step=step)
+    run = Run(config=config, paths=paths, accelerator=accelerator, say=say, model=model, data=data,
+              held_out=held_out, optimizer=optimizer, scheduler=scheduler, guard=guard, monitor=monitor,
+              batches=_batches(config, data, monitor), lr=lr, total_steps=steps, step=step, first_step=step,
+              first_micro_batch=data.order.start, fingerprint=fingerprint, result=RunResult(paths.root, [], steps),
+              progress=_progress(steps, step, accelerator.is_main_process), live=live,
+              losses=LossMeter(torch.zeros((), device=accelerator.device)), saved_step=step)
     for module in model.trainable_modules():
         module.train()
     return run

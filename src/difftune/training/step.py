@@ -11,6 +11,7 @@ from difftune.seeds import derived_seed
 from difftune.training import faults
 from difftune.training.accelerator import no_sync
 from difftune.training.loss import micro_batch_loss
+from difftune.training.signals import StopRequest
 from difftune.training.state import Run
 
 
@@ -32,8 +33,11 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return derived_seed(seed, step, rank)
 
 
-def train_step(run: Run, stop_requested: bool = False) -> StepOutcome:
-    """Accumulate ``train.gradient_accumulation`` micro-batches, clip, and step (unless the loss is not finite)."""
+def train_step(run: Run, stop: StopRequest | None = None) -> StepOutcome:
+    """Accumulate ``train.gradient_accumulation`` micro-batches, clip, and step (unless the loss is not finite).
+
+    ``stop`` is read after the micro-batches, so a signal that arrives during this step stops the run after it.
+    """
     model, acc, train = run.model, run.accelerator, run.config.train
     # Every random draw of this step comes from a seed derived from (seed, step, process).
     torch.manual_seed(step_seed(train.seed, run.step, run.rank))
@@ -50,7 +54,8 @@ def train_step(run: Run, stop_requested: bool = False) -> StepOutcome:
     if train.max_grad_norm is not None:
         grad_norm = acc.clip_grad_norm_(model.params, train.max_grad_norm)
     # The one device sync per step: is the step non-finite, and did anyone ask to stop?
-    bad, stop = faults.agree(acc, faults.nonfinite(step_loss, grad_norm, acc.scaler), stop_requested)
+    bad, stop_now = faults.agree(acc, faults.nonfinite(step_loss, grad_norm, acc.scaler),
+                                 stop is not None and stop.requested)
     stepped = faults.optimizer_step(run.optimizer, bad, acc.scaler)
     run.guard.record(run.step, stepped, bad, run.scheduler)
     run.scheduler.step()
@@ -66,4 +71,4 @@ def train_step(run: Run, stop_requested: bool = False) -> StepOutcome:
     run.progress.update(1)
     run.monitor.step_done()
     run.live.step_done(run.step)
-    return StepOutcome(step_loss, bad, stepped, stop)
+    return StepOutcome(step_loss, bad, stepped, stop_now)
