@@ -84,6 +84,10 @@ class ModelFamily(ABC):
     #: Keys of a textual-inversion file, one per text encoder, for families with several encoders
     #: (SDXL: ``("clip_l", "clip_g")``, as diffusers' SDXL examples load them). ``None``: the encoder names.
     embedding_save_keys: tuple[str, ...] | None = None
+    #: The diffusers scheduler class pipelines sample with (validation, class images).
+    sampling_scheduler: str = "DPMSolverMultistepScheduler"
+    #: Further pipeline arguments, e.g. no safety checker.
+    pipeline_kwargs: dict[str, Any] = {}
     #: True if the family converts its weights to one original-layout file (:meth:`save_single_file`).
     writes_single_file: bool = False
     #: How kohya-format LoRA files name this family's modules (:mod:`difftune.models.kohya_names`);
@@ -183,9 +187,19 @@ class ModelFamily(ABC):
 
     # --- sampling and export -----------------------------------------------------------------
 
-    @abstractmethod
     def build_pipeline(self, components: Components, denoiser: nn.Module, text_encoders: list[nn.Module]):
-        """An inference pipeline built from in-memory components (nothing is reloaded)."""
+        """An inference pipeline built from in-memory components (nothing is reloaded): ``denoiser`` and
+        ``text_encoders`` (e.g. trained copies) with the loaded VAE and tokenizers, sampling with
+        :attr:`sampling_scheduler`."""
+        import diffusers
+
+        scheduler = getattr(diffusers, self.sampling_scheduler).from_config(components.noise_scheduler.config)
+        parts = {self.denoiser_name: denoiser, "vae": components.vae, "scheduler": scheduler, **self.pipeline_kwargs}
+        for name, encoder, tokenizer in zip(components.encoder_names, text_encoders, components.tokenizers,
+                                            strict=True):
+            parts[name] = encoder
+            parts[name.replace("text_encoder", "tokenizer")] = tokenizer
+        return self.pipeline_class()(**parts)
 
     def save_single_file(
         self,

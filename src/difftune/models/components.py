@@ -171,10 +171,6 @@ def unwrap(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
-#: LoRA targets of MMDiT denoisers (SD3, Flux): attention projections of both streams.
-MMDIT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
-
-
 @dataclass(frozen=True)
 class ModelParts:
     """What a family's model is made of, for :func:`load_components`.

@@ -11,9 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from difftune.models.base import Components, ModelFamily, ModelSource
+from difftune.models.base import Components, ModelSource
 from difftune.models.components import (
-    MMDIT_LORA_TARGETS,
     ModelParts,
     flow_match_settings,
     load_components,
@@ -23,6 +22,7 @@ from difftune.models.components import (
     unwrap,
 )
 from difftune.models.kohya_names import KohyaModule, KohyaNames, modulation, single
+from difftune.models.mmdit import MMDiTFamily
 
 
 def _flux_kohya_names() -> KohyaNames:
@@ -61,12 +61,9 @@ def _flux_kohya_names() -> KohyaNames:
                       diffusers_converter="diffusers.loaders.lora_conversion_utils._convert_kohya_flux_lora_to_diffusers")
 
 
-class Flux(ModelFamily):
+class Flux(MMDiTFamily):
     name = "flux"
     title = "Flux.1"
-    objective = "flow_match"
-    denoiser_name = "transformer"
-    default_lora_targets = MMDIT_LORA_TARGETS
     card_tags = ("flux", "flux-diffusers")
     pipeline_class_names = ("FluxPipeline", "FluxImg2ImgPipeline")
     single_file_types = ("flux-dev", "flux-schnell")
@@ -132,16 +129,3 @@ class Flux(ModelFamily):
         )[0]
         # With a scale factor of 1 the pipeline's unpacking takes latent (not pixel) sizes.
         return pipe._unpack_latents(out, h, w, 1)
-
-    def build_pipeline(self, components: Components, denoiser: nn.Module, text_encoders: list[nn.Module]):
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        return self.pipeline_class()(
-            scheduler=FlowMatchEulerDiscreteScheduler.from_config(components.noise_scheduler.config),
-            vae=components.vae,
-            text_encoder=text_encoders[0],
-            tokenizer=components.tokenizers[0],
-            text_encoder_2=text_encoders[1],
-            tokenizer_2=components.tokenizers[1],
-            transformer=denoiser,
-        )

@@ -29,6 +29,7 @@ class StableDiffusion(ModelFamily):
     card_tags = ("stable-diffusion", "stable-diffusion-diffusers")
     single_file_types: tuple[str, ...] = ("v1",)
     writes_single_file = True
+    pipeline_kwargs = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
     is_v2 = False
     #: Text-encoder layout in an original-layout single file (see ``sd_single_file``).
     single_file_text_layout = "clip"
@@ -103,20 +104,6 @@ class StableDiffusion(ModelFamily):
             encoder_hidden_states=conditioning["encoder_hidden_states"],
             return_dict=False,
         )[0]
-
-    def build_pipeline(self, components: Components, denoiser: nn.Module, text_encoders: list[nn.Module]):
-        from diffusers import DPMSolverMultistepScheduler
-
-        return self.pipeline_class()(
-            vae=components.vae,
-            text_encoder=text_encoders[0],
-            tokenizer=components.tokenizers[0],
-            unet=denoiser,
-            scheduler=DPMSolverMultistepScheduler.from_config(components.noise_scheduler.config),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
 
 
 class StableDiffusion2(StableDiffusion):

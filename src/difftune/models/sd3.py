@@ -10,9 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from difftune.models.base import Components, ModelFamily, ModelSource
+from difftune.models.base import Components, ModelSource
 from difftune.models.components import (
-    MMDIT_LORA_TARGETS,
     ModelParts,
     clip_features,
     flow_match_settings,
@@ -21,6 +20,7 @@ from difftune.models.components import (
     unwrap,
 )
 from difftune.models.kohya_names import KohyaModule, KohyaNames, modulation, single
+from difftune.models.mmdit import MMDiTFamily
 
 
 def _sd3_kohya_names() -> KohyaNames:
@@ -54,12 +54,9 @@ def _sd3_kohya_names() -> KohyaNames:
                                     "text_encoder_3": "lora_te3"})
 
 
-class StableDiffusion3(ModelFamily):
+class StableDiffusion3(MMDiTFamily):
     name = "sd3"
     title = "Stable Diffusion 3"
-    objective = "flow_match"
-    denoiser_name = "transformer"
-    default_lora_targets = MMDIT_LORA_TARGETS
     card_tags = ("sd3", "sd3-diffusers")
     pipeline_class_names = ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline")
     single_file_types = ("sd3", "sd35_medium", "sd35_large")
@@ -115,18 +112,3 @@ class StableDiffusion3(ModelFamily):
             pooled_projections=conditioning["pooled_prompt_embeds"],
             return_dict=False,
         )[0]
-
-    def build_pipeline(self, components: Components, denoiser: nn.Module, text_encoders: list[nn.Module]):
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        return self.pipeline_class()(
-            transformer=denoiser,
-            scheduler=FlowMatchEulerDiscreteScheduler.from_config(components.noise_scheduler.config),
-            vae=components.vae,
-            text_encoder=text_encoders[0],
-            tokenizer=components.tokenizers[0],
-            text_encoder_2=text_encoders[1],
-            tokenizer_2=components.tokenizers[1],
-            text_encoder_3=text_encoders[2],
-            tokenizer_3=components.tokenizers[2],
-        )

@@ -30,6 +30,7 @@ class StableDiffusionXL(ModelFamily):
     single_file_types = ("xl_base",)
     tool_metadata = {"ss_base_model_version": "sdxl_base_v1-0"}
     tool_embedding_keys = ("clip_l", "clip_g")
+    pipeline_kwargs = {"add_watermarker": False}
 
     def pipeline_class(self) -> type:
         from diffusers import StableDiffusionXLPipeline
@@ -75,17 +76,3 @@ class StableDiffusionXL(ModelFamily):
             noisy_latents, timesteps, encoder_hidden_states=conditioning["encoder_hidden_states"],
             added_cond_kwargs=added, return_dict=False,
         )[0]
-
-    def build_pipeline(self, components: Components, denoiser: nn.Module, text_encoders: list[nn.Module]):
-        from diffusers import DPMSolverMultistepScheduler
-
-        return self.pipeline_class()(
-            vae=components.vae,
-            text_encoder=text_encoders[0],
-            text_encoder_2=text_encoders[1],
-            tokenizer=components.tokenizers[0],
-            tokenizer_2=components.tokenizers[1],
-            unet=denoiser,
-            scheduler=DPMSolverMultistepScheduler.from_config(components.noise_scheduler.config),
-            add_watermarker=False,
-        )
