@@ -53,7 +53,8 @@ def _run(args: list[str], fake: Path, tmp_path: Path) -> subprocess.CompletedPro
 
 
 def test_a_known_bad_install_stops_before_training_with_what_to_install(tmp_path, tiny_sd, shapes_data, run_config):
-    from difftune.config.loader import config_to_dict, dump_toml, load_config
+    from difftune import load_config
+    from difftune.config.loader import config_to_dict, dump_toml
 
     fake = tmp_path / "fake-site"
     _fake_install(fake, "transformers", "5.24.0")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from adapter_helpers import pipeline, run
 from safetensors import safe_open
 
+from adapter_helpers import pipeline, run
 from difftune.adapters.convert import read_adapter
 from difftune.cli import main
 

@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-from adapter_helpers import load_parts
 
+from adapter_helpers import load_parts
 from difftune.adapters.reduce import kohya_lycoris_deltas, peft_module_deltas, reduce_file
 from difftune.cli import main
 from difftune.fileio import save_safetensors
