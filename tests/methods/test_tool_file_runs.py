@@ -78,7 +78,7 @@ def test_embeddings_for_the_tools_are_named_for_their_prompt_word(train_run):
         assert tool["clip_l"].shape[0] == 2
     card = (out / "README.md").read_text()
     assert "`embedding:cat-toy`" in card and "stable-diffusion-webui/embeddings/" in card
-    from difftune.adapters.push import files_to_push
+    from difftune.publish.push import files_to_push
 
     assert "embeddings_for_comfyui_a1111_forge/cat-toy.safetensors" in files_to_push(out)
 
@@ -87,7 +87,6 @@ def test_sdxl_embedding_keys_and_refused_tokens(tmp_path):
     from difftune import load_config
     from difftune.adapters.tools import write_embedding_tool_file
     from difftune.errors import ConfigError
-    from difftune.methods.embeddings import check_token_config
     from difftune.models import get_family
 
     rows = [torch.ones(2, 4), torch.zeros(2, 6)]
@@ -98,4 +97,4 @@ def test_sdxl_embedding_keys_and_refused_tokens(tmp_path):
     bad = {"model": {"path": str(tmp_path)}, "data": {"path": str(tmp_path)},
            "method": {"type": "textual_inversion", "token": ["<a>", "a"], "initializer_token": "x"}}
     with pytest.raises(ConfigError, match="embedding file is named after them"):
-        check_token_config(load_config(data=bad))
+        load_config(data=bad)  # the method's rules run when the config loads (difftune validate too)
