@@ -51,6 +51,8 @@ def tiny_run_config(model_path: Path, data_path: Path, out_dir: Path, **sections
     }
     for name, values in sections.items():
         base.setdefault(name, {}).update(values)
+    if base["method"].get("type") in ("full", "textual_inversion") and "rank" not in sections.get("method", {}):
+        del base["method"]["rank"]  # a LoRA key; other methods refuse it
     return base
 
 

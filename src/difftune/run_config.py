@@ -11,6 +11,7 @@ from difftune.config.loader import Registered, parse_config
 from difftune.config.schema import Config
 from difftune.errors import ConfigError
 from difftune.methods import METHODS
+from difftune.methods.rules import check_keys
 from difftune.models import FAMILIES
 
 
@@ -34,6 +35,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def check_method(config: Config) -> None:
     """The method's own rules, and whether it uses prior preservation when that is configured."""
     spec = METHODS.get(config.method.type)
+    check_keys(config.method, spec.keys, {name: METHODS.get(name).keys for name in METHODS.names()})
     spec.check(config.method)
     if config.prior_preservation.class_prompt and not spec.supports_prior_preservation:
         supported = " or ".join(f'"{n}"' for n in METHODS.names() if METHODS.get(n).supports_prior_preservation)

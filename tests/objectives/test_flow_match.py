@@ -62,7 +62,8 @@ def test_dynamic_shift_grows_with_resolution_like_flux():
     ("mode", lambda s: abs(s.mean() - 0.5) < 0.03 and s.std() < 0.27),  # heavier middle than uniform
 ])
 def test_sigma_sampling_schemes(scheme, check):
-    obj = OBJECTIVES.get("flow_match")({"shift": 1.0}, _train_cfg(weighting_scheme=scheme, logit_mean=2.0))
+    extra = {"logit_mean": 2.0} if scheme == "logit_normal" else {}
+    obj = OBJECTIVES.get("flow_match")({"shift": 1.0}, _train_cfg(weighting_scheme=scheme, **extra))
     torch.manual_seed(0)
     sigmas = obj.sample_sigmas(torch.zeros(20000, 1, 2, 2))
     assert ((sigmas > 0) & (sigmas < 1)).all()
@@ -80,11 +81,17 @@ def test_loss_weighting_schemes_reach_the_loss():
     assert torch.allclose(loss, torch.tensor([4.0, 16.0]))  # unit error × weight
 
 
-def test_min_snr_is_refused_with_a_pointer_to_weighting_scheme():
+def test_ddpm_keys_are_refused_with_a_pointer_to_weighting_scheme():
     from difftune.errors import ConfigError
+    from difftune.objectives import check_train_keys
 
-    with pytest.raises(ConfigError, match="train.snr_gamma: .*train.weighting_scheme"):
-        OBJECTIVES.get("flow_match")({}, _train_cfg(snr_gamma=5.0))
+    for key, value in (("snr_gamma", 5.0), ("zero_terminal_snr", True), ("debiased_estimation", True),
+                       ("timestep_max", 500), ("input_perturbation", 0.1)):
+        with pytest.raises(ConfigError, match=f"train.{key}: does not apply to Flux.*train.weighting_scheme"):
+            check_train_keys("flow_match", "Flux", _train_cfg(**{key: value}))
+    with pytest.raises(ConfigError, match="train.weighting_scheme: does not apply to SD.*train.snr_gamma"):
+        check_train_keys("ddpm", "SD", _train_cfg(weighting_scheme="logit_normal"))
+    check_train_keys("flow_match", "Flux", _train_cfg(weighting_scheme="logit_normal", flow_shift=3.0))
 
 
 def test_noise_offset_shifts_each_channel():

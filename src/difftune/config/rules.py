@@ -6,6 +6,7 @@ own rules — run after these, in :mod:`difftune.run_config`.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -44,6 +45,7 @@ def validate_semantics(config: Config, check_paths: bool = True) -> None:
         raise ConfigError("model.dtype: fp16 weights with bf16 mixed precision; use model.dtype = \"bf16\"")
     check_prior_preservation(config, check_paths)
     check_holdout(config, check_paths)
+    check_dependent_keys(config)
     max_steps = config.train.max_steps
     if max_steps is not None and config.train.warmup_steps > max_steps:
         raise ConfigError(
@@ -110,3 +112,37 @@ def check_holdout(config: Config, check_paths: bool) -> None:
         for key in ("loss_every", "patience"):
             if getattr(val, key):
                 raise ConfigError(f"validation.{key}: needs validation.holdout (a fraction such as 0.1, or a folder)")
+
+
+def _is_default(section, key: str) -> bool:
+    f = type(section).__dataclass_fields__[key]
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    return getattr(section, key) == default
+
+
+def check_dependent_keys(config: Config) -> None:
+    """A key that only matters with another setting is refused without it (it would do nothing)."""
+    t, d = config.train, config.data
+    huber = 'train.loss = "huber" or "smooth_l1"'
+    rules = (
+        (t, "train.huber_delta", huber, t.loss in ("huber", "smooth_l1")),
+        (t, "train.huber_schedule", huber, t.loss in ("huber", "smooth_l1")),
+        (t, "train.timestep_bias_multiplier", 'train.timestep_bias = "earlier" or "later"', t.timestep_bias != "none"),
+        (t, "train.timestep_bias_portion", 'train.timestep_bias = "earlier" or "later"', t.timestep_bias != "none"),
+        (t, "train.logit_mean", 'train.weighting_scheme = "logit_normal"', t.weighting_scheme == "logit_normal"),
+        (t, "train.logit_std", 'train.weighting_scheme = "logit_normal"', t.weighting_scheme == "logit_normal"),
+        (t, "train.mode_scale", 'train.weighting_scheme = "mode"', t.weighting_scheme == "mode"),
+        (t, "train.lr_cycles", 'train.lr_scheduler = "cosine_with_restarts"', t.lr_scheduler == "cosine_with_restarts"),
+        (t, "train.lr_power", 'train.lr_scheduler = "polynomial"', t.lr_scheduler == "polynomial"),
+        (t, "train.compile_mode", "train.compile = true", t.compile),
+        (d, "data.bucket_step", "data.buckets = true", d.buckets),
+        (d, "data.keep_tags", "data.shuffle_tags = true", d.shuffle_tags),
+    )
+    for section, key, needs, applies in rules:
+        if not applies and not _is_default(section, key.split(".", 1)[1]):
+            raise ConfigError(f"{key}: only applies with {needs}; set that, or remove {key}")
+    if t.timestep_max is not None and t.timestep_max < t.timestep_min:
+        raise ConfigError(f"train.timestep_max: {t.timestep_max} is below train.timestep_min ({t.timestep_min})")
+    if t.optimizer == "adamw_schedulefree" and t.lr_scheduler != "constant":
+        raise ConfigError(f"train.lr_scheduler: {t.lr_scheduler!r} with schedule-free AdamW, which replaces the "
+                          "schedule; use \"constant\" (train.warmup_steps is its warm-up)")

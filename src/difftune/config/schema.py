@@ -151,8 +151,37 @@ class MethodConfig:
         None, "`pivotal`: the embeddings stop training after this step (the LoRA continues). Unset: never.",
         min=0,
     )
-    ema: bool = opt(False, "`full`: keep an exponential moving average of the weights and export it.")
-    ema_decay: float = opt(0.9999, "`full`: EMA decay per step.", min=0.0, max=1.0)
+    ema: bool = opt(
+        False,
+        "Keep an exponential moving average (EMA) of the trained weights, for every method: the LoRA "
+        "matrices for `lora`/`pivotal`, the token embeddings for `textual_inversion`, all trained weights "
+        "for `full`. It is saved in checkpoints; `ema_export` and `ema_validate` say where it is used.",
+    )
+    ema_decay: float = opt(0.9999, "EMA decay per step (with `ema`).", min=0.0, max=1.0)
+    ema_export: bool = opt(True, "With `ema`: export the EMA weights (false: the last trained weights).")
+    ema_validate: bool = opt(
+        True, "With `ema`: sample validation images and compute the held-out loss with the EMA weights.",
+    )
+    text_encoder_learning_rate: float | None = opt(
+        None,
+        "`lora`, `pivotal`, `full` with `train_text_encoder`: learning rate of the text encoder(s) (their LoRA "
+        "layers, or all their weights for `full`); unset uses `train.learning_rate`.",
+        min=0, min_exclusive=True,
+    )
+    lora_plus_ratio: float | None = opt(
+        None,
+        "`lora`/`pivotal` with variant `lora` or `dora`: LoRA+ — the B matrices learn this many times faster "
+        "than the A matrices (the LoRA+ paper suggests 16). Unset: one learning rate.",
+        min=0, min_exclusive=True,
+    )
+    block_lr: dict[str, float] = opt(
+        {},
+        "`lora`, `pivotal`, `full`: learning-rate multipliers per denoiser block, e.g. "
+        "`{ down = 0.5, mid = 1.0, \"up.3\" = 2.0 }` for UNets (`down`, `mid`, `up`, or one block `down.N`, "
+        "`up.N`), `{ \"0-9\" = 0.5, \"single.0-37\" = 1.5 }` for transformers (a range of "
+        "`transformer_blocks`, `single.` for Flux's single blocks). The most specific key wins; a key that "
+        "matches no trained parameter stops the run before training. 0 freezes a block.",
+    )
     save_single_file: bool = opt(
         False,
         "`full`: also write `model.safetensors`, the whole model in the original (LDM) single-file "
@@ -302,9 +331,11 @@ class TrainConfig:
     lr_power: float = opt(1.0, "Power of the `polynomial` schedule.", min=0)
     optimizer: str = opt(
         "adamw",
-        "Optimizer: `adamw` (torch), `adamw8bit` (bitsandbytes, CUDA only, extra `difftune[bnb]`) or "
-        "`prodigy` (extra `difftune[prodigy]`; use learning_rate = 1.0).",
-        choices=("adamw", "adamw8bit", "prodigy"),
+        "Optimizer: `adamw` (torch), `adamw8bit` (bitsandbytes, CUDA only, extra `difftune[bnb]`), "
+        "`prodigy` (extra `difftune[prodigy]`; use learning_rate = 1.0) or `adamw_schedulefree` (schedule-free "
+        "AdamW, extra `difftune[schedulefree]`: no learning-rate schedule, `warmup_steps` is its warm-up; "
+        "validation, the held-out loss, checkpoints and export use its evaluation weights).",
+        choices=("adamw", "adamw8bit", "prodigy", "adamw_schedulefree"),
     )
     adam_beta1: float = opt(0.9, "Adam β1.", min=0.0, max=1.0)
     adam_beta2: float = opt(0.999, "Adam β2.", min=0.0, max=1.0)
@@ -349,12 +380,59 @@ class TrainConfig:
         min_exclusive=True,
     )
     noise_offset: float = opt(0.0, "Noise offset (e.g. 0.05–0.1) to learn very dark or bright images.", min=0.0, max=1.0)
+    loss: str = opt(
+        "mse",
+        "Loss between prediction and target: `mse`, `l1`, `huber` (pseudo-Huber, 2δ(√(e²+δ²)−δ): quadratic "
+        "below δ, linear above, robust to outliers) or `smooth_l1` (2(√(e²+δ²)−δ)). δ is `huber_delta`, "
+        "varied over the noise levels by `huber_schedule`.",
+        choices=("mse", "l1", "huber", "smooth_l1"),
+    )
+    huber_delta: float = opt(0.1, "δ of `loss = \"huber\"` / `\"smooth_l1\"`.", min=0, min_exclusive=True)
+    huber_schedule: str = opt(
+        "snr",
+        "How δ of the Huber losses varies with the noise level: `constant`, `snr` (δ at high noise, rising "
+        "to 1 at low noise: (1−δ)/(1+σ)²+δ with σ the noise/signal ratio) or `exponential` (δ^(t/T)).",
+        choices=("constant", "snr", "exponential"),
+    )
+    debiased_estimation: bool = opt(
+        False,
+        "DDPM families: weight the loss by 1/√SNR (1/(SNR+1) for v-prediction), the debiased estimation "
+        "loss of Yu et al. 2023, which evens out the noise levels. Combines with `snr_gamma`.",
+    )
+    timestep_min: int = opt(0, "DDPM families: train only on timesteps ≥ this.", min=0, max=999)
+    timestep_max: int | None = opt(
+        None, "DDPM families: train only on timesteps ≤ this; unset: the last timestep.", min=0,
+    )
+    timestep_bias: str = opt(
+        "none",
+        "DDPM families: draw timesteps more often from the `earlier` (low noise: detail) or `later` "
+        "(high noise: composition) `timestep_bias_portion` of the range, `timestep_bias_multiplier` times "
+        "as often as the rest.",
+        choices=("none", "earlier", "later"),
+    )
+    timestep_bias_multiplier: float = opt(2.0, "With `timestep_bias`: how much more often the biased part is drawn.",
+                                          min=0, min_exclusive=True)
+    timestep_bias_portion: float = opt(0.25, "With `timestep_bias`: the share of the timestep range that is biased.",
+                                       min=0, max=1.0, min_exclusive=True)
+    zero_terminal_snr: bool = opt(
+        False,
+        "DDPM families with v-prediction: rescale the noise schedule so the last timestep is pure noise (Lin "
+        "et al. 2023), which lets the model make very dark and bright images. Validation then samples with "
+        "`rescale_betas_zero_snr`, `timestep_spacing = \"trailing\"` and guidance rescale 0.7, and the "
+        "model card says so: use the same settings when you generate.",
+    )
+    input_perturbation: float = opt(
+        0.0,
+        "DDPM families: add this much extra noise to the noise that makes the input (not to the target), "
+        "which reduces exposure bias (Ning et al. 2023; 0.1 is typical).",
+        min=0.0, max=1.0,
+    )
     weighting_scheme: str = opt(
         "none",
         "Flow-matching families (SD3, Flux): how noise levels σ are drawn and the loss weighted. "
         "`none` (uniform σ, unweighted), `logit_normal` (σ = sigmoid(N(logit_mean, logit_std)), the "
         "SD3 paper's choice), `mode` (heavier middle, see `mode_scale`), `sigma_sqrt` (uniform σ, "
-        "loss × σ⁻²) or `cosmap` (uniform σ, cosine-map weighting). Ignored by DDPM families.",
+        "loss × σ⁻²) or `cosmap` (uniform σ, cosine-map weighting). DDPM families refuse it (their weighting is `snr_gamma`).",
         choices=("none", "logit_normal", "mode", "sigma_sqrt", "cosmap"),
     )
     logit_mean: float = opt(0.0, "Mean of the normal behind `weighting_scheme = \"logit_normal\"`.")

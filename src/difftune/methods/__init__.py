@@ -33,6 +33,9 @@ class MethodSpec:
     check: Callable[[MethodConfig], None] = rules.no_rules
     #: True if DreamBooth prior preservation (class images, prior loss) makes sense with this method.
     supports_prior_preservation: bool = False
+    #: The ``[method]`` keys this method reads (besides :data:`rules.COMMON_KEYS`); any other key set away
+    #: from its default is refused (:func:`rules.check_keys`).
+    keys: tuple[str, ...] = ()
 
     def load(self) -> type[Method]:
         module, _, name = self.location.partition(":")
@@ -44,10 +47,13 @@ class MethodSpec:
 
 METHODS: Registry[MethodSpec] = Registry("method")
 
-METHODS.register("lora")(MethodSpec("difftune.methods.lora:LoRA", rules.check_lora, supports_prior_preservation=True))
-METHODS.register("full")(MethodSpec("difftune.methods.full:FullFineTune", supports_prior_preservation=True))
+METHODS.register("lora")(MethodSpec("difftune.methods.lora:LoRA", rules.check_lora, supports_prior_preservation=True,
+                                    keys=rules.LORA_KEYS))
+METHODS.register("full")(MethodSpec("difftune.methods.full:FullFineTune", rules.check_full,
+                                    supports_prior_preservation=True, keys=rules.FULL_KEYS))
 METHODS.register("textual_inversion")(MethodSpec("difftune.methods.textual_inversion:TextualInversion",
-                                                 rules.check_tokens))
-METHODS.register("pivotal")(MethodSpec("difftune.methods.pivotal:PivotalTuning", rules.check_pivotal))
+                                                 rules.check_tokens, keys=rules.TOKEN_KEYS))
+METHODS.register("pivotal")(MethodSpec("difftune.methods.pivotal:PivotalTuning", rules.check_pivotal,
+                                       keys=rules.PIVOTAL_KEYS))
 
 __all__ = ["METHODS", "MethodSpec"]

@@ -36,8 +36,10 @@ class Method(ABC):
         """
 
     def param_groups(self, components: Components, learning_rate: float) -> list[dict[str, Any]]:
-        params = [p for m in self.trainable_modules(components).values() for p in m.parameters() if p.requires_grad]
-        return [{"params": params, "lr": learning_rate}]
+        """Named groups with their learning rates (text encoders, ``block_lr``, LoRA+: :mod:`.lr_groups`)."""
+        from difftune.methods.lr_groups import lr_groups, named_trainable
+
+        return lr_groups(named_trainable(self.trainable_modules(components)), learning_rate, self.cfg, self.family)
 
     def trainable_state_dict(self, components: Components) -> dict[str, torch.Tensor]:
         """Every trainable tensor, keyed ``role.parameter_name``: what a checkpoint must restore."""

@@ -33,12 +33,13 @@ class PivotalTuning(embeddings.LearnsTokens, LoRA):
                 **dict(zip(components.encoder_names, components.text_encoders, strict=True))}
 
     def param_groups(self, components: Components, learning_rate: float) -> list[dict[str, Any]]:
+        from difftune.methods.lr_groups import lr_groups, named_trainable
+
         table = self.embeddings.embedding_weights(components)
-        ids = {id(p) for p in table}
-        lora = [p for m in self.trainable_modules(components).values() for p in m.parameters()
-                if p.requires_grad and id(p) not in ids]
+        lora = named_trainable(self.trainable_modules(components), skip={id(p) for p in table})
         text_lr = self.cfg.text_learning_rate or learning_rate
-        return [{"params": lora, "lr": learning_rate}, {"params": table, "lr": text_lr}]
+        return [*lr_groups(lora, learning_rate, self.cfg, self.family),
+                {"params": table, "lr": text_lr, "name": "token embeddings"}]
 
     def on_step_end(self, step: int, components: Components) -> None:
         stop = self.cfg.embedding_stop_step

@@ -6,14 +6,61 @@ Each function raises :class:`~difftune.errors.ConfigError` naming the key; the r
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 from difftune.config.schema import MethodConfig
 from difftune.errors import ConfigError
 
+#: Keys every method reads.
+COMMON_KEYS = ("type", "ema", "ema_decay", "ema_export", "ema_validate")
+LORA_KEYS = ("rank", "alpha", "dropout", "targets", "train_text_encoder", "text_encoder_targets", "init", "variant",
+             "rank_pattern", "alpha_pattern", "text_encoder_learning_rate", "lora_plus_ratio", "block_lr")
+FULL_KEYS = ("train_text_encoder", "text_encoder_learning_rate", "block_lr", "save_single_file")
+TOKEN_KEYS = ("token", "initializer_token", "num_vectors", "templates")
+PIVOTAL_KEYS = (*LORA_KEYS, *TOKEN_KEYS, "text_learning_rate", "embedding_stop_step")
+#: A block_lr key: ``down``, ``mid``, ``up``, ``down.N``, ``up.N`` (UNets); ``N``, ``N-M``, ``single.N-M`` (transformers).
+BLOCK_KEY = re.compile(r"^(?:(?:down|up)(?:\.\d+)?|mid|(?:single\.)?\d+(?:-\d+)?)$")
+
+
+def check_keys(cfg: MethodConfig, keys: tuple[str, ...], users: dict[str, tuple[str, ...]]) -> None:
+    """A ``[method]`` key set away from its default that this method does not read stops the run.
+
+    ``users`` maps each method name to its keys, so the message can say which methods the key is for.
+    """
+    allowed = set(COMMON_KEYS) | set(keys)
+    for f in dataclasses.fields(cfg):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if f.name not in allowed and getattr(cfg, f.name) != default:
+            for_ = " and ".join(f'"{m}"' for m, k in users.items() if f.name in k)
+            raise ConfigError(
+                f"method.{f.name}: does not apply to method.type = {cfg.type!r} (it is for {for_}); remove it. "
+                f"The [method] keys of {cfg.type!r}: {', '.join(k for k in (*COMMON_KEYS, *keys) if k != 'type')}"
+            )
+    for key, needs, ok in (
+        ("ema_decay", "method.ema = true", cfg.ema), ("ema_export", "method.ema = true", cfg.ema),
+        ("ema_validate", "method.ema = true", cfg.ema),
+        ("text_encoder_targets", "method.train_text_encoder = true", cfg.train_text_encoder),
+        ("text_encoder_learning_rate", "method.train_text_encoder = true", cfg.train_text_encoder),
+        ("lora_plus_ratio", 'method.variant = "lora" or "dora" (LoHa and LoKr have no B matrix)',
+         cfg.variant in ("lora", "dora")),
+    ):
+        f = MethodConfig.__dataclass_fields__[key]
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if not ok and getattr(cfg, key) != default:
+            raise ConfigError(f"method.{key}: only applies with {needs}; set that, or remove method.{key}")
+    for key in cfg.block_lr:
+        if not BLOCK_KEY.match(key):
+            raise ConfigError(f"method.block_lr.{key}: not a block; use down, mid, up, down.N, up.N (UNets) or "
+                              "N, N-M, single.N-M (transformer blocks)")
+
 
 def no_rules(cfg: MethodConfig) -> None:
     """A method with no settings of its own to check."""
+
+
+def check_full(cfg: MethodConfig) -> None:
+    """Full fine-tuning has no rules beyond which keys it reads."""
 
 
 def check_lora(cfg: MethodConfig) -> None:

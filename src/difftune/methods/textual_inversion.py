@@ -38,7 +38,7 @@ class TextualInversion(embeddings.LearnsTokens, Method):
         return dict(zip(components.encoder_names, components.text_encoders, strict=True))
 
     def param_groups(self, components: Components, learning_rate: float) -> list[dict[str, Any]]:
-        return [{"params": self.embeddings.embedding_weights(components), "lr": learning_rate}]
+        return [{"params": self.embeddings.embedding_weights(components), "lr": learning_rate, "name": "token embeddings"}]
 
     def on_step_end(self, step: int, components: Components) -> None:
         self.embeddings.restore(components)

@@ -166,6 +166,25 @@ class ModelFamily(ABC):
     ) -> torch.Tensor:
         """Run ``denoiser`` (possibly wrapped for distributed training) on one batch (its sizes, for SDXL)."""
 
+    #: Block names of the denoiser for ``method.block_lr``: a pattern whose groups are the block kind and index.
+    block_pattern: str = r"^(down|up)_blocks\.(\d+)\.|^(mid)_block\."
+
+    def block_of(self, parameter: str) -> tuple[str, int | None] | None:
+        """The denoiser block a parameter belongs to, as ``(kind, index)`` (``("down", 1)``, ``("mid", None)``,
+        ``("", 7)`` for transformer block 7); ``None`` outside the blocks (embeddings, in/out layers)."""
+        import re
+
+        m = re.match(self.block_pattern, parameter)
+        if not m:
+            return None
+        kind, index = [g for g in m.groups() if g is not None][0], None
+        rest = [g for g in m.groups()[1:] if g is not None and g.isdigit()]
+        if kind.isdigit():
+            kind, index = "", int(kind)
+        elif rest:
+            index = int(rest[0])
+        return kind, index
+
     def objective_settings(self, components: Components) -> dict[str, Any]:
         """Settings the objective needs from the model (e.g. ``prediction_type``)."""
         return {"noise_scheduler": components.noise_scheduler}

@@ -15,3 +15,5 @@ class MMDiTFamily(ModelFamily):
     denoiser_name = "transformer"
     default_lora_targets = MMDIT_LORA_TARGETS
     sampling_scheduler = "FlowMatchEulerDiscreteScheduler"
+    #: ``transformer_blocks.N`` is block N (kind ""), Flux's ``single_transformer_blocks.N`` is ``single.N``.
+    block_pattern = r"^(single)_transformer_blocks\.(\d+)\.|^transformer_blocks\.(\d+)\."

@@ -13,7 +13,6 @@ import math
 import torch
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 
-from difftune.errors import ConfigError
 from difftune.objectives.base import NoisedBatch, Objective
 
 
@@ -66,14 +65,13 @@ class FlowMatchObjective(Objective):
         weights = compute_loss_weighting_for_sd3(self.weighting_scheme, sigmas).float().to(latents.device)
         return NoisedBatch(noisy, timesteps, noise - latents, weights)
 
+    def noise_to_signal(self, timesteps: torch.Tensor) -> torch.Tensor:
+        sigmas = (timesteps.detach().cpu().float() / self.num_train_timesteps).clamp(1e-6, 1 - 1e-6)
+        return sigmas / (1 - sigmas)
+
 
 def build(settings: dict, train_cfg) -> FlowMatchObjective:
     """``settings`` come from the family (scheduler shift, dynamic-shift constants, patch size)."""
-    if train_cfg.snr_gamma is not None:
-        raise ConfigError(
-            "train.snr_gamma: min-SNR weighting is for DDPM models; this model trains with flow matching, "
-            "whose loss weighting is train.weighting_scheme (e.g. \"logit_normal\"). Unset train.snr_gamma."
-        )
     shift = train_cfg.flow_shift if train_cfg.flow_shift is not None else settings.get("shift", 1.0)
     dynamic = None if train_cfg.flow_shift is not None else settings.get("dynamic_shift")
     return FlowMatchObjective(
@@ -81,4 +79,4 @@ def build(settings: dict, train_cfg) -> FlowMatchObjective:
         patch_size=settings.get("patch_size", 1), weighting_scheme=train_cfg.weighting_scheme,
         logit_mean=train_cfg.logit_mean, logit_std=train_cfg.logit_std, mode_scale=train_cfg.mode_scale,
         noise_offset=train_cfg.noise_offset,
-    )
+    ).configure_loss(train_cfg)

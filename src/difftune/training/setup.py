@@ -24,7 +24,7 @@ from difftune.methods import METHODS
 from difftune.methods.base import Method
 from difftune.models import resolve_family
 from difftune.models.base import Components, ModelFamily
-from difftune.objectives import OBJECTIVES
+from difftune.objectives import OBJECTIVES, check_train_keys
 from difftune.training import checkpointing, resume, speed
 from difftune.training.accelerator import main_process_log, make_accelerator, start_trackers
 from difftune.training.faults import NonFiniteGuard
@@ -50,6 +50,7 @@ def load_model(config: Config, device: torch.device, *, is_main: bool = True, ba
                log=print) -> LoadedModel:
     """Resolve and load the base model in the frozen-weight dtype; make missing class images with it."""
     family, source = resolve_family(config.model, config.train)
+    check_train_keys(family.objective, family.title, config.train)  # before any weights load
     components = family.load(source, dtype=weight_dtype(config))
     classes = prior.class_examples(config, family, components, device, is_main=is_main, barrier=barrier, log=log)
     return LoadedModel(family, components, classes)
@@ -119,6 +120,9 @@ def _model(config: Config, accelerator, log) -> tuple[LoadedModel, Method, objec
     torch.manual_seed(config.train.seed)  # new weights (LoRA A matrices, ...) start from the seed too
     method.prepare(components)
     objective = OBJECTIVES.get(family.objective)(family.objective_settings(components), config.train)
+    if objective.sampling.get("scheduler"):  # e.g. zero terminal SNR: validation and export sample to match
+        scheduler = components.noise_scheduler
+        components.noise_scheduler = type(scheduler).from_config(scheduler.config, **objective.sampling["scheduler"])
     for module in (components.vae, *components.text_encoders, components.denoiser):
         module.to(accelerator.device)
     if config.train.gradient_checkpointing:
