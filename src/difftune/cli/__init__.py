@@ -37,8 +37,11 @@ def cmd_train(args) -> int:
 
 
 def cmd_validate(args) -> int:
+    from difftune.config.active import options_block
+
     config = _load(args)
     print(f"{args.config}: ok (model {config.model.path}, method {config.method.type}, data {config.data.path})")
+    print(options_block(config))
     return 0
 
 

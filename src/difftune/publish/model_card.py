@@ -27,6 +27,7 @@ def render_model_card(
     usage: str,
     title: str,
     tool_usage: str = "",
+    options: str = "",
 ) -> str:
     """``samples`` are (prompt, relative image path) pairs from the last validation."""
     header = ["---", f"base_model: {_yaml_scalar(base_model)}", f"license: {_yaml_scalar(license)}",
@@ -46,6 +47,8 @@ def render_model_card(
     body += [f"| {k} | {v} |" for k, v in summary.items()]
     body += ["", "## Training", "", "| | |", "|---|---|"]
     body += [f"| {k} | {v} |" for k, v in training.items()]
+    if options:
+        body += ["", "### Active options", "", "```", options.rstrip(), "```"]
     if samples:
         body += ["", "## Validation samples", ""]
         body += [f"![{prompt}]({path})  \n`{prompt}`" for prompt, path in samples]

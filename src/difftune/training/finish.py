@@ -54,6 +54,7 @@ def validate(run: Run) -> None:
                 model.family, model.components, view.denoiser, view.text_encoders, config.validation,
                 config.validation.resolution or config.data.resolution, run.device, autocast_dtype(config),
                 run.paths.samples, run.step, run.accelerator.trackers,
+                extra={k: v for k, v in model.objective.sampling.items() if k != "scheduler"},
             )
     run.accelerator.wait_for_everyone()
 
@@ -124,6 +125,8 @@ def write_card(run: Run) -> None:
         training=training_facts(run),
         samples=samples,
         usage=usage,
+        options=(run.paths.logs / "options.txt").read_text(encoding="utf-8") if (run.paths.logs / "options.txt").is_file()
+        else "",
         tool_usage=details.get("tool_usage", "").replace("{prompt}", prompt),
         title=f"{details.get('summary', {}).get('Method', method.name)} for "
               f"{Path(config.model.path).name or config.model.path}",

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from difftune.config.active import RunFacts, options_block
 from difftune.config.loader import config_to_dict, dump_toml
 from difftune.config.schema import Config
 from difftune.data import prior
@@ -100,6 +101,7 @@ def setup(config: Config, log=print) -> Run:
     monitor = RunMonitor(accelerator.device, compiled=config.train.compile)
     start_trackers(accelerator, config, paths.root.name)
     say(_banner(config, model, len(data.dataset), steps, lr, accelerator))
+    say(_options(config, model, optimizer, paths, accelerator.is_main_process))
     run = Run(config=config, paths=paths, accelerator=accelerator, say=say, model=model, data=data,
               held_out=held_out, optimizer=optimizer, scheduler=scheduler, guard=guard, monitor=monitor,
               batches=_batches(config, data, monitor), lr=lr, total_steps=steps, step=step, first_step=step,
@@ -179,6 +181,27 @@ def _batches(config: Config, data: TrainingData, monitor: RunMonitor):
 
 def _progress(steps: int, step: int, is_main: bool):
     return tqdm(total=steps, initial=step, disable=not is_main, desc="train", unit="step", dynamic_ncols=True)
+
+
+def run_facts(config: Config, model: Trainee) -> RunFacts:
+    """What the loaded model adds to the active-options block."""
+    targets = getattr(model.method, "denoiser_targets", None)
+    prediction = getattr(model.objective, "prediction_type", "velocity")
+    return RunFacts(family=model.family.title, objective=model.family.objective, prediction=prediction,
+                    targets=targets() if targets else None, precision=mixed_precision(config),
+                    sampling=model.objective.sampling or None)
+
+
+def _options(config: Config, model: Trainee, optimizer, paths: RunPaths, is_main: bool) -> str:
+    """The active-options block with the optimizer's learning rate per group; also ``logs/options.txt``."""
+    groups = [g for g in optimizer.param_groups if g.get("name")]
+    block = options_block(config, run_facts(config, model))
+    if len(groups) > 1:
+        block += "\n  learning rates: " + ", ".join(f"{g['name']} {g['lr']:g}" for g in groups)
+    if is_main:
+        paths.logs.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(paths.logs / "options.txt", block + "\n")
+    return block
 
 
 def _banner(config: Config, model: Trainee, images: int, steps: int, lr: float, accelerator) -> str:

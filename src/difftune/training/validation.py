@@ -16,8 +16,10 @@ from difftune.inference.images import make_grid
 
 @torch.no_grad()
 def sample_images(pipeline, cfg: ValidationConfig, resolution: int, device: torch.device,
-                  autocast_dtype: torch.dtype | None) -> list[tuple[str, int, Image.Image]]:
-    """Generate every prompt ``images_per_prompt`` times; image i of a prompt uses seed ``cfg.seed + i``."""
+                  autocast_dtype: torch.dtype | None, extra: dict | None = None) -> list[tuple[str, int, Image.Image]]:
+    """Generate every prompt ``images_per_prompt`` times; image i of a prompt uses seed ``cfg.seed + i``.
+
+    ``extra``: further pipeline arguments the training asks for (``guidance_rescale`` at zero terminal SNR)."""
     pipeline.set_progress_bar_config(disable=True)
     ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
     out = []
@@ -33,20 +35,22 @@ def sample_images(pipeline, cfg: ValidationConfig, resolution: int, device: torc
                     height=resolution,
                     width=resolution,
                     generator=generator,
+                    **(extra or {}),
                 ).images[0]
                 out.append((prompt, cfg.seed + i, image))
     return out
 
 
 def run_validation(family, components, denoiser, text_encoders, cfg: ValidationConfig, resolution: int,
-                   device: torch.device, autocast_dtype, out_dir: Path, step: int, trackers) -> list[Path]:
+                   device: torch.device, autocast_dtype, out_dir: Path, step: int, trackers,
+                   extra: dict | None = None) -> list[Path]:
     """Save each image and a grid under ``out_dir/step-N`` and log them; returns the saved paths.
 
     Call it with the modules in eval mode (a run does, inside ``Run.evaluating()``).
     """
     pipeline = family.build_pipeline(components, denoiser, text_encoders)
     try:
-        samples = sample_images(pipeline, cfg, resolution, device, autocast_dtype)
+        samples = sample_images(pipeline, cfg, resolution, device, autocast_dtype, extra)
     finally:
         del pipeline
         gc.collect()
