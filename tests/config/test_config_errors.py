@@ -118,3 +118,20 @@ def test_holdout_config_errors(run_config, tiny_sd, shapes_data, tmp_path):
     with pytest.raises(ConfigError, match="validation.loss_every: needs validation.holdout"):
         load_config(data={**base, "validation": {"loss_every": 5}})
     assert load_config(data={**base, "validation": {"holdout": 0.2}}).validation.holdout == 0.2
+
+
+def test_a_model_path_that_is_not_a_model_is_caught_by_validate(tmp_path, shapes_data, capsys):
+    """A dataset folder, a random file, a pickle or a file named .safetensors that is not one: exit 2 at validate."""
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"this is not a safetensors file")
+    pickle = tmp_path / "model.ckpt"
+    pickle.write_bytes(b"\x80\x04")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hello")
+    cases = [(shapes_data, "is a folder without model_index.json"), (junk, "is not a safetensors file"),
+             (pickle, "is not a .safetensors checkpoint"), (notes, "is not a .safetensors checkpoint")]
+    for model, expected in cases:
+        path = write(tmp_path, f'[model]\npath = "{model}"\n[data]\npath = "{shapes_data}"\n')
+        assert main(["validate", str(path)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert f"model.path: {model} {expected}" in err and len(err.splitlines()) == 1

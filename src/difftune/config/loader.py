@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import tomllib
 import types
 import typing
@@ -52,7 +53,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     key = key.strip()
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
+    except tomllib.TOMLDecodeError as exc:
+        if raw.strip()[:1] in ("[", "{", '"', "'"):  # meant as a list, table or quoted string: not a bare word
+            raise ConfigError(f"--set {key}: {raw!r} is not a valid TOML value ({exc})") from None
         value = raw
     return key, value
 
@@ -120,6 +123,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:  # ``X | None``: X's own reason (``not a finite number``, ...)
+            return _coerce(key, value, args[0])
         for arg in args:
             try:
                 return _coerce(key, value, arg)
@@ -150,7 +155,10 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):
+                raise ConfigError(f"{key}: {value!r} is not a finite number (NaN and infinity are refused)")
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value

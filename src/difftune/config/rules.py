@@ -60,12 +60,39 @@ def check_paths_exist(config: Config) -> None:
     for key, value in named:
         if value and not Path(value).expanduser().exists() and looks_local(value):
             raise ConfigError(f"{key}: {value} does not exist")
+    check_model_path(config.model.path)
     vae = config.model.vae
     if vae and not Path(vae).expanduser().exists():
         raise ConfigError(f"model.vae: {vae} does not exist; give a VAE folder or a .safetensors file")
     resume = config.train.resume
     if resume and resume != "latest" and not Path(resume).expanduser().is_dir():
         raise ConfigError(f"train.resume: {resume} is not a checkpoint folder (or use \"latest\")")
+
+
+def check_model_path(value: str) -> None:
+    """A local ``model.path`` must look like a model: a folder with ``model_index.json`` or a
+    ``.safetensors`` file with a readable header (read without loading any weights)."""
+    path = Path(value).expanduser()
+    if path.is_dir() and not (path / "model_index.json").is_file():
+        raise ConfigError(f"model.path: {value} is a folder without model_index.json, not a diffusers model "
+                          "(is it a dataset?); give the folder that holds model_index.json or a .safetensors file")
+    if path.is_file():
+        if path.suffix.lower() != ".safetensors":
+            raise ConfigError(f"model.path: {value} is not a .safetensors checkpoint (pickle checkpoints can run "
+                              "code when loaded; convert it to .safetensors first)")
+        if not _safetensors_header_ok(path):
+            raise ConfigError(f"model.path: {value} is not a safetensors file (its header cannot be read)")
+
+
+def _safetensors_header_ok(path: Path) -> bool:
+    try:
+        with path.open("rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 2 <= size <= min(100_000_000, path.stat().st_size - 8):
+                return False
+            return f.read(1) == b"{"
+    except OSError:
+        return False
 
 
 def check_data_options(config: Config) -> None:
