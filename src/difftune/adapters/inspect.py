@@ -11,7 +11,14 @@ from typing import Any
 from difftune.adapters.detect import adapter_from_tensors, detect_format
 from difftune.adapters.formats import MODULES_META_KEY
 from difftune.adapters.kohya import kohya_training_summary, prefix_role, unflatten
-from difftune.adapters.safe_load import PICKLE_SUFFIXES, load_tensors, read_header, resolve_weight_file
+from difftune.adapters.safe_load import (
+    PICKLE_SUFFIXES,
+    load_tensors,
+    non_finite,
+    non_finite_in_file,
+    read_header,
+    resolve_weight_file,
+)
 from difftune.adapters.tools import Readiness, readiness
 
 _LORA_FORMATS = ("diffusers", "kohya")
@@ -38,6 +45,7 @@ def inspect_file(path: str | Path, *, allow_pickle: bool = False) -> dict[str, A
         tensors, metadata = None, header.metadata
         shapes = {k: (t.dtype, t.shape, t.numel) for k, t in header.tensors.items()}
     fmt = detect_format(list(shapes), metadata)
+    info["non_finite"] = non_finite(tensors) if tensors is not None else non_finite_in_file(file)
     info.update(format=fmt.name, format_title=fmt.title, tensors=len(shapes),
                 parameters=sum(n for _, _, n in shapes.values()),
                 dtypes=dict(collections.Counter(d for d, _, _ in shapes.values())))
@@ -136,4 +144,8 @@ def format_info(info: dict[str, Any], top: int = 8) -> str:
         lines += ["    " + Readiness(r["tool"], r["status"], r["note"]).line() for r in info["tools"]]
     for token, e in (info.get("embedding") or {}).items():
         lines.append(f"  embedding {token}: {e['vectors']} vector(s) of {e['dim']}, norm {e['norm']:.4g}")
+    bad = info.get("non_finite")
+    if bad:
+        lines.append(f"  warning: {len(bad)} tensor(s) hold NaN or infinity (e.g. {bad[0]}): these weights are "
+                     "broken and difftune generate refuses them")
     return "\n".join(lines)

@@ -162,6 +162,35 @@ def load_tensors(path: str | Path, *, allow_pickle: bool = False) -> tuple[dict[
     return tensors, dict(header.metadata)
 
 
+def non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors that hold NaN or infinity, sorted."""
+    return sorted(k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+
+
+def non_finite_in_file(path: str | Path, *, allow_pickle: bool = False) -> list[str]:
+    """:func:`non_finite` of a weight file, reading one tensor at a time."""
+    path = resolve_weight_file(path)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        return non_finite(_load_pickle(path, allow_pickle))
+    header = read_header(path)
+    from safetensors import safe_open
+
+    bad = []
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        for name in header.tensors:
+            if non_finite({name: f.get_tensor(name)}):
+                bad.append(name)
+    return sorted(bad)
+
+
+def require_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
+    """Refuse weights holding NaN or infinity (a diverged run's result): they give black or noise images."""
+    bad = non_finite(tensors)
+    if bad:
+        raise DifftuneError(f"{what}: {len(bad)} tensor(s) hold NaN or infinity (e.g. {bad[0]}); these weights are "
+                            "broken (the training diverged) and are not used")
+
+
 def _load_pickle(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
     if not allow_pickle:
         raise DifftuneError(

@@ -192,7 +192,7 @@ def cmd_inspect(args) -> int:
 
     info = inspect_file(args.file, allow_pickle=args.allow_pickle)
     sys.stdout.write((json.dumps(info, indent=2, default=str) if args.json else format_info(info)) + "\n")
-    return 0
+    return 1 if info["non_finite"] else 0  # broken weights: flagged, and a script sees it in the exit status
 
 
 # --- push -------------------------------------------------------------------------------------

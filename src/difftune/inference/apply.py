@@ -15,6 +15,7 @@ from torch import nn
 
 from difftune.adapters.convert import read_adapter, write_adapter
 from difftune.adapters.formats import LoraAdapter
+from difftune.adapters.safe_load import load_tensors, require_finite
 from difftune.errors import DifftuneError
 
 
@@ -88,6 +89,7 @@ def load_adapters(pipe, specs: list[tuple[str, float]], *, family=None, componen
     names, weights = [], []
     for i, (path, weight) in enumerate(specs):
         target = pipeline_target(pipe)
+        require_finite(load_tensors(path, allow_pickle=allow_pickle)[0], str(path))
         adapter = read_adapter(path, allow_pickle=allow_pickle, **target)
         adapter = check_coverage(adapter, target["module_names"], str(path), log)
         if family is not None and components is not None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from difftune.adapters.safe_load import load_tensors, resolve_weight_file
+from difftune.adapters.safe_load import load_tensors, require_finite, resolve_weight_file
 from difftune.errors import DifftuneError
 from difftune.inference.apply import load_adapters
 from difftune.inference.images import make_grid
@@ -50,6 +50,7 @@ def load_embedding(pipe, path: str, token: str | None, *, allow_pickle: bool = F
     """Load a textual-inversion file (diffusers ``emb_params``, A1111, or SDXL ``clip_l``/``clip_g``)."""
     file = resolve_weight_file(path)
     tensors, meta = load_tensors(file, allow_pickle=allow_pickle)
+    require_finite(tensors, str(file))
     if not hasattr(pipe, "load_textual_inversion"):
         raise DifftuneError(f"{file}: this model's pipeline cannot load textual-inversion embeddings")
     token = token or meta.get("difftune.token") or f"<{file.stem}>"
@@ -87,6 +88,8 @@ def generate(s: GenerateSettings, log=print) -> list[Path]:
     cuda = torch.cuda.is_available()
     dtype = {"auto": torch.float16 if cuda else torch.float32, "fp32": torch.float32,
              "fp16": torch.float16, "bf16": torch.bfloat16}[s.dtype]
+    for path in [p for p, _ in s.loras] + [p for p, _ in s.embeddings]:  # before the base model loads
+        require_finite(load_tensors(path, allow_pickle=s.allow_pickle)[0], str(path))
     pipe, family, components = load_pipeline(s.model, s.family, dtype)
     load_adapters(pipe, s.loras, family=family, components=components, allow_pickle=s.allow_pickle, log=log)
     for path, token in s.embeddings:

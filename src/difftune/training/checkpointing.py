@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
+from difftune.adapters.safe_load import non_finite
 from difftune.config.schema import Config
 from difftune.errors import DifftuneError
 from difftune.training import checkpoint as ckpt
@@ -66,6 +69,7 @@ def save(run: Run, step: int | None = None, *, scheduler_state: dict | None = No
     last good step before a run of non-finite steps). Returns the folder on the main process.
     """
     step = run.step if step is None else step
+    refuse_non_finite(run, "no checkpoint was written")
     info = checkpoint_info(run.config, step, run.fingerprint, len(run.data.scan.examples), run.data.order,
                            run.micro_batch_at(step), run.world, run.guard.skipped if skipped is None else skipped,
                            __version__)
@@ -82,6 +86,20 @@ def save(run: Run, step: int | None = None, *, scheduler_state: dict | None = No
         run.say(f"checkpoint: {folder}")
     run.accelerator.wait_for_everyone()
     return folder
+
+
+def refuse_non_finite(run: Run, what: str) -> None:
+    """A run never checkpoints or ends "done" with NaN/inf weights: it stops, naming the last good checkpoint.
+
+    Every process checks its own parameters (replicas hold the same weights, so all stop together)."""
+    if all(bool(torch.isfinite(p).all()) for p in run.model.params):
+        return
+    bad = non_finite(run.model.method.trainable_state_dict(run.model.components)) or ["a trainable parameter"]
+    newest = ckpt.newest_complete(run.paths.checkpoints)
+    kept = f"the last good checkpoint is {newest}" if newest else "no checkpoint had been saved"
+    run.progress.close()
+    raise DifftuneError(f"the trained weights hold NaN or infinity after step {run.step} ({bad[0]}): {what}; "
+                        f"{kept}. Lower train.learning_rate or set train.max_grad_norm and resume from it")
 
 
 def _training_state(run: Run, step: int, scheduler_state: dict | None) -> ckpt.TrainingState:

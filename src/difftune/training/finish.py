@@ -6,6 +6,7 @@ from pathlib import Path
 
 from difftune.publish.model_card import write_model_card
 from difftune.training.accelerator import check_replicas_agree
+from difftune.training.checkpointing import refuse_non_finite
 from difftune.training.precision import autocast_dtype, mixed_precision
 from difftune.training.state import Run, RunResult
 from difftune.training.validation import run_validation
@@ -34,6 +35,7 @@ def finish(run: Run) -> RunResult:
         run.say(f"performance: {run.monitor.describe(result.performance)}")
         run.monitor.write(run.paths.logs, result.performance)
         with run.evaluating(encoders=False):
+            refuse_non_finite(run, "nothing was exported")
             result.files = run.model.method.export(run.model.components, run.paths.root, adapter_metadata(run))
         write_card(run)
         run.say(f"done: {run.step} steps; adapter in {run.paths.root}")
