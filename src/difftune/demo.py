@@ -37,7 +37,7 @@ def run_demo(steps: int = 300, workdir: str | Path | None = None) -> Path:
                   "warmup_steps": 10, "mixed_precision": "bf16", "checkpoint_every": max(1, steps // 2),
                   "checkpoints_keep": 1, "log_every": 10},
         "validation": {"prompts": DEMO_PROMPTS, "every": max(1, steps // 2), "steps": 10, "guidance_scale": 3.0},
-        "output": {"dir": str(out)},
+        "output": {"dir": str(out), "existing": "overwrite"},  # the demo's own folder: each demo replaces the last
     })
     started = time.perf_counter()
     result = train(config)

@@ -21,6 +21,8 @@ def cmd_train(args) -> int:
     """Train; a run stopped by SIGINT/SIGTERM exits with 128 + the signal number (130, 143) after its checkpoint."""
     if args.force_resume:
         args.set.append("train.resume_force=true")
+    if args.overwrite or args.new_folder:
+        args.set.append(f"output.existing={'overwrite' if args.overwrite else 'new'}")
     config = _load(args)
     from difftune.training.loop import train
 
@@ -29,7 +31,10 @@ def cmd_train(args) -> int:
         import shlex
 
         sets = [s for s in args.set if not s.replace(" ", "").startswith(("train.resume=", "train.resume_force="))]
-        command = ["difftune", "train", args.config, *(a for s in sets for a in ("--set", s)),
+        source = args.config
+        if str(result.output_dir) != config.output.dir:  # a new numbered folder: its config.toml names it
+            source, sets = str(result.output_dir / "config.toml"), []
+        command = ["difftune", "train", source, *(a for s in sets for a in ("--set", s)),
                    "--set", "train.resume=latest", *(["--force-resume"] if args.force_resume else [])]
         print(f"to resume: {shlex.join(command)}")
         return 128 + result.interrupted
@@ -180,6 +185,12 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force-resume", action="store_true",
                    help="resume even if the model, method or data changed since the checkpoint "
                         "(train.resume_force = true)")
+    folder = p.add_mutually_exclusive_group()
+    folder.add_argument("--overwrite", action="store_true",
+                        help="if output.dir holds another run's results, delete them first (output.existing = overwrite)")
+    folder.add_argument("--new-folder", action="store_true",
+                        help="if output.dir holds another run's results, write to output.dir-2, -3, ... "
+                             "(output.existing = new)")
 
 
 COMMANDS: dict[str, tuple[Callable, str, Callable[[argparse.ArgumentParser], None] | None]] = {

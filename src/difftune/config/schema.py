@@ -539,6 +539,14 @@ class OutputConfig:
 
     dir: str = opt("runs/difftune", "Output folder for the adapter, model card, samples, logs and checkpoints.")
     license: str = opt("openrail++", "License written into the model card's metadata.")
+    existing: str = opt(
+        "refuse",
+        "When `dir` already holds a run's results (its `config.toml`, checkpoints, adapter or model card) and "
+        "`train.resume` is unset: `refuse` (stop before anything is written), `overwrite` (delete that run's "
+        "files first; `difftune train --overwrite`) or `new` (write into the first free `dir-2`, `dir-3`, ...; "
+        "`--new-folder`). A folder in use by a running run is always refused.",
+        choices=("refuse", "overwrite", "new"),
+    )
 
 
 SECTIONS: dict[str, type] = {

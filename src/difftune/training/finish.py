@@ -21,6 +21,8 @@ def finish(run: Run) -> RunResult:
     if result.interrupted:
         run.live.finish("stopped")
         run.accelerator.end_training()
+        if run.folder is not None:
+            run.folder.release()
         return result
     validation = run.config.validation
     if validation.prompts and not (validation.every and run.step % validation.every == 0):
@@ -38,10 +40,14 @@ def finish(run: Run) -> RunResult:
             refuse_non_finite(run, "nothing was exported")
             result.files = run.model.method.export(run.model.components, run.paths.root, adapter_metadata(run))
         write_card(run)
+        if run.folder is not None:
+            run.folder.mark_finished([*result.files, run.paths.root / "README.md"])
         run.say(f"done: {run.step} steps; adapter in {run.paths.root}")
         run.live.finish("done")
     run.accelerator.wait_for_everyone()  # every process ends together, with no collective in flight
     run.accelerator.end_training()
+    if run.folder is not None:
+        run.folder.release()
     return result
 
 

@@ -13,6 +13,7 @@ from difftune.training import checkpoint as ckpt
 from difftune.training import checkpointing, faults
 from difftune.training.finish import finish, validate
 from difftune.training.precision import autocast_dtype
+from difftune.training.run_folder import RunFolder
 from difftune.training.setup import setup
 from difftune.training.signals import StopRequest
 from difftune.training.state import Run, RunResult
@@ -25,8 +26,9 @@ def train(config: Config, log=print) -> RunResult:
     SIGINT (Ctrl-C) or SIGTERM stops it after the current step with a checkpoint
     (``RunResult.interrupted``); running out of GPU memory becomes a message saying what to change.
     """
-    with faults.out_of_memory_advice(config), StopRequest(log) as stop:
-        run = setup(config, log)
+    with faults.out_of_memory_advice(config), StopRequest(log) as stop, \
+            RunFolder(config.output, config.train.resume) as folder:  # locked from claim to the end
+        run = setup(config, log, folder)
         while run.step < run.total_steps:
             outcome = train_step(run, stop)
             if run.guard.should_stop:

@@ -7,6 +7,7 @@ changes when one is added.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,7 @@ from difftune.training.optim import build_optimizer, build_scheduler, learning_r
 from difftune.training.performance import RunMonitor
 from difftune.training.precision import autocast_dtype, mixed_precision, weight_dtype
 from difftune.training.progress import RunProgress
+from difftune.training.run_folder import RunFolder
 from difftune.training.state import LossMeter, Run, RunPaths, RunResult, Trainee
 
 
@@ -70,15 +72,22 @@ def fill_caches(config: Config, log=print) -> TrainingData:
                                log=log, progress=True)
 
 
-def setup(config: Config, log=print) -> Run:
-    """Build the run: model, method and objective; data; optimizer and schedule; restored if resuming."""
-    paths = RunPaths(Path(config.output.dir))
+def setup(config: Config, log=print, output: RunFolder | None = None) -> Run:
+    """Build the run: model, method and objective; data; optimizer and schedule; restored if resuming.
+
+    Nothing is written before the model has loaded; then the main process claims the output folder
+    (``output``, see :mod:`difftune.training.run_folder`) and writes ``config.toml``.
+    """
+    output = output or RunFolder(config.output, config.train.resume)
+    config = _in_folder(config, output.check())
+    paths = RunPaths(output.root)
     accelerator = make_accelerator(config, paths)
     say = main_process_log(accelerator, log)
-    if accelerator.is_main_process:
-        paths.root.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(paths.root / "config.toml", dump_toml(config_to_dict(config)))
     loaded, method, objective = _model(config, accelerator, log)
+    if accelerator.is_main_process:
+        output.claim(say)
+        atomic_write_text(paths.root / "config.toml", dump_toml(config_to_dict(config)))
+    accelerator.wait_for_everyone()  # the folder exists before any process writes into it
     components = loaded.components
     data, held_out, fingerprint = _data(config, loaded, accelerator, say)
     steps = total_steps(config.train, data.order.batches_per_epoch)
@@ -107,10 +116,17 @@ def setup(config: Config, log=print) -> Run:
               batches=_batches(config, data, monitor), lr=lr, total_steps=steps, step=step, first_step=step,
               first_micro_batch=data.order.start, fingerprint=fingerprint, result=RunResult(paths.root, [], steps),
               progress=_progress(steps, step, accelerator.is_main_process), live=live,
-              losses=LossMeter(torch.zeros((), device=accelerator.device)), saved_step=step)
+              losses=LossMeter(torch.zeros((), device=accelerator.device)), saved_step=step, folder=output)
     for module in model.trainable_modules():
         module.train()
     return run
+
+
+def _in_folder(config: Config, root: Path) -> Config:
+    """``config`` with ``output.dir`` naming the folder the run writes to (a new numbered one, ``output.existing``)."""
+    if root == Path(config.output.dir).expanduser():
+        return config
+    return dataclasses.replace(config, output=dataclasses.replace(config.output, dir=str(root)))
 
 
 def _model(config: Config, accelerator, log) -> tuple[LoadedModel, Method, object]:

@@ -137,6 +137,8 @@ class Run:
     losses: LossMeter
     #: The newest step with a checkpoint written by this run (so an interrupt does not write it twice).
     saved_step: int = 0
+    #: The output folder, locked while the run runs (:class:`~difftune.training.run_folder.RunFolder`).
+    folder: Any = None
 
     @property
     def is_main(self) -> bool:
