@@ -18,6 +18,7 @@ from difftune.models.loading import resolve_source
 def _config(tmp_path, **model):
     data = tmp_path / "data"
     data.mkdir(exist_ok=True)
+    (tmp_path / "model_index.json").write_text("{}")  # looks like a model folder to validate; holds no weights
     return load_config(data={"model": {"path": str(tmp_path), **model}, "data": {"path": str(data)}})
 
 

@@ -30,7 +30,8 @@ def job(client, job_id):
 def test_queue_survives_a_restart_and_a_crash_does_not_take_the_server_down(ui_root):
     broken = ui_root / "models" / "broken"
     broken.mkdir()
-    (broken / "unet.bin").write_bytes(b"nothing")  # exists, so it validates; not a model, so the run fails
+    (broken / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')  # validates, but
+    (broken / "unet.bin").write_bytes(b"nothing")  # its weights are not a model, so the run fails
     first = Served(ui_root)
     c = first.client
     long_id = c.post("/api/jobs", {"text": tiny_config("runs/long", steps=100000), "name": "long"})["id"]
@@ -58,7 +59,8 @@ def test_queue_survives_a_restart_and_a_crash_does_not_take_the_server_down(ui_r
 
         failed = wait_for(lambda: job(c, crash_id), lambda j: j["status"] in ("failed", "done"))
         assert failed["status"] == "failed" and failed["exit_code"] == 1
-        assert "not a diffusers model folder" in failed["message"]
+        assert "models/broken: could not load unet" in failed["message"]
+        assert not (ui_root / "runs" / "crash").exists()  # nothing written before the model loaded
         assert c.get("/api/info")["root"] == str(ui_root)  # the server is fine
         status, data = c.request(f"/api/jobs/{crash_id}/resume", {})
         assert status == 400 and "no checkpoint" in data["error"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from collections.abc import Callable
 
 from difftune.cli.adapters import COMMANDS as ADAPTER_COMMANDS
@@ -32,7 +33,8 @@ def cmd_train(args) -> int:
 
         sets = [s for s in args.set if not s.replace(" ", "").startswith(("train.resume=", "train.resume_force="))]
         source = args.config
-        if str(result.output_dir) != config.output.dir:  # a new numbered folder: its config.toml names it
+        if config.output.existing == "new" and result.output_dir != Path(config.output.dir).expanduser():
+            # the run wrote to a new numbered folder: its config.toml names that folder
             source, sets = str(result.output_dir / "config.toml"), []
         command = ["difftune", "train", source, *(a for s in sets for a in ("--set", s)),
                    "--set", "train.resume=latest", *(["--force-resume"] if args.force_resume else [])]
