@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 
 from difftune.cli.adapters import COMMANDS as ADAPTER_COMMANDS
 from difftune.errors import DifftuneError
