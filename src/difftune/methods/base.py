@@ -23,6 +23,23 @@ class Method(ABC):
         #: The run's ``[method]`` section.
         self.cfg = cfg
         self.family = family
+        #: The moving average of the trained parameters (``method.ema``), made by :meth:`start_ema`.
+        self.ema = None
+
+    def start_ema(self, components: Components) -> None:
+        """With ``method.ema``: start the average of every trainable parameter (call after :meth:`prepare`)."""
+        from difftune.methods.ema import WeightsEMA
+        from difftune.methods.lr_groups import named_trainable
+
+        if self.cfg.ema:
+            params = {f"{role}.{name}": p for role, name, p in named_trainable(self.trainable_modules(components))}
+            self.ema = WeightsEMA(params, self.cfg.ema_decay)
+
+    def after_step(self, step: int, components: Components) -> None:
+        """What follows every optimizer step that changed the weights: the method's hook, then the EMA."""
+        self.on_step_end(step, components)
+        if self.ema is not None:
+            self.ema.step()
 
     @abstractmethod
     def prepare(self, components: Components) -> None:

@@ -3,13 +3,12 @@
 The result is a complete diffusers pipeline folder, ``<output>/pipeline``, which the family's
 pipeline class loads with ``from_pretrained``; with ``method.save_single_file`` also
 ``<output>/model.safetensors`` in the original (LDM) layout, written by the family's
-``save_single_file`` converter. With ``method.ema`` an exponential moving average of the trained
-weights (``diffusers.training_utils.EMAModel``) is kept and exported instead.
+``save_single_file`` converter. With ``method.ema`` the run exports the moving average of the weights
+(:mod:`difftune.methods.ema`), as for every method.
 """
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +29,7 @@ class FullFineTune(Method):
 
     name = "full"
 
-    def __init__(self, cfg, family) -> None:
-        super().__init__(cfg, family)
-        self.ema: dict[str, Any] = {}
-
     def prepare(self, components: Components) -> None:
-        from diffusers.training_utils import EMAModel
-
         if self.cfg.save_single_file and not self.family.writes_single_file:
             # A file of diffusers-format keys would not load in A1111 or ComfyUI, so none is written.
             raise ConfigError(
@@ -49,11 +42,6 @@ class FullFineTune(Method):
         for module in self.trainable_modules(components).values():
             module.to(torch.float32)  # trainable weights stay in fp32; autocast handles mixed precision
             module.requires_grad_(True)
-        if self.cfg.ema:
-            self.ema = {
-                role: EMAModel(list(module.parameters()), decay=self.cfg.ema_decay)
-                for role, module in self.trainable_modules(components).items()
-            }
 
     def trainable_modules(self, components: Components) -> dict[str, nn.Module]:
         modules: dict[str, nn.Module] = {"denoiser": components.denoiser}
@@ -61,40 +49,8 @@ class FullFineTune(Method):
             modules.update(zip(components.encoder_names, components.text_encoders, strict=True))
         return modules
 
-    def on_step_end(self, step: int, components: Components) -> None:
-        for role, module in self.trainable_modules(components).items():
-            if role in self.ema:
-                params = list(module.parameters())
-                self.ema[role].to(device=params[0].device)
-                self.ema[role].step(params)
-
-    def trainable_state_dict(self, components: Components) -> dict[str, torch.Tensor]:
-        state = super().trainable_state_dict(components)
-        for role, ema in self.ema.items():
-            state.update({f"ema.{role}.{i}": p.detach().clone() for i, p in enumerate(ema.shadow_params)})
-            state[f"ema.{role}.optimization_step"] = torch.tensor(ema.optimization_step)
-        return state
-
-    def load_trainable_state_dict(self, components: Components, state: dict[str, torch.Tensor]) -> None:
-        self.check_state_keys(components, state)
-        self.copy_parameters(components, state, skip_prefix="ema.")
-        for role, ema in self.ema.items():
-            ema.optimization_step = int(state[f"ema.{role}.optimization_step"])
-            ema.shadow_params = [state[f"ema.{role}.{i}"].to(p.device) for i, p in enumerate(ema.shadow_params)]
-
-    def exported_modules(self, components: Components) -> dict[str, nn.Module]:
-        """The trained modules as they are exported: EMA weights copied into a clone when EMA is on."""
-        out = {}
-        for role, module in self.trainable_modules(components).items():
-            if role in self.ema:
-                clone = copy.deepcopy(module)
-                self.ema[role].copy_to(clone.parameters())
-                module = clone
-            out[role] = module
-        return out
-
     def export(self, components: Components, out_dir: Path, metadata: dict[str, str]) -> list[Path]:
-        trained = components.with_modules(self.exported_modules(components))
+        trained = components.with_modules(self.trainable_modules(components))  # EMA weights if the run swapped them in
         denoiser, encoders = trained.denoiser, trained.text_encoders
         pipe = self.family.build_pipeline(components, denoiser, encoders)
         folder = out_dir / PIPELINE_FOLDER
@@ -113,7 +69,6 @@ class FullFineTune(Method):
         return {
             "summary": {
                 "Method": f"Full fine-tuning ({trained})",
-                "EMA": f"on (decay {m.ema_decay}; the EMA weights are exported)" if m.ema else "off",
                 "Saved as": f"diffusers pipeline folder `{PIPELINE_FOLDER}/`"
                 + (f" and single file `{SINGLE_FILE}` (original layout)" if m.save_single_file else ""),
             },

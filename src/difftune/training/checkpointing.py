@@ -14,7 +14,9 @@ import torch
 from difftune.adapters.safe_load import non_finite
 from difftune.config.schema import Config
 from difftune.errors import DifftuneError
+from difftune.methods.ema import split_state
 from difftune.training import checkpoint as ckpt
+from difftune.training.optim import checkpoint_weights
 from difftune.training.resume import CheckpointInfo, check_compatible, checkpoint_info, restore_rng
 from difftune.training.state import Run, RunPaths
 from difftune.version import __version__
@@ -48,8 +50,14 @@ def load_for_resume(folder: Path, config: Config, fingerprint: str, accelerator,
 
 
 def restore_before_wrapping(state: ckpt.TrainingState, method, components, optimizer, scheduler) -> None:
-    """Trainable weights, optimizer and schedule, into the modules and optimizer as built."""
-    method.load_trainable_state_dict(components, state.trainable)
+    """Trainable weights (and their EMA), optimizer and schedule, into the modules and optimizer as built."""
+    own, ema = split_state(state.trainable)
+    method.load_trainable_state_dict(components, own)
+    if method.ema is not None:
+        try:
+            method.ema.load_state_dict(ema)
+        except ValueError as exc:
+            raise DifftuneError(f"method.ema: cannot resume: {exc}; resume without method.ema, or start afresh") from None
     optimizer.load_state_dict(state.optimizer)
     scheduler.load_state_dict(state.scheduler)
 
@@ -105,6 +113,11 @@ def refuse_non_finite(run: Run, what: str) -> None:
 def _training_state(run: Run, step: int, scheduler_state: dict | None) -> ckpt.TrainingState:
     optimizer = getattr(run.optimizer, "optimizer", run.optimizer)  # the optimizer inside accelerate's wrapper
     scaler = run.accelerator.scaler
-    return ckpt.TrainingState(step, run.model.method.trainable_state_dict(run.model.components),
-                              optimizer.state_dict(), scheduler_state or run.scheduler.state_dict(),
+    method = run.model.method
+    with checkpoint_weights(optimizer):  # schedule-free AdamW: its evaluation weights, as the docs ask
+        trainable = method.trainable_state_dict(run.model.components)
+        optimizer_state = optimizer.state_dict()  # its tensors (z, moments) do not change with the mode
+    if method.ema is not None:
+        trainable.update(method.ema.state_dict())
+    return ckpt.TrainingState(step, trainable, optimizer_state, scheduler_state or run.scheduler.state_dict(),
                               scaler.state_dict() if scaler is not None else None)

@@ -36,7 +36,7 @@ def finish(run: Run) -> RunResult:
     if run.is_main:
         run.say(f"performance: {run.monitor.describe(result.performance)}")
         run.monitor.write(run.paths.logs, result.performance)
-        with run.evaluating(encoders=False):
+        with run.evaluating(encoders=False, purpose="export"):
             refuse_non_finite(run, "nothing was exported")
             result.files = run.model.method.export(run.model.components, run.paths.root, adapter_metadata(run))
         write_card(run)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 from difftune.config.schema import TrainConfig
@@ -45,7 +48,64 @@ def build_optimizer(param_groups: list[dict], cfg: TrainConfig, device: torch.de
             raise DifftuneError("train.optimizer: prodigy needs prodigyopt: pip install 'difftune[prodigy]'") from None
         return Prodigy(param_groups, lr=cfg.learning_rate, betas=betas, weight_decay=cfg.weight_decay,
                        eps=cfg.adam_epsilon)
+    if cfg.optimizer == "adamw_schedulefree":
+        try:
+            from schedulefree import AdamWScheduleFree
+        except ImportError:
+            raise DifftuneError("train.optimizer: adamw_schedulefree needs schedulefree: "
+                                "pip install 'difftune[schedulefree]'") from None
+        return AdamWScheduleFree(param_groups, lr=cfg.learning_rate, betas=betas, weight_decay=cfg.weight_decay,
+                                 eps=cfg.adam_epsilon, warmup_steps=cfg.warmup_steps)
     raise DifftuneError(f"train.optimizer: unknown optimizer {cfg.optimizer!r}")
+
+
+def _schedule_free(optimizer) -> torch.optim.Optimizer | None:
+    """The schedule-free optimizer inside ``optimizer`` (accelerate wraps it), or ``None``."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    return inner if hasattr(inner, "eval") and hasattr(inner, "train") and "train_mode" in inner.param_groups[0] else None
+
+
+def start_training(optimizer) -> None:
+    """Schedule-free AdamW: to its training weights (also after a checkpoint, saved in evaluation mode)."""
+    inner = _schedule_free(optimizer)
+    if inner is not None:
+        inner.train()
+
+
+@contextlib.contextmanager
+def evaluation_weights(optimizer) -> Iterator[None]:
+    """Schedule-free AdamW's evaluation weights (``optimizer.eval()``) in the parameters; afterwards the
+    training weights come back exactly (copied back, not re-derived), so evaluating never changes training."""
+    inner = _schedule_free(optimizer)
+    if inner is None or not inner.param_groups[0]["train_mode"]:
+        yield
+        return
+    params = [p for g in inner.param_groups for p in g["params"]]
+    saved = [p.detach().clone() for p in params]
+    inner.eval()
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, value in zip(params, saved, strict=True):
+                p.copy_(value)
+        for group in inner.param_groups:
+            group["train_mode"] = True
+
+
+@contextlib.contextmanager
+def checkpoint_weights(optimizer) -> Iterator[None]:
+    """Schedule-free AdamW in evaluation mode while a checkpoint is taken, then ``train()`` again: the same
+    two steps a run resumed from that checkpoint takes (:func:`start_training`), so resuming is exact."""
+    inner = _schedule_free(optimizer)
+    if inner is None:
+        yield
+        return
+    inner.eval()
+    try:
+        yield
+    finally:
+        inner.train()
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):

@@ -32,7 +32,13 @@ from difftune.training.accelerator import main_process_log, make_accelerator, st
 from difftune.training.faults import NonFiniteGuard
 from difftune.training.holdout import HeldOutLoss
 from difftune.training.loss import trains_text
-from difftune.training.optim import build_optimizer, build_scheduler, learning_rate, total_steps
+from difftune.training.optim import (
+    build_optimizer,
+    build_scheduler,
+    learning_rate,
+    start_training,
+    total_steps,
+)
 from difftune.training.performance import RunMonitor
 from difftune.training.precision import autocast_dtype, mixed_precision, weight_dtype
 from difftune.training.progress import RunProgress
@@ -119,6 +125,7 @@ def setup(config: Config, log=print, output: RunFolder | None = None) -> Run:
               losses=LossMeter(torch.zeros((), device=accelerator.device)), saved_step=step, folder=output)
     for module in model.trainable_modules():
         module.train()
+    start_training(optimizer)
     return run
 
 
@@ -137,6 +144,7 @@ def _model(config: Config, accelerator, log) -> tuple[LoadedModel, Method, objec
     method = METHODS.get(config.method.type).build(config.method, family)
     torch.manual_seed(config.train.seed)  # new weights (LoRA A matrices, ...) start from the seed too
     method.prepare(components)
+    method.start_ema(components)
     objective = OBJECTIVES.get(family.objective)(family.objective_settings(components), config.train)
     if objective.sampling.get("scheduler"):  # e.g. zero terminal SNR: validation and export sample to match
         scheduler = components.noise_scheduler

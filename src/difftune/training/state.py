@@ -161,16 +161,23 @@ class Run:
         return self.first_micro_batch + (step - self.first_step) * self.config.train.gradient_accumulation
 
     @contextlib.contextmanager
-    def evaluating(self, *, encoders: bool = True) -> Iterator[None]:
-        """What validation, the held-out loss and export see: the trained modules in eval mode and, with
-        ``encoders``, offloaded frozen encoders back on the device (export needs none). The one place
-        where a run switches to the weights it evaluates (e.g. EMA or schedule-free evaluation weights)."""
+    def evaluating(self, *, encoders: bool = True, purpose: str = "validate") -> Iterator[None]:
+        """What validation, the held-out loss (``purpose="validate"``) and export (``"export"``) see: the
+        trained modules in eval mode, schedule-free AdamW's evaluation weights, the EMA weights when
+        ``method.ema_validate`` / ``method.ema_export`` say so, and with ``encoders`` offloaded frozen
+        encoders back on the device (export needs none). The one place where a run switches weights;
+        the training weights come back exactly afterwards."""
+        from difftune.training.optim import evaluation_weights
+
         modules = self.model.trainable_modules()
         modes = [m.training for m in modules]
         for m in modules:
             m.eval()
+        ema, cfg = self.model.method.ema, self.config.method
+        use_ema = ema is not None and (cfg.ema_export if purpose == "export" else cfg.ema_validate)
         try:
-            with frozen_encoders_on(self.model.components, self.device) if encoders else contextlib.nullcontext():
+            with (frozen_encoders_on(self.model.components, self.device) if encoders else contextlib.nullcontext(),
+                  evaluation_weights(self.optimizer), ema.swapped_in() if use_ema else contextlib.nullcontext()):
                 yield
         finally:
             for m, mode in zip(modules, modes, strict=True):

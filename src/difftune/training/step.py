@@ -62,7 +62,7 @@ def train_step(run: Run, stop: StopRequest | None = None) -> StepOutcome:
     run.optimizer.zero_grad(set_to_none=True)
     run.step += 1
     if stepped:
-        model.method.on_step_end(run.step, model.components)
+        model.method.after_step(run.step, model.components)
     elif bad:
         run.say(f"step {run.step}: the loss is NaN or infinite; skipped it ({run.guard.in_row} in a row, "
                 f"limit train.max_nan_steps = {run.guard.limit})")
