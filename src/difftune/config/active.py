@@ -89,8 +89,8 @@ def _turned_off(config: Config) -> list[str]:
         off.append("learning-rate schedule off: schedule-free AdamW replaces it (warm-up is its own)")
     if t.optimizer != "adamw" and t.fused_optimizer:
         off.append(f"train.fused_optimizer has no effect: it is for adamw, not {t.optimizer}")
-    if not v.prompts:
-        off.append("validation samples off: validation.prompts is empty")
+    if not v.prompts and not v.samples:
+        off.append("validation samples off: validation.prompts and validation.samples are empty")
     return off
 
 

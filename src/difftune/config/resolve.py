@@ -1,10 +1,11 @@
-"""Config values resolved to what a run uses: the datasets of a run as one list, colours as RGB."""
+"""Config values resolved to what a run uses: the datasets of a run as one list, the validation samples with
+their settings, colours as RGB."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from difftune.config.schema import DataConfig
+from difftune.config.schema import DataConfig, ValidationConfig
 
 
 @dataclass
@@ -46,3 +47,31 @@ def parse_colour(text: str) -> tuple[int, int, int]:
 
     rgb = ImageColor.getrgb(text)
     return tuple(rgb[:3])  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class ValidationSample:
+    """One validation prompt with every setting filled in: what ``difftune generate`` would be given."""
+
+    prompt: str
+    negative_prompt: str | None
+    guidance_scale: float
+    seeds: tuple[int, ...]
+    width: int
+    height: int
+    steps: int
+
+
+def validation_samples(val: ValidationConfig, data: DataConfig) -> list[ValidationSample]:
+    """``validation.prompts`` (the shared settings), then ``validation.samples`` (their own, else the shared)."""
+    size = val.resolution or data.resolution
+    default_seeds = tuple(val.seed + i for i in range(val.images_per_prompt))
+    out = [ValidationSample(p, val.negative_prompt or None, val.guidance_scale, default_seeds, size, size, val.steps)
+           for p in val.prompts]
+    for spec in val.samples:
+        negative = spec.negative_prompt if spec.negative_prompt is not None else val.negative_prompt
+        out.append(ValidationSample(
+            spec.prompt, negative or None,
+            spec.guidance_scale if spec.guidance_scale is not None else val.guidance_scale,
+            tuple(spec.seeds) or default_seeds, spec.width or size, spec.height or size, spec.steps or val.steps))
+    return out

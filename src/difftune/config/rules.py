@@ -45,6 +45,7 @@ def validate_semantics(config: Config, check_paths: bool = True) -> None:
         raise ConfigError("model.dtype: fp16 weights with bf16 mixed precision; use model.dtype = \"bf16\"")
     check_prior_preservation(config, check_paths)
     check_holdout(config, check_paths)
+    check_samples(config)
     check_dependent_keys(config)
     max_steps = config.train.max_steps
     if max_steps is not None and config.train.warmup_steps > max_steps:
@@ -127,6 +128,19 @@ def check_prior_preservation(config: Config, check_paths: bool) -> None:
             raise ConfigError(f"prior_preservation.class_data: {prior.class_data} is a file, not a folder")
     elif prior.class_data:
         raise ConfigError("prior_preservation.class_prompt: required when class_data is set")
+
+
+def check_samples(config: Config) -> None:
+    """Every ``validation.samples`` entry has a prompt; sizes are multiples of 8 (what the VAE needs)."""
+    for i, spec in enumerate(config.validation.samples):
+        if not spec.prompt.strip():
+            raise ConfigError(f"validation.samples[{i}].prompt: required, e.g. {{prompt = \"a photo of sks dog\"}}")
+        for key in ("width", "height"):
+            value = getattr(spec, key)
+            if value is not None and value % 8:
+                raise ConfigError(f"validation.samples[{i}].{key}: {value} is not a multiple of 8")
+        if len(set(spec.seeds)) != len(spec.seeds):
+            raise ConfigError(f"validation.samples[{i}].seeds: {spec.seeds} repeats a seed")
 
 
 def check_holdout(config: Config, check_paths: bool) -> None:

@@ -472,10 +472,36 @@ class TrainConfig:
 
 
 @dataclass
+class SampleSpec:
+    """One validation prompt with its own settings in ``validation.samples``:
+    ``{prompt = "a dog", negative_prompt = "blurry", guidance_scale = 5.0, seeds = [1, 2], width = 768, height = 512, steps = 30}``."""
+
+    prompt: str = opt("", "The prompt (required).")
+    negative_prompt: str | None = opt(None, "Negative prompt; unset uses `validation.negative_prompt`.")
+    guidance_scale: float | None = opt(None, "Guidance scale; unset uses `validation.guidance_scale`.", min=0.0)
+    seeds: list[int] = opt(
+        [], "Seeds of this prompt's images (one image each); empty: `validation.seed` + 0, 1, … "
+        "(`validation.images_per_prompt` images).",
+    )
+    width: int | None = opt(None, "Width in pixels; unset: `validation.resolution`, else `data.resolution`.", min=8)
+    height: int | None = opt(None, "Height in pixels; unset: `validation.resolution`, else `data.resolution`.", min=8)
+    steps: int | None = opt(None, "Sampling steps; unset uses `validation.steps`.", min=1, max=1000)
+
+
+@dataclass
 class ValidationConfig:
     """Sample images during training."""
 
-    prompts: list[str] = opt([], "Prompts to sample at each validation. Empty disables sampling.")
+    prompts: list[str] = opt(
+        [], "Prompts to sample at each validation with the settings below. With `samples` empty too, no sampling.",
+    )
+    samples: list[SampleSpec] = opt(
+        [],
+        "More validation prompts, each with its own settings (a list of tables with keys `prompt`, "
+        "`negative_prompt`, `guidance_scale`, `seeds`, `width`, `height`, `steps`; unset keys use the "
+        "settings below), e.g. `samples = [{prompt = \"a dog\", seeds = [1, 2], width = 768, height = 512}]`. "
+        "Sampled after `prompts`, with the same sampler and pipeline arguments as `difftune generate`.",
+    )
     negative_prompt: str = opt("", "Negative prompt for validation samples.")
     every: int = opt(0, "Sample every N steps (0: only at the end of training).", min=0)
     images_per_prompt: int = opt(1, "Images per prompt; image i of a prompt uses seed `seed + i`.", min=1, max=64)

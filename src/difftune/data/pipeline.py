@@ -148,7 +148,7 @@ def release_if_cached(config: Config, components) -> bool:
     cfg = config.data
     if cfg.cache_latents and cfg.cache_text and not config.method.train_text_encoder:
         # Validation samples and the held-out loss still need them: keep them on the CPU then.
-        needed_later = bool(config.validation.prompts) or config.validation.holdout is not None
+        needed_later = bool(config.validation.prompts or config.validation.samples) or config.validation.holdout is not None
         release_frozen_encoders(components, keep_on_cpu=needed_later)
         return True
     return False

@@ -12,6 +12,7 @@ from difftune.adapters.safe_load import load_tensors, require_finite, resolve_we
 from difftune.errors import DifftuneError
 from difftune.inference.apply import load_adapters
 from difftune.inference.images import make_grid
+from difftune.inference.sampling import sample_image
 from difftune.inference.schedulers import SCHEDULERS
 from difftune.models import load_pipeline
 
@@ -102,15 +103,8 @@ def generate(s: GenerateSettings, log=print) -> list[Path]:
     for i, prompt in enumerate(s.prompts):
         for j in range(s.images_per_prompt):
             seed = s.seed + j
-            kwargs = {"num_inference_steps": s.steps, "guidance_scale": s.guidance,
-                      "generator": torch.Generator("cpu").manual_seed(seed)}
-            if s.negative_prompt:
-                kwargs["negative_prompt"] = s.negative_prompt
-            if s.width:
-                kwargs["width"] = s.width
-            if s.height:
-                kwargs["height"] = s.height
-            image = pipe(prompt, **kwargs).images[0]
+            image = sample_image(pipe, prompt, steps=s.steps, guidance=s.guidance, seed=seed,
+                                 negative_prompt=s.negative_prompt, width=s.width, height=s.height)
             path = s.out / f"{i:02d}-{j:02d}-seed{seed}.png"
             image.save(path)
             images.append(image)

@@ -25,7 +25,7 @@ def finish(run: Run) -> RunResult:
             run.folder.release()
         return result
     validation = run.config.validation
-    if validation.prompts and not (validation.every and run.step % validation.every == 0):
+    if run.samples and not (validation.every and run.step % validation.every == 0):
         validate(run)
     run.accelerator.wait_for_everyone()
     if run.world > 1:
@@ -59,9 +59,8 @@ def validate(run: Run) -> None:
         view = model.components.with_modules(trained)
         with run.evaluating():
             run.result.samples = run_validation(
-                model.family, model.components, view.denoiser, view.text_encoders, config.validation,
-                config.validation.resolution or config.data.resolution, run.device, autocast_dtype(config),
-                run.paths.samples, run.step, run.accelerator.trackers,
+                model.family, model.components, view.denoiser, view.text_encoders, run.samples, run.device,
+                autocast_dtype(config), run.paths.samples, run.step, run.accelerator.trackers,
                 extra={k: v for k, v in model.objective.sampling.items() if k != "scheduler"},
             )
     run.accelerator.wait_for_everyone()
@@ -118,8 +117,8 @@ def write_card(run: Run) -> None:
     for p in run.result.samples:
         if p.name != "grid.png":
             prompt_index = int(p.name.split("-", 1)[0])
-            samples.append((config.validation.prompts[prompt_index], p.relative_to(run.paths.root).as_posix()))
-    prompt = config.data.instance_prompt or (config.validation.prompts[0] if config.validation.prompts else "a photo")
+            samples.append((run.samples[prompt_index].prompt, p.relative_to(run.paths.root).as_posix()))
+    prompt = config.data.instance_prompt or (run.samples[0].prompt if run.samples else "a photo")
     usage = details.get("usage", "").format(base_model=config.model.path, repo_or_folder=str(run.paths.root),
                                             prompt=prompt)
     write_model_card(

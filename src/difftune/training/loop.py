@@ -35,7 +35,7 @@ def train(config: Config, log=print) -> RunResult:
                 raise run.guard.error(save_last_good_state(run))
             if run.step % config.train.log_every == 0 or run.step == run.total_steps:
                 log_loss(run)
-            if config.validation.prompts and config.validation.every and run.step % config.validation.every == 0:
+            if run.samples and config.validation.every and run.step % config.validation.every == 0:
                 validate(run)
             if run.held_out and run.held_out.due(run.step, run.total_steps):
                 evaluate_held_out(run)

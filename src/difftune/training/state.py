@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from difftune.config.resolve import ValidationSample, validation_samples
 from difftune.config.schema import Config
 from difftune.data.batch import Batch
 from difftune.data.cache import frozen_encoders_on
@@ -139,6 +140,11 @@ class Run:
     saved_step: int = 0
     #: The output folder, locked while the run runs (:class:`~difftune.training.run_folder.RunFolder`).
     folder: Any = None
+
+    @property
+    def samples(self) -> list[ValidationSample]:
+        """The validation prompts with their settings (``validation.prompts`` and ``validation.samples``)."""
+        return validation_samples(self.config.validation, self.config.data)
 
     @property
     def is_main(self) -> bool:

@@ -10,70 +10,66 @@ import numpy as np
 import torch
 from PIL import Image
 
-from difftune.config.schema import ValidationConfig
+from difftune.config.resolve import ValidationSample
 from difftune.inference.images import make_grid
+from difftune.inference.sampling import sample_image
 
 
 @torch.no_grad()
-def sample_images(pipeline, cfg: ValidationConfig, resolution: int, device: torch.device,
-                  autocast_dtype: torch.dtype | None, extra: dict | None = None) -> list[tuple[str, int, Image.Image]]:
-    """Generate every prompt ``images_per_prompt`` times; image i of a prompt uses seed ``cfg.seed + i``.
-
+def sample_images(pipeline, samples: list[ValidationSample], device: torch.device, autocast_dtype: torch.dtype | None,
+                  extra: dict | None = None) -> list[tuple[int, str, int, Image.Image]]:
+    """One image per (sample, seed), made as ``difftune generate`` makes it (:func:`sample_image`);
     ``extra``: further pipeline arguments the training asks for (``guidance_rescale`` at zero terminal SNR)."""
     pipeline.set_progress_bar_config(disable=True)
     ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
     out = []
     with ctx:
-        for prompt in cfg.prompts:
-            for i in range(cfg.images_per_prompt):
-                generator = torch.Generator(device="cpu").manual_seed(cfg.seed + i)
-                image = pipeline(
-                    prompt,
-                    negative_prompt=cfg.negative_prompt or None,
-                    num_inference_steps=cfg.steps,
-                    guidance_scale=cfg.guidance_scale,
-                    height=resolution,
-                    width=resolution,
-                    generator=generator,
-                    **(extra or {}),
-                ).images[0]
-                out.append((prompt, cfg.seed + i, image))
+        for index, s in enumerate(samples):
+            for seed in s.seeds:
+                image = sample_image(pipeline, s.prompt, steps=s.steps, guidance=s.guidance_scale, seed=seed,
+                                     negative_prompt=s.negative_prompt, width=s.width, height=s.height, extra=extra)
+                out.append((index, s.prompt, seed, image))
     return out
 
 
-def run_validation(family, components, denoiser, text_encoders, cfg: ValidationConfig, resolution: int,
+def run_validation(family, components, denoiser, text_encoders, samples: list[ValidationSample],
                    device: torch.device, autocast_dtype, out_dir: Path, step: int, trackers,
                    extra: dict | None = None) -> list[Path]:
-    """Save each image and a grid under ``out_dir/step-N`` and log them; returns the saved paths.
+    """Save each image (``NN-seedS.png``, NN the sample's index) and a grid under ``out_dir/step-N`` and log
+    them; returns the saved paths.
 
     Call it with the modules in eval mode (a run does, inside ``Run.evaluating()``).
     """
     pipeline = family.build_pipeline(components, denoiser, text_encoders)
     try:
-        samples = sample_images(pipeline, cfg, resolution, device, autocast_dtype, extra)
+        made = sample_images(pipeline, samples, device, autocast_dtype, extra)
     finally:
         del pipeline
         gc.collect()
     folder = out_dir / f"step-{step}"
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    for n, (_prompt, seed, image) in enumerate(samples):
-        p = folder / f"{n // cfg.images_per_prompt:02d}-seed{seed}.png"
+    for index, _prompt, seed, image in made:
+        p = folder / f"{index:02d}-seed{seed}.png"
         image.save(p)
         paths.append(p)
-    grid = make_grid([s[2] for s in samples], cols=cfg.images_per_prompt)
+    grid = make_grid([m[3] for m in made], cols=max(len(s.seeds) for s in samples))
     grid_path = folder / "grid.png"
     grid.save(grid_path)
     paths.append(grid_path)
     for tracker in trackers:
-        log_images(tracker, samples, step)
+        log_images(tracker, [m[1:] for m in made], step)
     return paths
 
 
 def log_images(tracker, samples, step: int) -> None:
+    """``samples``: (prompt, seed, image); one tensorboard image batch per size (samples may differ in size)."""
     if tracker.name == "tensorboard":
-        arrays = np.stack([np.asarray(img) for _, _, img in samples])
-        tracker.writer.add_images("validation", arrays, step, dataformats="NHWC")
+        sizes = sorted({img.size for _, _, img in samples})
+        for size in sizes:
+            arrays = np.stack([np.asarray(img) for _, _, img in samples if img.size == size])
+            tag = "validation" if len(sizes) == 1 else f"validation/{size[0]}x{size[1]}"
+            tracker.writer.add_images(tag, arrays, step, dataformats="NHWC")
     elif tracker.name == "wandb":
         import wandb
 
