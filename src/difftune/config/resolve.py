@@ -49,6 +49,18 @@ def parse_colour(text: str) -> tuple[int, int, int]:
     return tuple(rgb[:3])  # type: ignore[return-value]
 
 
+def resolutions(data: DataConfig) -> list[int]:
+    """``data.resolution`` as a list (one entry unless several are given)."""
+    return list(data.resolution) if isinstance(data.resolution, list) else [data.resolution]
+
+
+def at_resolution(data: DataConfig, resolution: int) -> DataConfig:
+    """``data`` with one resolution: what the data stages read for the images at that size."""
+    import dataclasses
+
+    return dataclasses.replace(data, resolution=resolution)
+
+
 @dataclass(frozen=True)
 class ValidationSample:
     """One validation prompt with every setting filled in: what ``difftune generate`` would be given."""
@@ -64,7 +76,7 @@ class ValidationSample:
 
 def validation_samples(val: ValidationConfig, data: DataConfig) -> list[ValidationSample]:
     """``validation.prompts`` (the shared settings), then ``validation.samples`` (their own, else the shared)."""
-    size = val.resolution or data.resolution
+    size = val.resolution or resolutions(data)[0]
     default_seeds = tuple(val.seed + i for i in range(val.images_per_prompt))
     out = [ValidationSample(p, val.negative_prompt or None, val.guidance_scale, default_seeds, size, size, val.steps)
            for p in val.prompts]

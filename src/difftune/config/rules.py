@@ -10,7 +10,7 @@ import dataclasses
 import re
 from pathlib import Path
 
-from difftune.config.resolve import parse_colour, resolve_datasets
+from difftune.config.resolve import parse_colour, resolutions, resolve_datasets
 from difftune.config.schema import Config
 from difftune.errors import ConfigError
 
@@ -104,9 +104,13 @@ def check_data_options(config: Config) -> None:
     except ValueError:
         raise ConfigError(f"data.background: {data.background!r} is not a colour; use a name such as "
                           "\"white\" or \"#808080\"") from None
-    if data.buckets and data.bucket_step > data.resolution:
+    sizes = resolutions(data)
+    if not sizes or len(set(sizes)) != len(sizes) or any(not 8 <= r <= 8192 for r in sizes):
+        raise ConfigError(f"data.resolution: {data.resolution!r} must be one size or a list of different sizes, "
+                          "each 8 to 8192, e.g. 512 or [512, 768]")
+    if data.buckets and data.bucket_step > min(sizes):
         raise ConfigError(f"data.bucket_step: {data.bucket_step} is larger than data.resolution "
-                          f"({data.resolution}); use a step of at most the resolution, e.g. 64")
+                          f"({min(sizes)}); use a step of at most the resolution, e.g. 64")
     if data.cache_text and config.method.train_text_encoder:
         raise ConfigError("data.cache_text: the text encoder is trained (method.train_text_encoder), so its "
                           "embeddings change every step and cannot be cached; turn one of them off")

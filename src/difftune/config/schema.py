@@ -241,7 +241,13 @@ class DataConfig:
         choices=("auto", "captions", "instance_prompt"),
     )
     caption_extension: str = opt(".txt", "Extension of caption files beside images.")
-    resolution: int = opt(512, "Training resolution in pixels (images are resized and cropped to it).", min=8, max=8192)
+    resolution: int | list[int] = opt(
+        512,
+        "Training resolution in pixels (images are resized and cropped to it). A list, e.g. `[512, 768]`, trains "
+        "every image at each resolution (each epoch holds every image once per resolution; a batch holds one "
+        "size; latents are cached at each); validation samples and class images use the first.",
+        min=8, max=8192,
+    )
     center_crop: bool = opt(False, "Centre-crop to the resolution; otherwise crop at a random position.")
     random_flip: bool = opt(False, "Flip images horizontally at random (not for subjects with asymmetric text or logos).")
     num_workers: int = opt(0, "Data-loader worker processes (0 loads in the training process).", min=0, max=64)

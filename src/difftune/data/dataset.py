@@ -6,7 +6,7 @@ import random
 
 from torch.utils.data import Dataset
 
-from difftune.config.resolve import parse_colour
+from difftune.config.resolve import parse_colour, resolutions
 from difftune.config.schema import DataConfig
 from difftune.data.batch import Item
 from difftune.data.captions import final_caption
@@ -27,7 +27,8 @@ class ImageCaptionDataset(Dataset):
         self.examples = examples
         self.cfg = cfg
         self.seed = seed
-        self.sizes = sizes or [(cfg.resolution, cfg.resolution)] * len(examples)
+        size = resolutions(cfg)[0]
+        self.sizes = sizes or [(size, size)] * len(examples)
         self.latent_cache, self.text_cache = latent_cache, text_cache
         self.background = parse_colour(cfg.background) if cfg.background else WHITE
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from torch.utils.data import Dataset
 
-from difftune.config.resolve import parse_colour
+from difftune.config.resolve import at_resolution, parse_colour, resolutions
 from difftune.config.schema import Config
 from difftune.data.batch import Batch, collate
 from difftune.data.cache import (
@@ -44,7 +44,7 @@ class TrainingData:
 
     def card_entry(self) -> str:
         """The model card's dataset line, e.g. ``12 images (2 skipped: 1 corrupt image, 1 too small)``."""
-        n = len(self.scan.examples)
+        n = len({id(ex) for ex in self.scan.examples})  # each image once, whatever the resolutions
         skipped = self.scan.skipped_summary()
         return f"{n} images ({skipped})" if skipped != "none skipped" else f"{n} images"
 
@@ -62,8 +62,7 @@ def build_training_data(config: Config, family=None, components=None, *, class_e
     classes = list(class_examples)
     scan = load_examples(cfg, log)
     train_examples, held_out = split(scan.examples, cfg, config.validation, config.train.seed)
-    scan = dataclasses.replace(scan, examples=train_examples)
-    sizes = item_sizes(scan.examples, cfg)
+    scan, sizes = at_every_resolution(dataclasses.replace(scan, examples=train_examples), cfg)
     buckets = sorted(set(sizes))
     latent_cache = text_cache = None
     latent_stats = text_stats = None
@@ -97,6 +96,16 @@ def build_training_data(config: Config, family=None, components=None, *, class_e
         raise DifftuneError(str(exc)) from None
     dataset, collate_fn = with_class_images(config, dataset, classes, latent_cache, text_cache)
     return TrainingData(scan, dataset, order, collate_fn, latent_stats, text_stats, held_out)
+
+
+def at_every_resolution(scan: ScanResult, cfg) -> tuple[ScanResult, list[tuple[int, int]]]:
+    """Every example once per ``data.resolution`` (in that order), with its training size at each.
+
+    The held-out split is taken before, on the images, so it is the same whatever the resolutions."""
+    sizes: list[tuple[int, int]] = []
+    for resolution in resolutions(cfg):
+        sizes += item_sizes(scan.examples, at_resolution(cfg, resolution))
+    return dataclasses.replace(scan, examples=scan.examples * len(resolutions(cfg))), sizes
 
 
 def _nonfinite(cache, ex, sizes, cfg) -> bool:

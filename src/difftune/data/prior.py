@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+from difftune.config.resolve import resolutions
 from difftune.config.schema import Config, PriorPreservationConfig
 from difftune.data.batch import Batch, Item, collate
 from difftune.data.dataset import ImageCaptionDataset
@@ -77,7 +78,7 @@ def class_examples(config: Config, family, components, device: torch.device, *, 
     if not cfg.class_prompt:
         return []
     if is_main:
-        generate_class_images(cfg, family, components, device, config.data.resolution, config.train.seed, log)
+        generate_class_images(cfg, family, components, device, resolutions(config.data)[0], config.train.seed, log)
     barrier()
     paths = class_images(Path(cfg.class_data).expanduser())[: cfg.num_class_images]
     if not paths:

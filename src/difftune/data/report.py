@@ -6,6 +6,7 @@ import re
 from collections import Counter
 from dataclasses import asdict
 
+from difftune.config.resolve import at_resolution, resolutions
 from difftune.config.schema import DataConfig
 from difftune.data.buckets import bucket_label, make_buckets, nearest_bucket
 from difftune.data.captions import final_caption
@@ -45,6 +46,7 @@ def folder_config(folder: str, overrides: list[str] | None = None):
 def check_dataset(cfg: DataConfig, tokenizers: list | None = None) -> dict:
     """Everything ``data check`` reports, as a JSON-ready mapping."""
     result = scan(cfg)
+    cfg = at_resolution(cfg, resolutions(cfg)[0])  # the report's buckets are those of the first resolution
     problems: list[Problem] = list(result.problems)
     count, limit, how = token_counter(tokenizers or [])
     buckets = make_buckets(cfg.resolution, cfg.bucket_step)

@@ -181,7 +181,8 @@ class BucketBatches:
 
 
 def item_sizes(examples, cfg: DataConfig) -> list[tuple[int, int]]:
-    """The training size (height, width) of each example: its bucket, or the square resolution."""
+    """The training size (height, width) of each example: its bucket, or the square resolution (``cfg`` has one
+    resolution: :func:`~difftune.config.resolve.at_resolution`)."""
     if not cfg.buckets:
         return [(cfg.resolution, cfg.resolution)] * len(examples)
     buckets = make_buckets(cfg.resolution, cfg.bucket_step)
@@ -193,6 +194,6 @@ def batch_order(scan, sizes: list[tuple[int, int]], cfg: DataConfig, batch_size:
     """The batch order for a run: bucketed when ``data.buckets`` is on, plain otherwise."""
     datasets = scan.datasets
     plan = EpochPlan(scan.groups(), [d.repeats for d in datasets], [d.weight for d in datasets], seed)
-    if cfg.buckets:
+    if cfg.buckets or len(set(sizes)) > 1:  # several resolutions: a batch holds one size, as with buckets
         return BucketBatches(sizes, plan, batch_size, seed, rank, world)
     return ResumableBatches(len(scan.examples), batch_size, seed, rank, world, plan=plan)

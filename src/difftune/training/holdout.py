@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from difftune.config.resolve import resolutions
 from difftune.config.schema import DataConfig, ValidationConfig
 from difftune.data.batch import collate
 from difftune.data.dataset import ImageCaptionDataset
@@ -32,8 +33,14 @@ class HeldOutLoss:
 
     def __init__(self, examples: list[Example], data: DataConfig, validation: ValidationConfig, seed: int,
                  batch_size: int) -> None:
-        self.dataset = ImageCaptionDataset(examples, dataclasses.replace(data, center_crop=True, random_flip=False),
-                                           seed)
+        # Each held-out image at every training resolution (square, centre-cropped), the same images every time.
+        sizes = [(r, r) for r in resolutions(data) for _ in examples]
+        self.dataset = ImageCaptionDataset(examples * len(resolutions(data)),
+                                           dataclasses.replace(data, center_crop=True, random_flip=False), seed, sizes)
+        #: Batches never mix sizes: the indices of each resolution's block, in batches.
+        self.batches = [list(range(start, min(start + batch_size, end)))
+                        for end in range(len(examples), len(sizes) + 1, max(len(examples), 1))
+                        for start in range(end - len(examples), end, batch_size)]
         self.cfg = validation
         self.seed = seed
         self.batch_size = batch_size
@@ -58,8 +65,8 @@ class HeldOutLoss:
         devices = [device] if device.type == "cuda" else []
         amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
         with torch.random.fork_rng(devices=devices), amp:
-            for start in range(0, len(self.dataset), self.batch_size):
-                indices = list(range(start, min(start + self.batch_size, len(self.dataset))))
+            for indices in self.batches:
+                start = indices[0]
                 torch.manual_seed(derived_seed(self.seed, "holdout", start))
                 batch = method.prepare_batch(collate([self.dataset[(0, i)] for i in indices]))
                 latents = batch_latents(family, components, batch, device).float()
