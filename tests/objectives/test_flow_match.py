@@ -101,3 +101,15 @@ def test_noise_offset_shifts_each_channel():
     nb = obj.noise(x, timesteps=torch.full((64,), 1000.0))  # σ = 1: the noisy latents are the noise
     channel_means = nb.noisy_latents.mean(dim=(2, 3))
     assert channel_means.std() > 0.3  # plain N(0, 1) noise would give about 1/8
+
+
+def test_huber_loss_and_its_snr_schedule_for_flow_matching():
+    obj = OBJECTIVES.get("flow_match")({}, _train_cfg(loss="huber", huber_delta=0.2, huber_schedule="snr"))
+    t = torch.tensor([100.0, 900.0])
+    sigma = (t / 1000) / (1 - t / 1000)
+    torch.testing.assert_close(obj.delta(t), 0.8 / (1 + sigma) ** 2 + 0.2)
+    x, eps = torch.zeros(2, 1, 2, 2), torch.full((2, 1, 2, 2), 2.0)
+    nb = obj.noise(x, timesteps=t, noise=eps)
+    c = obj.delta(t)
+    expected = 2 * c * (torch.sqrt(4 + c ** 2) - c)  # error 2 everywhere, pseudo-Huber with each sample's δ
+    torch.testing.assert_close(obj.per_sample_loss(torch.zeros_like(x), nb), expected)

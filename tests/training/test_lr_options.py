@@ -79,3 +79,26 @@ def test_refused_key_exits_2_from_the_cli(tmp_path, tiny_sd, shapes_data, run_co
     assert out.returncode == 2
     assert "method.rank: does not apply to method.type = 'textual_inversion'" in out.stderr
     assert "token, initializer_token, num_vectors, templates" in out.stderr
+
+
+def test_transformer_block_ranges_pick_the_most_specific_key():
+    from torch import nn
+
+    from difftune.methods.lr_groups import lr_groups
+    from difftune.models import get_family
+
+    flux = get_family("flux")
+    cfg = load_config(data={"model": {"path": "m"}, "data": {"path": "d"},
+                            "method": {"block_lr": {"0-9": 0.5, "3": 3.0, "single.0-37": 2.0}}},
+                      check_paths=False).method
+    names = ["transformer_blocks.2.attn.to_q.lora_A.default.weight", "transformer_blocks.3.attn.to_q.lora_A.default.weight",
+             "transformer_blocks.12.attn.to_q.lora_A.default.weight", "single_transformer_blocks.5.attn.to_q.lora_A.w",
+             "x_embedder.lora_A.default.weight"]
+    params = [nn.Parameter(torch.zeros(1)) for _ in names]
+    groups = lr_groups([("denoiser", n, p) for n, p in zip(names, params, strict=True)], 1.0, cfg, flux)
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    assert [lr_of[id(p)] for p in params] == [0.5, 3.0, 1.0, 2.0, 1.0]
+    with pytest.raises(ConfigError, match=r"method.block_lr.up: matches no trained parameter of the transformer; "
+                                          r"its trained blocks are: 2, 3"):
+        cfg.block_lr = {"up": 2.0}
+        lr_groups([("denoiser", n, p) for n, p in zip(names[:2], params[:2], strict=True)], 1.0, cfg, flux)
