@@ -6,7 +6,11 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import numpy as np
+from PIL import Image
+
 from difftune import load_config
+from difftune.cli import main
 from difftune.config.loader import dump_toml
 from difftune.training.finish import finish
 from difftune.training.setup import setup
@@ -59,3 +63,11 @@ def test_run_prints_logs_and_cards_the_block_and_samples_at_zero_terminal_snr(
     assert "### Active options\n\n```\n" + block + "\n```" in (out / "README.md").read_text()
     assert calls and all(rescale == 0.7 for rescale, _ in calls)
     assert all(cfg["rescale_betas_zero_snr"] and cfg["timestep_spacing"] == "trailing" for _, cfg in calls)
+    # difftune generate reads the sampler settings from the LoRA's header and makes the preview's pixels.
+    calls.clear()
+    gen = tmp_path / "gen"
+    assert main(["generate", "--model", str(tiny_sd_v), "--lora", str(out), "--prompt", "a red circle", "--steps", "2",
+                 "--guidance", "7", "--seed", "0", "--width", "32", "--height", "32", "--out", str(gen)]) == 0
+    assert calls[0][0] == 0.7 and calls[0][1]["rescale_betas_zero_snr"]
+    preview = np.asarray(Image.open(out / "samples" / "step-1" / "00-seed0.png"))
+    assert np.array_equal(preview, np.asarray(Image.open(gen / "00-00-seed0.png")))

@@ -12,7 +12,7 @@ from difftune.adapters.safe_load import load_tensors, require_finite, resolve_we
 from difftune.errors import DifftuneError
 from difftune.inference.apply import load_adapters
 from difftune.inference.images import make_grid
-from difftune.inference.sampling import sample_image
+from difftune.inference.sampling import apply_sampling, sample_image, trained_sampling
 from difftune.inference.schedulers import SCHEDULERS
 from difftune.models import load_pipeline
 
@@ -96,6 +96,10 @@ def generate(s: GenerateSettings, log=print) -> list[Path]:
     for path, token in s.embeddings:
         load_embedding(pipe, path, token, allow_pickle=s.allow_pickle, log=log)
     set_scheduler(pipe, s.scheduler)
+    sampling = trained_sampling([path for path, _ in s.loras])
+    extra = apply_sampling(pipe, sampling)
+    if sampling:
+        log(f"the LoRA asks for these sampler settings (it was trained with them): {sampling}")
     pipe.to("cuda" if cuda else "cpu")
     pipe.set_progress_bar_config(disable=True)
     s.out.mkdir(parents=True, exist_ok=True)
@@ -104,13 +108,14 @@ def generate(s: GenerateSettings, log=print) -> list[Path]:
         for j in range(s.images_per_prompt):
             seed = s.seed + j
             image = sample_image(pipe, prompt, steps=s.steps, guidance=s.guidance, seed=seed,
-                                 negative_prompt=s.negative_prompt, width=s.width, height=s.height)
+                                 negative_prompt=s.negative_prompt, width=s.width, height=s.height, extra=extra)
             path = s.out / f"{i:02d}-{j:02d}-seed{seed}.png"
             image.save(path)
             images.append(image)
             paths.append(path)
     make_grid(images, cols=s.images_per_prompt).save(s.out / "grid.png")
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in s.__dict__.items()}
+    settings["trained_sampling"] = sampling
     (s.out / "generate.json").write_text(json.dumps(settings, indent=2))
     log(f"wrote {len(paths)} image(s) and grid.png to {s.out}")
     return paths

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from difftune.publish.model_card import write_model_card
@@ -69,7 +70,9 @@ def validate(run: Run) -> None:
 def adapter_metadata(run: Run) -> dict[str, str]:
     """What the result files carry in their headers about the run."""
     config, model = run.config, run.model
+    sampling = {"difftune.sampling": json.dumps(model.objective.sampling)} if model.objective.sampling else {}
     return {
+        **sampling,  # how to sample the result (zero terminal SNR): difftune generate applies it
         "difftune.version": __version__,
         "difftune.base_model": config.model.path,
         "difftune.family": model.family.name,
