@@ -12,7 +12,8 @@ from difftune.config.schema import Config
 from difftune.errors import ConfigError
 from difftune.methods import METHODS
 from difftune.methods.rules import check_keys
-from difftune.models import FAMILIES
+from difftune.models import FAMILIES, objective_without_loading
+from difftune.objectives import check_train_keys
 
 
 def registered_choices() -> Registered:
@@ -29,6 +30,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """
     config = parse_config(path, overrides, data, check_paths, registered=registered_choices())
     check_method(config)
+    known = objective_without_loading(config.model)
+    if known is not None:  # else checked when training starts, once the family is resolved
+        check_train_keys(known[0], known[1], config.train)
     return config
 
 

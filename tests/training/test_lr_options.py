@@ -102,3 +102,25 @@ def test_transformer_block_ranges_pick_the_most_specific_key():
                                           r"its trained blocks are: 2, 3"):
         cfg.block_lr = {"up": 2.0}
         lr_groups([("denoiser", n, p) for n, p in zip(names[:2], params[:2], strict=True)], 1.0, cfg, flux)
+
+
+def test_objective_keys_are_refused_by_validate_when_the_model_folder_says_the_family(tmp_path, shapes_data):
+    import json
+
+    from difftune.models import FAMILIES, FAMILY_OBJECTIVES, PIPELINE_OBJECTIVES
+
+    for name in FAMILIES.names():  # the torch-free tables agree with the families themselves
+        family = FAMILIES.get(name)
+        assert FAMILY_OBJECTIVES[name] == family.objective
+        assert all(PIPELINE_OBJECTIVES[p] == family.objective for p in family.pipeline_class_names)
+    folder = tmp_path / "flux"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    raw = {"model": {"path": str(folder)}, "data": {"path": str(shapes_data)}, "train": {"snr_gamma": 5.0}}
+    with pytest.raises(ConfigError, match=r"train.snr_gamma: does not apply to .*flux \(a FluxPipeline\), which trains "
+                                          r"with flow match.*train.weighting_scheme"):
+        load_config(data=raw, check_paths=False)
+    raw["model"] = {"path": "some/hub-id", "family": "sdxl"}
+    raw["train"] = {"weighting_scheme": "logit_normal"}
+    with pytest.raises(ConfigError, match="train.weighting_scheme: does not apply to model.family = 'sdxl'"):
+        load_config(data=raw, check_paths=False)

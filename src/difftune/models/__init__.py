@@ -27,6 +27,36 @@ FAMILIES.register_lazy("sd3", "difftune.models.sd3:StableDiffusion3")
 FAMILIES.register_lazy("flux", "difftune.models.flux:Flux")
 
 
+#: Each family's objective and the objective of each pipeline class a model folder may name, known without
+#: importing a family (so ``difftune validate`` can refuse keys of the other objective; a contract test keeps
+#: them equal to the families' own ``objective`` and ``pipeline_class_names``).
+FAMILY_OBJECTIVES = {"sd1": "ddpm", "sd2": "ddpm", "sdxl": "ddpm", "sd3": "flow_match", "flux": "flow_match"}
+PIPELINE_OBJECTIVES = {
+    "StableDiffusionPipeline": "ddpm", "StableDiffusionImg2ImgPipeline": "ddpm",
+    "StableDiffusionXLPipeline": "ddpm", "StableDiffusionXLImg2ImgPipeline": "ddpm",
+    "StableDiffusion3Pipeline": "flow_match", "StableDiffusion3Img2ImgPipeline": "flow_match",
+    "FluxPipeline": "flow_match", "FluxImg2ImgPipeline": "flow_match",
+}
+
+
+def objective_without_loading(model: ModelConfig) -> tuple[str, str] | None:
+    """``(objective, what the model is)`` from ``model.family`` or a local folder's ``model_index.json``, without
+    importing torch; ``None`` when only loading can tell (a Hub id or a single file with ``family = "auto"``)."""
+    import json
+    from pathlib import Path
+
+    if model.family != "auto":
+        objective = FAMILY_OBJECTIVES.get(model.family)
+        return (objective, f"model.family = {model.family!r}") if objective else None
+    index = Path(model.path).expanduser() / "model_index.json"
+    try:
+        name = json.loads(index.read_text(encoding="utf-8")).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return None
+    objective = PIPELINE_OBJECTIVES.get(name)
+    return (objective, f"{model.path} (a {name})") if objective else None
+
+
 def get_family(name: str, model: ModelConfig | None = None, train: TrainConfig | None = None) -> ModelFamily:
     """An instance of the family ``name`` with the run's ``[model]`` (load options) and ``[train]`` sections."""
     return FAMILIES.get(name)(model, train)
@@ -74,4 +104,5 @@ def load_pipeline(path: str, family_name: str = "auto", dtype=None):
     return family.build_pipeline(components, components.denoiser, components.text_encoders), family, components
 
 
-__all__ = ["FAMILIES", "detect_family", "get_family", "load_pipeline", "resolve_family"]
+__all__ = ["FAMILIES", "FAMILY_OBJECTIVES", "PIPELINE_OBJECTIVES", "detect_family", "get_family", "load_pipeline",
+           "objective_without_loading", "resolve_family"]
