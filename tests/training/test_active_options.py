@@ -31,7 +31,7 @@ def test_validate_prints_the_block_without_torch(tmp_path, tiny_sd, shapes_data,
     assert "loss: huber (δ 0.2, snr schedule); weighting: min-SNR γ 5.0" in out.stdout
     assert "timesteps: 0–last, later 0.25 drawn ×2" in out.stdout
     assert "off: data.cache_text off: the text encoder trains" in out.stdout
-    assert "train.loss = 'huber'" in out.stdout
+    assert 'snr_gamma = 5.0, loss = "huber", huber_delta = 0.2, timestep_bias = "later"' in out.stdout
 
 
 def test_run_prints_logs_and_cards_the_block_and_samples_at_zero_terminal_snr(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from difftune.config.loader import toml_value
 from difftune.config.schema import SECTIONS, Config
 
 
@@ -36,6 +37,13 @@ def non_default(config: Config) -> list[tuple[str, object]]:
             if value != default:
                 out.append((f"{name}.{f.name}", value))
     return out
+
+
+def _show(value: object) -> str:
+    """A value as it is written in TOML (tables of a list without their unset keys)."""
+    if isinstance(value, list) and value and dataclasses.is_dataclass(value[0]):
+        value = [{k: v for k, v in dataclasses.asdict(x).items() if v not in (None, [], "")} for x in value]
+    return toml_value(value)
 
 
 def _method_line(config: Config, facts: RunFacts) -> str:
@@ -97,16 +105,26 @@ def _turned_off(config: Config) -> list[str]:
 def active_options(config: Config, facts: RunFacts | None = None) -> list[str]:
     """The block's lines (without a heading)."""
     facts = facts or RunFacts()
-    family = (f"{facts.family} ({facts.objective}, {facts.prediction} prediction)" if facts.family else
-              f"{config.model.family} (detected from the model's files when training starts)")
+    if facts.family:
+        family = f"{facts.family} ({facts.objective}, {facts.prediction} prediction)"
+    elif config.model.family != "auto":
+        family = f"{config.model.family} (model.family)"
+    else:
+        family = "auto (detected from the model's files when training starts)"
     precision = facts.precision or config.train.mixed_precision
     lines = [f"family: {family}", _method_line(config, facts),
              f"precision: mixed {precision}" + (" (auto)" if config.train.mixed_precision == "auto" else ""),
              *_loss_lines(config, facts)]
     if facts.sampling:
         lines.append("sampling: " + ", ".join(f"{k} = {v}" for k, v in facts.sampling.items()))
-    changed = [f"{k} = {v!r}" for k, v in non_default(config) if k not in ("model.path", "data.path", "output.dir")]
-    lines.append("set: " + ("; ".join(changed) if changed else "nothing but the paths"))
+    changed: dict[str, list[str]] = {}
+    for key, value in non_default(config):
+        if key not in ("model.path", "data.path", "output.dir"):
+            section, name = key.split(".", 1)
+            changed.setdefault(section, []).append(f"{name} = {_show(value)}")
+    lines += [f"set [{section}]: " + ", ".join(items) for section, items in changed.items()]
+    if not changed:
+        lines.append("set: nothing but the paths")
     lines += [f"off: {reason}" for reason in _turned_off(config)]
     return lines
 
