@@ -135,3 +135,20 @@ def test_a_model_path_that_is_not_a_model_is_caught_by_validate(tmp_path, shapes
         assert main(["validate", str(path)]) == 2
         err = capsys.readouterr().err.strip()
         assert f"model.path: {model} {expected}" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["train.distributed=fsdp", "method.type=textual_inversion", "method.token=<x>", "method.initializer_token=dog"],
+         "train.distributed: \"fsdp\" shards the methods full, lora, not 'textual_inversion'"),
+        (["train.distributed=fsdp", "method.type=full", "method.ema=true"], "method.ema: not with train.distributed"),
+        (["train.distributed=fsdp", "validation.prompts=['a cat']"], "validation.prompts: sampling during a"),
+        (["train.fsdp_cpu_offload=true"], 'train.fsdp_cpu_offload: only applies with train.distributed = "fsdp"'),
+        (["train.distributed=zero3"], "train.distributed: 'zero3' is not one of 'ddp', 'fsdp'"),
+    ],
+)
+def test_distributed_settings_it_cannot_honour_are_refused(tmp_path, good, overrides, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, good), overrides)
+    assert expected in str(err.value)

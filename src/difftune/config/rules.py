@@ -47,6 +47,7 @@ def validate_semantics(config: Config, check_paths: bool = True) -> None:
     check_holdout(config, check_paths)
     check_samples(config)
     check_dependent_keys(config)
+    check_distributed(config)
     max_steps = config.train.max_steps
     if max_steps is not None and config.train.warmup_steps > max_steps:
         raise ConfigError(
@@ -182,6 +183,7 @@ def check_dependent_keys(config: Config) -> None:
         (t, "train.compile_mode", "train.compile = true", t.compile),
         (d, "data.bucket_step", "data.buckets = true", d.buckets),
         (d, "data.keep_tags", "data.shuffle_tags = true", d.shuffle_tags),
+        (t, "train.fsdp_cpu_offload", 'train.distributed = "fsdp"', t.distributed == "fsdp"),
     )
     for section, key, needs, applies in rules:
         if not applies and not _is_default(section, key.split(".", 1)[1]):
@@ -191,3 +193,24 @@ def check_dependent_keys(config: Config) -> None:
     if t.optimizer == "adamw_schedulefree" and t.lr_scheduler != "constant":
         raise ConfigError(f"train.lr_scheduler: {t.lr_scheduler!r} with schedule-free AdamW, which replaces the "
                           "schedule; use \"constant\" (train.warmup_steps is its warm-up)")
+
+
+#: The methods whose trained modules ``train.distributed = "fsdp"`` shards.
+FSDP_METHODS = ("full", "lora")
+
+
+def check_distributed(config: Config) -> None:
+    """``train.distributed = "fsdp"``: what it shards, and what it cannot do yet."""
+    t = config.train
+    if t.distributed != "fsdp":
+        return
+    if config.method.type not in FSDP_METHODS:
+        raise ConfigError(f'train.distributed: "fsdp" shards the methods {", ".join(FSDP_METHODS)}, not '
+                          f'{config.method.type!r}; use train.distributed = "ddp"')
+    if config.method.ema:
+        raise ConfigError('method.ema: not with train.distributed = "fsdp" yet (the average would need its own '
+                          'shards); set method.ema = false or use train.distributed = "ddp"')
+    if config.validation.prompts:
+        raise ConfigError('validation.prompts: sampling during a train.distributed = "fsdp" run is not supported; '
+                          'remove the prompts and sample the result afterwards with difftune generate '
+                          '(or use train.distributed = "ddp")')

@@ -356,6 +356,21 @@ class TrainConfig:
         choices=("auto", "no", "fp16", "bf16"),
     )
     gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass to save memory.")
+    distributed: str = opt(
+        "ddp",
+        "How several processes share the work (launch them with `torchrun` or `accelerate launch`, "
+        "docs/scaling.md): `ddp` (every process holds the whole model, gradients are averaged) or `fsdp` "
+        "(PyTorch's FSDP2 `fully_shard` per block of each trained module: every process holds 1/N of its "
+        "weights, gradients and optimizer state; checkpoints are sharded). `fsdp` needs 2 or more processes, "
+        "method `full` or `lora`, and no validation prompts during training; with `mixed_precision = \"bf16\"` "
+        "the blocks compute in bf16 and reduce gradients in fp32. The start of the run logs the strategy in effect.",
+        choices=("ddp", "fsdp"),
+    )
+    fsdp_cpu_offload: bool = opt(
+        False,
+        "With `distributed = \"fsdp\"` on GPUs: keep the parameter shards, gradients and optimizer state in "
+        "CPU memory (slower, for models that do not fit even sharded). Refused on a machine without a GPU.",
+    )
     channels_last: bool = opt(
         False,
         "Store the denoiser's convolution weights channels-last (NHWC). Can speed up convolutions on "

@@ -50,9 +50,9 @@ class TrainingData:
 
 
 def build_training_data(config: Config, family=None, components=None, *, class_examples=(), rank: int = 0,
-                        world: int = 1, is_main: bool = True, barrier=lambda: None, log=print,
+                        world: int = 1, barrier=lambda: None, log=print,
                         progress: bool = False) -> TrainingData:
-    """Everything the loop needs from the data; fills the caches (on the main process) when enabled.
+    """Everything the loop needs from the data; fills the caches when enabled (split between the processes).
 
     The held-out split (``validation.holdout``) is taken before anything else, so held-out images
     are never trained on nor cached; ``class_examples`` (prior preservation) are paired with the
@@ -70,22 +70,22 @@ def build_training_data(config: Config, family=None, components=None, *, class_e
         folder = default_cache_dir(cfg.cache_dir, config.output.dir)
         if cfg.cache_latents:
             latent_cache = latent_cache_for(folder, components)
-            latent_stats = FillStats()
-            if is_main:
-                # A class image takes the size of the instance it is paired with: one latent per bucket.
-                latent_stats = fill_latents(latent_cache, family, components,
-                                            scan.examples + [ex for ex in classes for _ in buckets],
-                                            sizes + buckets * len(classes), flips=cfg.random_flip,
-                                            background=parse_colour(cfg.background), progress=progress)
+            # A class image takes the size of the instance it is paired with: one latent per bucket.
+            # Every process fills its share (every world-th image); all read the whole cache after the barrier.
+            images = scan.examples + [ex for ex in classes for _ in buckets]
+            latent_stats = fill_latents(latent_cache, family, components, images[rank::world],
+                                        (sizes + buckets * len(classes))[rank::world], flips=cfg.random_flip,
+                                        background=parse_colour(cfg.background), progress=progress)
         if cfg.cache_text:
             text_cache = text_cache_for(folder, components)
             captions = sorted({c for ex in scan.examples + classes
                                for c in possible_captions(ex.caption, ex.trigger, cfg)})
-            text_stats = fill_text(text_cache, family, components, captions, progress=progress) if is_main else None
+            text_stats = fill_text(text_cache, family, components, captions[rank::world], progress=progress)
         barrier()
+        share = f" by process {rank} of {world} (each fills its share)" if world > 1 else ""
         for name, stats in (("latent", latent_stats), ("text", text_stats)):
             if stats is not None:
-                log(f"{name} cache {folder}: {stats.hits} reused, {stats.misses} computed")
+                log(f"{name} cache {folder}: {stats.hits} reused, {stats.misses} computed{share}")
         if latent_cache is not None:
             _drop_nonfinite(scan, sizes, latent_cache, cfg, log)
             classes = _finite_class_examples(classes, sorted(set(sizes)), latent_cache, cfg, log)  # after drops

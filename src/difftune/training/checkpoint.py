@@ -27,6 +27,8 @@ from difftune.errors import DifftuneError
 from difftune.fileio import file_sha256, fsync_dir, replace_folder, save_safetensors
 
 MANIFEST = "manifest.json"
+#: The subfolder of a sharded checkpoint's ``torch.distributed.checkpoint`` files.
+SHARDED = "sharded"
 PREFIX = "step-"
 STAGING = ".tmp-"
 OLD = ".old-"
@@ -39,9 +41,10 @@ class TrainingState:
     """What a checkpoint restores. ``info`` and ``rng`` are filled when a checkpoint is loaded."""
 
     step: int
-    #: Every trainable tensor, ``role.parameter_name`` (``Method.trainable_state_dict``).
-    trainable: dict[str, torch.Tensor]
-    optimizer: dict
+    #: Every trainable tensor, ``role.parameter_name`` (``Method.trainable_state_dict``); ``None`` when the
+    #: weights and optimizer state are in the sharded part (``sharded``).
+    trainable: dict[str, torch.Tensor] | None
+    optimizer: dict | None
     scheduler: dict
     #: The fp16 gradient scaler's state, if the run has one.
     scaler: dict | None = None
@@ -49,6 +52,8 @@ class TrainingState:
     info: dict = field(default_factory=dict)
     #: This process's random state (``rng-<rank>.pt``), if it was saved.
     rng: dict | None = None
+    #: The ``torch.distributed.checkpoint`` folder of a sharded (FSDP) run: weights and optimizer state.
+    sharded: Path | None = None
 
 
 class DiskFullError(DifftuneError):
@@ -105,17 +110,21 @@ def finish(root: Path, staging: Path, state: TrainingState, info: dict) -> Path:
     final = root / f"{PREFIX}{state.step}"
     with _disk_full_is_reported(root, staging, _estimated_bytes(state)):
         try:
-            save_safetensors(state.trainable, staging / "trainable.safetensors")
+            if state.trainable is not None:
+                save_safetensors(state.trainable, staging / "trainable.safetensors")
             blob = {"optimizer": state.optimizer, "scheduler": state.scheduler}
             if state.scaler is not None:
                 blob["scaler"] = state.scaler
             torch.save(blob, staging / "training_state.pt")
             (staging / "info.json").write_text(json.dumps({"step": state.step, **info}, indent=2, sort_keys=True,
                                                           default=str))
-            files = sorted(p for p in staging.iterdir() if p.is_file() and p.name != MANIFEST)
+            files = sorted(p for p in staging.rglob("*") if p.is_file() and p.name != MANIFEST)
             for p in files:
                 _fsync_file(p)
-            manifest = {"step": state.step, "files": {p.name: file_sha256(p) for p in files}}
+            for sub in {p.parent for p in files} - {staging}:
+                fsync_dir(sub)
+            manifest = {"step": state.step,
+                        "files": {p.relative_to(staging).as_posix(): file_sha256(p) for p in files}}
             (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
             _fsync_file(staging / MANIFEST)
             fsync_dir(staging)
@@ -131,11 +140,13 @@ def _alone() -> None:
 
 
 def save_checkpoint(root: Path, step: int, state: TrainingState | None, info: dict, *, rank: int = 0,
-                    barrier: Callable[[], None] = _alone) -> Path | None:
+                    barrier: Callable[[], None] = _alone,
+                    sharded: Callable[[Path], None] | None = None) -> Path | None:
     """Write ``root/step-N`` atomically and return it; every process of a run calls this.
 
     The main process passes the ``state`` (the others ``None``): it opens the staging folder, each
-    process writes its own part (its random state), then it writes the rest. Returns ``None`` on the
+    process writes its own part (its random state, and with ``sharded`` its shard of the weights and
+    optimizer state into ``sharded/``, a collective), then it writes the rest. Returns ``None`` on the
     other processes.
     """
     barrier()
@@ -145,6 +156,8 @@ def save_checkpoint(root: Path, step: int, state: TrainingState | None, info: di
     staging = staging_folder(root, step)
     try:
         save_process_state(staging, rank)
+        if sharded is not None:
+            sharded(staging / SHARDED)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -167,7 +180,7 @@ def _estimated_bytes(state: TrainingState) -> int:
             return sum(size(v) for v in obj)
         return 0
 
-    return size(state.trainable) + size(state.optimizer) + size(state.scaler or {}) + (1 << 20)
+    return size(state.trainable or {}) + size(state.optimizer or {}) + size(state.scaler or {}) + (1 << 20)
 
 
 class _disk_full_is_reported:
@@ -284,14 +297,15 @@ def load_checkpoint(folder: Path, rank: int = 0) -> TrainingState:
     problem = verify(folder)
     if problem:
         raise DifftuneError(f"{folder}: damaged checkpoint ({problem}); resume from an earlier one")
-    trainable = load_file(folder / "trainable.safetensors")
+    sharded = folder / SHARDED if (folder / SHARDED).is_dir() else None
+    trainable = None if sharded else load_file(folder / "trainable.safetensors")
     # Our own file, verified by checksum above; it holds optimizer state and Python RNG tuples.
     blob = torch.load(folder / "training_state.pt", map_location="cpu", weights_only=False)
     info = json.loads((folder / "info.json").read_text())
     rng_file = folder / f"rng-{rank}.pt"
     rng = torch.load(rng_file, map_location="cpu", weights_only=False) if rng_file.is_file() else None
     return TrainingState(info["step"], trainable, blob["optimizer"], blob["scheduler"], blob.get("scaler"),
-                         info, rng)
+                         info, rng, sharded)
 
 
 def prune(root: Path, keep: int, protect: Path | None = None) -> list[Path]:

@@ -17,6 +17,7 @@ from difftune.errors import DifftuneError
 from difftune.methods.ema import split_state
 from difftune.training import checkpoint as ckpt
 from difftune.training.optim import checkpoint_weights
+from difftune.training.distributed import all_agree, load_sharded, local_part, save_sharded
 from difftune.training.resume import CheckpointInfo, check_compatible, checkpoint_info, restore_rng
 from difftune.training.state import Run, RunPaths
 from difftune.version import __version__
@@ -49,16 +50,25 @@ def load_for_resume(folder: Path, config: Config, fingerprint: str, accelerator,
     return state
 
 
-def restore_before_wrapping(state: ckpt.TrainingState, method, components, optimizer, scheduler) -> None:
-    """Trainable weights (and their EMA), optimizer and schedule, into the modules and optimizer as built."""
-    own, ema = split_state(state.trainable)
-    method.load_trainable_state_dict(components, own)
-    if method.ema is not None:
-        try:
-            method.ema.load_state_dict(ema)
-        except ValueError as exc:
-            raise DifftuneError(f"method.ema: cannot resume: {exc}; resume without method.ema, or start afresh") from None
-    optimizer.load_state_dict(state.optimizer)
+def restore_before_wrapping(state: ckpt.TrainingState, method, components, optimizer, scheduler,
+                            sharded_run: bool = False) -> None:
+    """Trainable weights (and their EMA), optimizer and schedule, into the modules and optimizer as built
+    (FSDP: sharded)."""
+    if state.sharded is not None:  # written by an FSDP run: loads sharded over any number of processes, or whole
+        load_sharded(state.sharded, method.trainable_modules(components), optimizer)
+    elif sharded_run:
+        raise DifftuneError("train.resume: the checkpoint was written by a train.distributed "
+                            "= \"ddp\" run (whole weights); resume it with train.distributed = \"ddp\"")
+    else:
+        own, ema = split_state(state.trainable)
+        method.load_trainable_state_dict(components, own)
+        if method.ema is not None:
+            try:
+                method.ema.load_state_dict(ema)
+            except ValueError as exc:
+                raise DifftuneError(f"method.ema: cannot resume: {exc}; resume without method.ema, "
+                                    "or start afresh") from None
+        optimizer.load_state_dict(state.optimizer)
     scheduler.load_state_dict(state.scheduler)
 
 
@@ -84,8 +94,10 @@ def save(run: Run, step: int | None = None, *, scheduler_state: dict | None = No
     info.holdout = run.held_out.checkpoint_facts(step) if run.held_out else None
     root = run.paths.checkpoints
     state = _training_state(run, step, scheduler_state) if run.is_main else None
+    model = run.model
+    sharded = (lambda folder: save_sharded(folder, model.wrapped, run.optimizer)) if model.strategy.shards else None
     folder = ckpt.save_checkpoint(root, step, state, info.to_json(), rank=run.rank,
-                                  barrier=run.accelerator.wait_for_everyone)
+                                  barrier=run.accelerator.wait_for_everyone, sharded=sharded)
     if run.is_main:
         if run.held_out:
             run.held_out.mark_checkpoint(root, folder, step, info.holdout)
@@ -99,10 +111,15 @@ def save(run: Run, step: int | None = None, *, scheduler_state: dict | None = No
 def refuse_non_finite(run: Run, what: str) -> None:
     """A run never checkpoints or ends "done" with NaN/inf weights: it stops, naming the last good checkpoint.
 
-    Every process checks its own parameters (replicas hold the same weights, so all stop together)."""
-    if all(bool(torch.isfinite(p).all()) for p in run.model.params):
+    Every process checks its own parameters (replicas hold the same weights, so all stop together; FSDP
+    shards differ, so the processes agree first)."""
+    finite = all(bool(torch.isfinite(local_part(p)).all()) for p in run.model.params)
+    if run.model.strategy.shards:
+        finite = all_agree(run.accelerator, finite)
+    if finite:
         return
-    bad = non_finite(run.model.method.trainable_state_dict(run.model.components)) or ["a trainable parameter"]
+    bad = [] if run.model.strategy.shards else non_finite(run.model.method.trainable_state_dict(run.model.components))
+    bad = bad or ["a trainable parameter"]
     newest = ckpt.newest_complete(run.paths.checkpoints)
     kept = f"the last good checkpoint is {newest}" if newest else "no checkpoint had been saved"
     run.progress.close()
@@ -113,11 +130,14 @@ def refuse_non_finite(run: Run, what: str) -> None:
 def _training_state(run: Run, step: int, scheduler_state: dict | None) -> ckpt.TrainingState:
     optimizer = getattr(run.optimizer, "optimizer", run.optimizer)  # the optimizer inside accelerate's wrapper
     scaler = run.accelerator.scaler
+    scheduler_state = scheduler_state or run.scheduler.state_dict()
+    scaler_state = scaler.state_dict() if scaler is not None else None
+    if run.model.strategy.shards:  # the weights and optimizer state are in the sharded part
+        return ckpt.TrainingState(step, None, None, scheduler_state, scaler_state)
     method = run.model.method
     with checkpoint_weights(optimizer):  # schedule-free AdamW: its evaluation weights, as the docs ask
         trainable = method.trainable_state_dict(run.model.components)
         optimizer_state = optimizer.state_dict()  # its tensors (z, moments) do not change with the mode
     if method.ema is not None:
         trainable.update(method.ema.state_dict())
-    return ckpt.TrainingState(step, trainable, optimizer_state, scheduler_state or run.scheduler.state_dict(),
-                              scaler.state_dict() if scaler is not None else None)
+    return ckpt.TrainingState(step, trainable, optimizer_state, scheduler_state, scaler_state)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from difftune.models.base import Components
 from difftune.publish.model_card import write_model_card
 from difftune.training.accelerator import check_replicas_agree
 from difftune.training.checkpointing import refuse_non_finite
+from difftune.training.distributed import gathered
 from difftune.training.precision import autocast_dtype, mixed_precision
 from difftune.training.state import Run, RunResult
 from difftune.training.validation import run_validation
@@ -29,7 +31,7 @@ def finish(run: Run) -> RunResult:
     if run.samples and not (validation.every and run.step % validation.every == 0):
         validate(run)
     run.accelerator.wait_for_everyone()
-    if run.world > 1:
+    if run.world > 1 and not run.model.strategy.shards:  # FSDP: each process holds its own shard
         check_replicas_agree(run.accelerator, run.model.params, run.say)
     result.performance = run.monitor.summary()
     run.accelerator.log({"perf/median_step_seconds": result.performance["median_step_seconds"],
@@ -37,9 +39,12 @@ def finish(run: Run) -> RunResult:
     if run.is_main:
         run.say(f"performance: {run.monitor.describe(result.performance)}")
         run.monitor.write(run.paths.logs, result.performance)
-        with run.evaluating(encoders=False, purpose="export"):
-            refuse_non_finite(run, "nothing was exported")
-            result.files = run.model.method.export(run.model.components, run.paths.root, adapter_metadata(run))
+    with run.evaluating(encoders=False, purpose="export"):  # every process: all check the weights; FSDP gathers
+        refuse_non_finite(run, "nothing was exported")
+        trained = gathered_for_export(run)
+        if run.is_main:
+            result.files = run.model.method.export(trained, run.paths.root, adapter_metadata(run))
+    if run.is_main:
         write_card(run)
         if run.folder is not None:
             run.folder.mark_finished([*result.files, run.paths.root / "README.md"])
@@ -50,6 +55,15 @@ def finish(run: Run) -> RunResult:
     if run.folder is not None:
         run.folder.release()
     return result
+
+
+def gathered_for_export(run: Run) -> Components:
+    """What the export writes: the model as it trained, or (FSDP) with the trained modules' full weights
+    gathered on the main process (every process takes part)."""
+    model = run.model
+    if not model.strategy.shards:
+        return model.components
+    return model.components.with_modules(gathered(model.wrapped, model.skeletons, run.is_main))
 
 
 def validate(run: Run) -> None:

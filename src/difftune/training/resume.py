@@ -27,7 +27,8 @@ RESUME_RELEVANT = ("validation.holdout",)
 #: Changing these trains a different thing: resuming would mix two runs.
 REFUSED = ("model.", "method.")
 #: Settings that never enter the computation (apart from how long it runs).
-BENIGN = (*RESUME_NEUTRAL, "train.max_steps", "train.epochs", "train.max_nan_steps", "data.cache_dir")
+BENIGN = (*RESUME_NEUTRAL, "train.max_steps", "train.epochs", "train.max_nan_steps", "data.cache_dir",
+          "train.distributed", "train.fsdp_cpu_offload")
 IGNORED = ("train.resume", "train.resume_force")
 
 

@@ -29,6 +29,14 @@ from difftune.models.base import Components, ModelFamily
 from difftune.objectives import OBJECTIVES, check_train_keys
 from difftune.training import checkpointing, resume, speed
 from difftune.training.accelerator import main_process_log, make_accelerator, start_trackers
+from difftune.training.distributed import (
+    Strategy,
+    check_launch,
+    check_sharded,
+    on_main_then_agree,
+    shard,
+    skeleton,
+)
 from difftune.training.faults import NonFiniteGuard
 from difftune.training.holdout import HeldOutLoss
 from difftune.training.loss import trains_text
@@ -86,16 +94,13 @@ def setup(config: Config, log=print, output: RunFolder | None = None) -> Run:
     """
     output = output or RunFolder(config.output, config.train.resume)
     config = _in_folder(config, output.check())
-    paths = RunPaths(output.root)
-    accelerator = make_accelerator(config, paths)
-    say = main_process_log(accelerator, log)
+    paths, accelerator, strategy, say = _start(config, output.root, log)
     loaded, method, objective = _model(config, accelerator, log)
-    if accelerator.is_main_process:
-        output.claim(say)
-        atomic_write_text(paths.root / "config.toml", dump_toml(config_to_dict(config)))
-    accelerator.wait_for_everyone()  # the folder exists before any process writes into it
+    # The main process claims the folder before any process writes into it; if it may not, all stop.
+    on_main_then_agree(accelerator, lambda: _claim(output, paths, config, say))
     components = loaded.components
     data, held_out, fingerprint = _data(config, loaded, accelerator, say)
+    skeletons = _shard(config, strategy, method, components, accelerator, log)
     steps = total_steps(config.train, data.order.batches_per_epoch)
     lr = learning_rate(config.train, accelerator.num_processes)
     optimizer = build_optimizer(method.param_groups(components, lr), config.train, accelerator.device)
@@ -103,11 +108,11 @@ def setup(config: Config, log=print, output: RunFolder | None = None) -> Run:
     folder = checkpointing.resume_folder(config, paths, accelerator, say)
     state = checkpointing.load_for_resume(folder, config, fingerprint, accelerator, say) if folder else None
     if state is not None:
-        checkpointing.restore_before_wrapping(state, method, components, optimizer, scheduler)
+        checkpointing.restore_before_wrapping(state, method, components, optimizer, scheduler, strategy.shards)
         say(f"resumed from {folder} at step {state.step}")
     info = resume.CheckpointInfo.read(state.info) if state else None
     guard = NonFiniteGuard(config.train.max_nan_steps, info.skipped_steps if info else 0)
-    model, optimizer = _wrap(config, accelerator, loaded, method, objective, optimizer, say)
+    model, optimizer = _wrap(config, accelerator, loaded, method, objective, optimizer, say, strategy, skeletons)
     if state is not None:
         checkpointing.restore_after_wrapping(state, accelerator, say)
     step = state.step if state else 0
@@ -136,6 +141,36 @@ def _in_folder(config: Config, root: Path) -> Config:
     return dataclasses.replace(config, output=dataclasses.replace(config.output, dir=str(root)))
 
 
+def _claim(output: RunFolder, paths: RunPaths, config: Config, say) -> None:
+    output.claim(say)
+    atomic_write_text(paths.root / "config.toml", dump_toml(config_to_dict(config)))
+
+
+def _start(config: Config, root: Path, log) -> tuple[RunPaths, object, Strategy, object]:
+    """The run's paths, the accelerator, and the strategy really in effect (stated in the run's first line)."""
+    paths = RunPaths(root)
+    accelerator = make_accelerator(config, paths)
+    strategy = check_launch(config, accelerator)
+    say = main_process_log(accelerator, log)
+    say(strategy.describe())
+    return paths, accelerator, strategy, say
+
+
+def _shard(config: Config, strategy: Strategy, method: Method, components: Components, accelerator,
+           log) -> dict[str, torch.nn.Module]:
+    """FSDP: shard the trained modules in place (before the optimizer sees their parameters) and check
+    what this process holds; return their skeletons (the export gathers the weights into them)."""
+    if not strategy.shards:
+        return {}
+    trainable = method.trainable_modules(components)
+    skeletons = {role: skeleton(module) for role, module in trainable.items()}
+    shard(trainable, autocast_dtype(config), config.train.fsdp_cpu_offload)
+    local, total = check_sharded(trainable.values(), strategy.world)
+    log(f"fsdp: process {accelerator.process_index} holds {local:,} of {total:,} parameters of "
+        f"{', '.join(trainable)} ({100 * local / total:.1f}%)")
+    return skeletons
+
+
 def _model(config: Config, accelerator, log) -> tuple[LoadedModel, Method, object]:
     """The base model (on the device), the method's trainable parameters in it, and the objective."""
     loaded = load_model(config, accelerator.device, is_main=accelerator.is_main_process,
@@ -149,8 +184,11 @@ def _model(config: Config, accelerator, log) -> tuple[LoadedModel, Method, objec
     if objective.sampling.get("scheduler"):  # e.g. zero terminal SNR: validation and export sample to match
         scheduler = components.noise_scheduler
         components.noise_scheduler = type(scheduler).from_config(scheduler.config, **objective.sampling["scheduler"])
+    # FSDP moves each trained module's shards to the device itself: the whole module never lands there.
+    sharded = method.trainable_modules(components).values() if config.train.distributed == "fsdp" else ()
     for module in (components.vae, *components.text_encoders, components.denoiser):
-        module.to(accelerator.device)
+        if not any(module is m for m in sharded):
+            module.to(accelerator.device)
     if config.train.gradient_checkpointing:
         for module in method.trainable_modules(components).values():
             _enable_gradient_checkpointing(module)
@@ -168,7 +206,7 @@ def _data(config: Config, loaded: LoadedModel, accelerator, say) -> tuple[Traini
     """This process's order of micro-batches (caches filled here), the held-out loss, the examples' fingerprint."""
     data = build_training_data(config, loaded.family, loaded.components, class_examples=loaded.class_examples,
                                rank=accelerator.process_index, world=accelerator.num_processes,
-                               is_main=accelerator.is_main_process, barrier=accelerator.wait_for_everyone, log=say,
+                               barrier=accelerator.wait_for_everyone, log=say,
                                progress=accelerator.is_main_process)
     held_out = None
     if data.held_out:
@@ -179,19 +217,21 @@ def _data(config: Config, loaded: LoadedModel, accelerator, say) -> tuple[Traini
 
 
 def _wrap(config: Config, accelerator, loaded: LoadedModel, method: Method, objective, optimizer,
-          say) -> tuple[Trainee, torch.optim.Optimizer]:
-    """Hand the trainable modules and the optimizer to the accelerator; apply the speed settings."""
+          say, strategy: Strategy, skeletons: dict) -> tuple[Trainee, torch.optim.Optimizer]:
+    """Hand the trainable modules and the optimizer to the accelerator (DDP; FSDP modules are sharded
+    already and compute in the mixed-precision policy's dtype); apply the speed settings."""
     components = loaded.components
     trainable = method.trainable_modules(components)
-    prepared = accelerator.prepare(*trainable.values(), optimizer)
+    prepared = [*trainable.values(), optimizer] if strategy.shards else accelerator.prepare(*trainable.values(),
+                                                                                            optimizer)
     wrapped = dict(zip(trainable, prepared[:-1], strict=True))
     train_view = components.with_modules(wrapped)
-    if autocast_dtype(config) is not None:
+    if autocast_dtype(config) is not None and not strategy.shards:
         method.on_autocast(train_view)
     train_view = speed.apply(config.train, components, train_view, say)
     params = [p for m in trainable.values() for p in m.parameters() if p.requires_grad]
     return Trainee(loaded.family, components, method, objective, wrapped, train_view, params,
-                   trains_text(train_view)), prepared[-1]
+                   trains_text(train_view), strategy, skeletons), prepared[-1]
 
 
 def _batches(config: Config, data: TrainingData, monitor: RunMonitor):

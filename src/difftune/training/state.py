@@ -20,6 +20,7 @@ from difftune.data.pipeline import TrainingData
 from difftune.methods.base import Method
 from difftune.models.base import Components, ModelFamily
 from difftune.objectives.base import Objective
+from difftune.training.distributed import Strategy
 from difftune.training.faults import NonFiniteGuard
 from difftune.training.holdout import HeldOutLoss
 from difftune.training.performance import RunMonitor
@@ -83,6 +84,10 @@ class Trainee:
     params: list[nn.Parameter]
     #: True if a text encoder trains (prompt encoding then keeps its graph).
     trains_text: bool
+    #: How the processes share the work (``ddp`` or ``fsdp``).
+    strategy: Strategy = field(default_factory=lambda: Strategy("ddp", 1, 1, "none"))
+    #: FSDP: the trained modules' skeletons (parameters on the meta device) the export gathers into.
+    skeletons: dict[str, nn.Module] = field(default_factory=dict)
 
     def trainable_modules(self) -> list[nn.Module]:
         return list(self.wrapped.values())

@@ -9,7 +9,7 @@ import torch
 
 from difftune.seeds import derived_seed
 from difftune.training import faults
-from difftune.training.accelerator import no_sync
+from difftune.training.distributed import full_value
 from difftune.training.loss import micro_batch_loss
 from difftune.training.signals import StopRequest
 from difftune.training.state import Run
@@ -45,14 +45,14 @@ def train_step(run: Run, stop: StopRequest | None = None) -> StepOutcome:
     for micro in range(train.gradient_accumulation):
         batch = model.method.prepare_batch(next(run.batches))
         last = micro == train.gradient_accumulation - 1
-        with contextlib.nullcontext() if last or run.world == 1 else no_sync(acc, model.wrapped.values()):
+        with contextlib.nullcontext() if last or run.world == 1 else model.strategy.no_sync(acc, model.wrapped):
             loss = micro_batch_loss(model.family, model.train_view, model.objective, batch, run.device,
                                     model.trains_text)
             acc.backward(loss / train.gradient_accumulation)
         step_loss += loss.detach()
     grad_norm = None
     if train.max_grad_norm is not None:
-        grad_norm = acc.clip_grad_norm_(model.params, train.max_grad_norm)
+        grad_norm = full_value(acc.clip_grad_norm_(model.params, train.max_grad_norm))
     # The one device sync per step: is the step non-finite, and did anyone ask to stop?
     bad, stop_now = faults.agree(acc, faults.nonfinite(step_loss, grad_norm, acc.scaler),
                                  stop is not None and stop.requested)
