@@ -16,8 +16,8 @@ from difftune.config.schema import Config
 from difftune.errors import DifftuneError
 from difftune.methods.ema import split_state
 from difftune.training import checkpoint as ckpt
-from difftune.training.optim import checkpoint_weights
 from difftune.training.distributed import all_agree, load_sharded, local_part, save_sharded
+from difftune.training.optim import checkpoint_weights
 from difftune.training.resume import CheckpointInfo, check_compatible, checkpoint_info, restore_rng
 from difftune.training.state import Run, RunPaths
 from difftune.version import __version__
