@@ -95,3 +95,26 @@ def test_env_prints_every_version_for_a_bug_report(tmp_path):
     for extra in ("wandb", "bnb", "prodigy", "datasets"):
         assert f"- extra [{extra}]: " in out
     assert "Known problems: none" in out
+
+
+def test_torchao_import_noise_is_dropped_and_other_warnings_kept():
+    """Importing the training stack (peft imports torchao) prints no warnings about kernels this build lacks."""
+    import logging
+
+    import difftune.models  # noqa: F401  (its import quiets the known noise)
+
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).addHandler(handler)
+    try:
+        logging.getLogger("torchao").warning("Failed to load /x/torchao/_C_mxfp8.cpython-310-x86_64-linux-gnu.so: "
+                                             "Could not load this library")
+        logging.getLogger("torch.utils._pytree").warning("<enum 'KernelPreference'> is an Enum subclass and is now "
+                                                         "natively supported by torch.compile as an opaque value type.")
+        logging.getLogger("torchao").warning("something else")
+    finally:
+        for name in ("torchao", "torch.utils._pytree"):
+            logging.getLogger(name).removeHandler(handler)
+    assert seen == ["something else"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
+import logging
 import os
 import platform
 from dataclasses import dataclass
@@ -110,9 +111,42 @@ class BrokenInstall(DifftuneError, ImportError):
     exit_code = 2
 
 
+#: Warnings installed packages log while being imported that say nothing about a difftune run:
+#: (logger, texts that all appear in the message). torchao (imported by peft when installed, and for
+#: ``model.quantize``) cannot load its optional compiled kernels (CUDA, MX formats) on this build and
+#: registers enums with torch's pytree, which torch answers with a deprecation notice.
+IMPORT_NOISE = (
+    ("torchao", ("Failed to load", ".so")),
+    ("torch.utils._pytree", ("is an Enum subclass and is now natively supported",)),
+)
+
+
+class DropMessages(logging.Filter):
+    """Drop the records whose message holds every one of ``texts``."""
+
+    def __init__(self, texts: tuple[str, ...]) -> None:
+        super().__init__()
+        self.texts = texts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not all(text in message for text in self.texts)
+
+
+def quiet_import_noise() -> None:
+    """Filter :data:`IMPORT_NOISE` out of those loggers (once; imports nothing)."""
+    for name, texts in IMPORT_NOISE:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, DropMessages) and f.texts == texts for f in logger.filters):
+            logger.addFilter(DropMessages(texts))
+
+
 @functools.cache
 def require_working_stack() -> None:
-    """Raise :class:`BrokenInstall` if the installed packages are known not to work together."""
+    """Raise :class:`BrokenInstall` if the installed packages are known not to work together.
+
+    Also quiets the known import-time noise of the stack (:func:`quiet_import_noise`)."""
+    quiet_import_noise()
     if os.environ.get(SKIP_ENV) == "1":
         return
     problems = known_problems()

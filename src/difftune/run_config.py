@@ -37,10 +37,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def check_method(config: Config) -> None:
-    """The method's own rules, and whether it uses prior preservation when that is configured."""
+    """The method's own rules, whether it uses prior preservation when that is configured, and whether its
+    trained weights allow a quantised or offloaded denoiser."""
     spec = METHODS.get(config.method.type)
     check_keys(config.method, spec.keys, {name: METHODS.get(name).keys for name in METHODS.names()})
     spec.check(config.method)
+    if spec.trains_denoiser_weights and config.model.quantize != "none":
+        raise ConfigError(f'model.quantize: "{config.model.quantize}" with method.type = {config.method.type!r}, '
+                          "which trains the denoiser's own weights; they cannot be quantised. Use a LoRA method "
+                          'or quantize = "none"')
+    if spec.trains_denoiser_weights and config.model.offload != "none":
+        raise ConfigError(f'model.offload: "{config.model.offload}" offloads frozen weights; with method.type = '
+                          f"{config.method.type!r} every denoiser weight trains. Use a LoRA method or offload = \"none\"")
     if config.prior_preservation.class_prompt and not spec.supports_prior_preservation:
         supported = " or ".join(f'"{n}"' for n in METHODS.names() if METHODS.get(n).supports_prior_preservation)
         raise ConfigError(

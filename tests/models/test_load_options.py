@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from difftune import load_config
 from difftune.errors import ConfigError, DifftuneError
-from difftune.models import FAMILIES, detect_family, get_family
-from difftune.models.base import ModelSource
+from difftune.models import detect_family, get_family
 from difftune.models.loading import resolve_source
 
 
@@ -20,25 +17,6 @@ def _config(tmp_path, **model):
     data.mkdir(exist_ok=True)
     (tmp_path / "model_index.json").write_text("{}")  # looks like a model folder to validate; holds no weights
     return load_config(data={"model": {"path": str(tmp_path), **model}, "data": {"path": str(data)}})
-
-
-@pytest.mark.parametrize("name", FAMILIES.names())
-@pytest.mark.parametrize("mode", ["nf4", "int8"])
-def test_quantize_on_cpu_is_refused_before_loading(tmp_path, monkeypatch, name, mode):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    family = get_family(name, _config(tmp_path, quantize=mode).model)
-    # The folder holds no model: the quantisation check must come before any weights are read.
-    source = ModelSource(str(tmp_path), "folder")
-    with pytest.raises(DifftuneError, match=rf'model.quantize = "{mode}".*CUDA GPU'):
-        family.load(source, dtype=torch.float32)
-
-
-def test_quantize_without_bitsandbytes_names_the_extra(tmp_path, monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails as if not installed
-    family = get_family("flux", _config(tmp_path, quantize="nf4").model)
-    with pytest.raises(DifftuneError, match=r"bitsandbytes is not installed.*difftune\[bnb\]"):
-        family.load(ModelSource(str(tmp_path), "folder"), dtype=torch.bfloat16)
 
 
 @pytest.fixture(scope="module")

@@ -234,3 +234,18 @@ def test_trains_from_a_single_file(sd1_file, tiny_sd, shapes_data, tmp_path, run
     pipe = StableDiffusionPipeline.from_pretrained(str(tiny_sd), safety_checker=None, requires_safety_checker=False)
     pipe.load_lora_weights(str(adapters[0]))
     assert pipe.get_active_adapters()
+
+
+def test_a_quantised_single_file_is_quantised_after_conversion(sd1_file, tiny_sd, tmp_path):
+    from difftune import load_config
+    from difftune.models.loading import resolve_source
+    from difftune.tensors import is_quantized
+
+    path, _ = sd1_file
+    config = load_config(data={"model": {"path": str(path), "config": str(tiny_sd), "quantize": "int8",
+                                         "quantize_text_encoders": "nf4"}, "data": {"path": str(tmp_path)}})
+    components = get_family("sd1", config.model).load(resolve_source(str(path), config_source=str(tiny_sd)),
+                                                      dtype=torch.float32)
+    for module in (components.denoiser, components.text_encoders[0]):
+        linears = [m for m in module.modules() if isinstance(m, torch.nn.Linear)]
+        assert linears and all(is_quantized(m.weight) for m in linears)

@@ -46,6 +46,7 @@ def validate_semantics(config: Config, check_paths: bool = True) -> None:
     check_prior_preservation(config, check_paths)
     check_holdout(config, check_paths)
     check_samples(config)
+    check_memory_options(config)
     check_dependent_keys(config)
     check_distributed(config)
     max_steps = config.train.max_steps
@@ -53,6 +54,17 @@ def validate_semantics(config: Config, check_paths: bool = True) -> None:
         raise ConfigError(
             f"train.warmup_steps: {config.train.warmup_steps} is more than train.max_steps ({max_steps})"
         )
+
+
+def check_memory_options(config: Config) -> None:
+    """Offloading needs gradient checkpointing; trained text encoders cannot be quantised."""
+    m = config.model
+    if m.offload != "none" and not config.train.gradient_checkpointing:
+        raise ConfigError(f'model.offload: "{m.offload}" needs train.gradient_checkpointing = true (without it '
+                          "every block's weights are kept for the backward pass, so nothing would be offloaded)")
+    if m.quantize_text_encoders != "none" and config.method.train_text_encoder:
+        raise ConfigError(f'model.quantize_text_encoders: "{m.quantize_text_encoders}" with '
+                          "method.train_text_encoder; trained encoders cannot be quantised. Set one of them off")
 
 
 def check_paths_exist(config: Config) -> None:

@@ -75,10 +75,26 @@ class ModelConfig:
     )
     quantize: str = opt(
         "none",
-        "Quantise the frozen denoiser to save memory (QLoRA-style): `nf4` (4-bit) or `int8`, through "
-        "bitsandbytes (CUDA only, extra `difftune[bnb]`; LoRA layers stay in full precision). "
-        "`none` keeps the weights as loaded.",
-        choices=("none", "nf4", "int8"),
+        "Quantise the frozen denoiser's linear layers to save memory (QLoRA-style; LoRA layers and "
+        "the exported adapter stay full precision): `int8` or `fp8` (weight-only, torchao), `int4` "
+        "(group-wise, optimum-quanto) or `nf4` (QLoRA's 4-bit NormalFloat, torchao), on any device "
+        "(extra `difftune[quantize]`); on a CUDA GPU with bitsandbytes installed, `int8` and `nf4` use "
+        "bitsandbytes. Weights are read and quantised one tensor at a time (docs/memory.md). `none` "
+        "keeps the weights as loaded.",
+        choices=("none", "int8", "fp8", "int4", "nf4"),
+    )
+    quantize_text_encoders: str = opt(
+        "none",
+        "Quantise the frozen text encoders' linear layers, as `quantize` does the denoiser's (same "
+        "modes and libraries). Not with `method.train_text_encoder`.",
+        choices=("none", "int8", "fp8", "int4", "nf4"),
+    )
+    offload: str = opt(
+        "none",
+        "`blocks`: keep the frozen denoiser's block weights in host memory and copy each block to the GPU "
+        "only while it runs (forward, recomputation and backward); LoRA weights stay on the GPU. Needs "
+        "a CUDA GPU and `train.gradient_checkpointing`; trades speed for GPU memory (docs/memory.md).",
+        choices=("none", "blocks"),
     )
 
 

@@ -33,10 +33,14 @@ def module_fingerprint(module: torch.nn.Module) -> str:
         items = config.to_dict() if hasattr(config, "to_dict") else dict(config)
         h.update(json.dumps({k: v for k, v in items.items() if not str(k).startswith("_")},
                             sort_keys=True, default=str).encode())
+    from difftune.tensors import plain_tensors
+
     for name, tensor in sorted(module.state_dict().items()):
-        t = tensor.detach().to("cpu").contiguous()
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        for part, plain in plain_tensors(tensor.detach()):  # a quantised weight: its packed data and scales
+            t = plain.to("cpu")
+            h.update(f"{name}{part}:{tuple(t.shape)}:{t.dtype}".encode())
+            flat = t.reshape(-1).clone(memory_format=torch.contiguous_format)  # quantised scales may be strided
+            h.update(flat.view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 

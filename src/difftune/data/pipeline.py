@@ -153,8 +153,12 @@ def _drop_nonfinite(scan: ScanResult, sizes, cache, cfg, log) -> None:
 
 
 def release_if_cached(config: Config, components) -> bool:
-    """With both caches on, free the VAE and text encoders (kept on the CPU if validation samples)."""
+    """With both caches on, free the VAE and text encoders (kept on the CPU if validation samples).
+
+    Does nothing the second time (the encoders were released already)."""
     cfg = config.data
+    if components.encoders_offloaded or components.vae is None:
+        return True
     if cfg.cache_latents and cfg.cache_text and not config.method.train_text_encoder:
         # Validation samples and the held-out loss still need them: keep them on the CPU then.
         needed_later = bool(config.validation.prompts or config.validation.samples) or config.validation.holdout is not None

@@ -36,6 +36,9 @@ class MethodSpec:
     #: The ``[method]`` keys this method reads (besides :data:`rules.COMMON_KEYS`); any other key set away
     #: from its default is refused (:func:`rules.check_keys`).
     keys: tuple[str, ...] = ()
+    #: True if the denoiser's own weights train (not an adapter on frozen weights): then they can be
+    #: neither quantised (``model.quantize``) nor offloaded (``model.offload``).
+    trains_denoiser_weights: bool = False
 
     def load(self) -> type[Method]:
         module, _, name = self.location.partition(":")
@@ -50,7 +53,8 @@ METHODS: Registry[MethodSpec] = Registry("method")
 METHODS.register("lora")(MethodSpec("difftune.methods.lora:LoRA", rules.check_lora, supports_prior_preservation=True,
                                     keys=rules.LORA_KEYS))
 METHODS.register("full")(MethodSpec("difftune.methods.full:FullFineTune", rules.check_full,
-                                    supports_prior_preservation=True, keys=rules.FULL_KEYS))
+                                    supports_prior_preservation=True, keys=rules.FULL_KEYS,
+                                    trains_denoiser_weights=True))
 METHODS.register("textual_inversion")(MethodSpec("difftune.methods.textual_inversion:TextualInversion",
                                                  rules.check_tokens, keys=rules.TOKEN_KEYS))
 METHODS.register("pivotal")(MethodSpec("difftune.methods.pivotal:PivotalTuning", rules.check_pivotal,

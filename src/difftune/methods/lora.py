@@ -84,7 +84,8 @@ class LoRA(Method):
         from diffusers.training_utils import cast_training_params
 
         for module in (components.denoiser, components.vae, *components.text_encoders):
-            module.requires_grad_(False)
+            if module is not None:  # encoders already released after caching
+                module.requires_grad_(False)
         targets = self.denoiser_targets()
         check_targets(components.denoiser, targets, "method.targets", self.family.denoiser_name)
         components.denoiser.add_adapter(self.lora_config(targets))

@@ -52,6 +52,8 @@ class Components:
     encoder_names: list[str] = field(default_factory=lambda: ["text_encoder"])
     #: True while the VAE and text encoders wait on the CPU (both caches on; see ``data.cache``).
     encoders_offloaded: bool = False
+    #: The denoiser's config while only the frozen parts are loaded (``load(which="frozen")``), else ``None``.
+    denoiser_config: dict[str, Any] | None = None
 
     def with_modules(self, modules: dict[str, nn.Module]) -> Components:
         """A view with some parts replaced, by role (``denoiser``, ``text_encoder``, ``text_encoder_2``...)."""
@@ -128,8 +130,13 @@ class ModelFamily(ABC):
         return source.pipeline_class_name in cls.pipeline_class_names
 
     @abstractmethod
-    def load(self, source: ModelSource, *, dtype: torch.dtype) -> Components:
-        """Load every component on the CPU in ``dtype`` (the loop moves them to the device)."""
+    def load(self, source: ModelSource, *, dtype: torch.dtype, which: str = "all") -> Components:
+        """Load every component on the CPU in ``dtype`` (the loop moves them to the device).
+
+        ``which = "frozen"`` loads all but the denoiser (``None``), ``"denoiser"`` only the denoiser
+        (the rest ``None``): a run that caches every input encodes with the former, releases it, then
+        loads the latter, so the two never share memory.
+        """
 
     @abstractmethod
     def pipeline_class(self) -> type:

@@ -27,43 +27,29 @@ def load_subfolder(cls: Any, source: ModelSource, subfolder: str, dtype: torch.d
         raise DifftuneError(f"{source.path}: could not load {subfolder} ({exc})") from None
 
 
-def quantization_config(mode: str, compute_dtype: torch.dtype):
-    """A diffusers ``BitsAndBytesConfig`` for ``model.quantize``, or ``None`` for ``"none"``.
+def quantized_load(mode: str, key: str, dtype: torch.dtype, for_transformers: bool = False):
+    """How to load a part quantised to ``mode`` (``model.quantize`` / ``model.quantize_text_encoders``).
 
-    Checked before any weights load: bitsandbytes kernels need CUDA and the optional package.
+    Returns ``(backend, from_pretrained_kwargs)``: bitsandbytes quantises inside diffusers' and
+    transformers' loaders (a ``quantization_config``); torchao and optimum-quanto through
+    :mod:`difftune.models.streaming`. Checked before any weights load.
     """
-    if mode == "none":
-        return None
-    if not torch.cuda.is_available():
-        raise DifftuneError(
-            f'model.quantize = "{mode}": quantisation uses bitsandbytes, which needs a CUDA GPU; '
-            'this machine has none. Set model.quantize = "none".'
-        )
-    try:
-        import bitsandbytes
-    except ImportError:
-        raise DifftuneError(
-            f'model.quantize = "{mode}": bitsandbytes is not installed; run pip install "difftune[bnb]" '
-            'or set model.quantize = "none".'
-        ) from None
-    from diffusers import BitsAndBytesConfig
-    from packaging.version import Version
+    from difftune.models.quantize import backend_for, bitsandbytes_config
 
-    if mode == "int8" and Version(bitsandbytes.__version__) < Version("0.48"):
-        # Older bitsandbytes cannot move an 8-bit model between devices, which training needs.
-        raise DifftuneError(
-            f'model.quantize = "int8" needs bitsandbytes >= 0.48 (found {bitsandbytes.__version__}); '
-            'upgrade it or use model.quantize = "nf4".'
-        )
-    if mode == "nf4":
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype)
-    return BitsAndBytesConfig(load_in_8bit=True)
+    backend = backend_for(mode, key)
+    if backend is not None and backend.quantize_linear is None:
+        return backend, {"quantization_config": bitsandbytes_config(mode, dtype, for_transformers)}
+    return backend, {}
 
 
-def denoiser_load_kwargs(quantize: str, dtype: torch.dtype) -> dict[str, Any]:
-    """Extra ``from_pretrained`` arguments for the frozen denoiser (``model.quantize``)."""
-    quant = quantization_config(quantize, dtype)
-    return {"quantization_config": quant} if quant is not None else {}
+def load_part(cls: Any, source: ModelSource, subfolder: str, dtype: torch.dtype, mode: str, quantized) -> Any:
+    """One frozen part of a diffusers folder or Hub id, quantised as ``quantized`` (from :func:`quantized_load`) says."""
+    backend, kwargs = quantized
+    if backend is None or kwargs:
+        return load_subfolder(cls, source, subfolder, dtype, **kwargs)
+    from difftune.models.streaming import load_streamed, local_component_folder
+
+    return load_streamed(cls, local_component_folder(source, subfolder), dtype, mode, backend, source.variant)
 
 
 def load_vae(path: str | None, source: ModelSource, dtype: torch.dtype, default_dtype: torch.dtype):
@@ -186,12 +172,23 @@ class ModelParts:
     single_file_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
-def load_components(family, parts: ModelParts, source: ModelSource, dtype: torch.dtype):
-    """Load every component of ``family`` from a diffusers folder, Hub id or single file."""
+def load_components(family, parts: ModelParts, source: ModelSource, dtype: torch.dtype, which: str = "all"):
+    """Load the components of ``family`` from a diffusers folder, Hub id or single file.
+
+    ``which`` is ``"all"``, ``"frozen"`` (all but the denoiser) or ``"denoiser"`` (only the denoiser); a
+    single file always loads whole.
+
+    With quantisation the frozen parts are read, cast and quantised one tensor at a time
+    (:mod:`difftune.models.streaming`); a single file is converted whole first, then quantised.
+    """
     from difftune.models.base import Components
+    from difftune.models.quantize import backend_for, quantize_in_place
 
     # Checked first, so a machine that cannot quantise fails before any weights load.
-    denoiser_kwargs = denoiser_load_kwargs(family.model.quantize, dtype)
+    denoiser_mode = family.model.quantize
+    encoder_mode = family.model.quantize_text_encoders
+    denoiser_q = quantized_load(denoiser_mode, "model.quantize", dtype)
+    encoder_q = quantized_load(encoder_mode, "model.quantize_text_encoders", dtype, for_transformers=True)
     user_vae = family.model.vae
     vae_dtype = parts.vae_dtype or dtype
     names = ["text_encoder" + (f"_{i + 1}" if i else "") for i in range(len(parts.encoders))]
@@ -199,21 +196,47 @@ def load_components(family, parts: ModelParts, source: ModelSource, dtype: torch
     if source.kind == "single_file":
         pipe = pipeline_from_single_file(
             family.pipeline_class(), source, dtype, denoiser_name=family.denoiser_name, denoiser_cls=parts.denoiser,
-            denoiser_kwargs=denoiser_kwargs, **parts.single_file_kwargs,
+            denoiser_kwargs=denoiser_q[1], **parts.single_file_kwargs,
         )
         denoiser = getattr(pipe, family.denoiser_name)
         encoders = [getattr(pipe, n) for n in names]
         tokenizers = [getattr(pipe, n) for n in tokenizer_names]
         vae = load_vae(user_vae, source, dtype, dtype) if user_vae else pipe.vae.to(vae_dtype)
         scheduler = parts.scheduler.from_config(pipe.scheduler.config)
+        if denoiser_q[0] is not None and not denoiser_q[1]:
+            quantize_in_place(denoiser, denoiser_mode, denoiser_q[0])
+        if encoder_q[0] is not None:
+            # bitsandbytes quantises only while loading from a folder: here torchao / quanto do it after.
+            backend = backend_for(encoder_mode, "model.quantize_text_encoders", cuda=False)
+            for encoder in encoders:
+                quantize_in_place(encoder, encoder_mode, backend)
     else:
         # The denoiser first: converting its file to the weight dtype holds the file and the converted
         # copy at once, and that peak is lowest while nothing else is loaded yet.
-        denoiser = load_subfolder(parts.denoiser, source, family.denoiser_name, dtype, **denoiser_kwargs)
+        denoiser = None
+        if which != "frozen":
+            denoiser = load_part(parts.denoiser, source, family.denoiser_name, dtype, denoiser_mode, denoiser_q)
+        if which == "denoiser":
+            return Components(denoiser=denoiser, vae=None, text_encoders=[None] * len(names),
+                              tokenizers=[None] * len(names), noise_scheduler=None, source=source, encoder_names=names)
         tokenizers = [load_subfolder(tok, source, n) for (_, tok), n in zip(parts.encoders, tokenizer_names,
                                                                             strict=True)]
-        encoders = [load_subfolder(enc, source, n, dtype) for (enc, _), n in zip(parts.encoders, names, strict=True)]
+        encoders = [load_part(enc, source, n, dtype, encoder_mode, encoder_q)
+                    for (enc, _), n in zip(parts.encoders, names, strict=True)]
         vae = load_vae(user_vae, source, dtype, vae_dtype)
         scheduler = load_subfolder(parts.scheduler, source, "scheduler")
+    config = None
+    if denoiser is None:  # what encoding may need to know of it (Flux: the T5 length), from its config
+        config = dict(parts.denoiser.load_config(
+            source.path, subfolder=family.denoiser_name, **({"revision": source.revision} if source.revision else {})))
     return Components(denoiser=denoiser, vae=vae, text_encoders=encoders, tokenizers=tokenizers,
-                      noise_scheduler=scheduler, source=source, encoder_names=names)
+                      noise_scheduler=scheduler, source=source, encoder_names=names, denoiser_config=config)
+
+
+def denoiser_config(components) -> Any:
+    """The denoiser's config, also while only the frozen parts are loaded (see ``load_components``)."""
+    if components.denoiser is not None:
+        return unwrap(components.denoiser).config
+    from diffusers.configuration_utils import FrozenDict
+
+    return FrozenDict(components.denoiser_config)

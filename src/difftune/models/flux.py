@@ -14,6 +14,7 @@ from torch import nn
 from difftune.models.base import Components, ModelSource
 from difftune.models.components import (
     ModelParts,
+    denoiser_config,
     flow_match_settings,
     load_components,
     module_device,
@@ -77,13 +78,13 @@ class Flux(MMDiTFamily):
 
         return FluxPipeline
 
-    def load(self, source: ModelSource, *, dtype: torch.dtype) -> Components:
+    def load(self, source: ModelSource, *, dtype: torch.dtype, which: str = "all") -> Components:
         from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
         from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
         parts = ModelParts(FluxTransformer2DModel, FlowMatchEulerDiscreteScheduler,
                            ((CLIPTextModel, CLIPTokenizer), (T5EncoderModel, T5TokenizerFast)))
-        return load_components(self, parts, source, dtype)
+        return load_components(self, parts, source, dtype, which)
 
     def objective_settings(self, components: Components) -> dict:
         # The shift's sequence length counts packed 2×2 patches.
@@ -95,7 +96,7 @@ class Flux(MMDiTFamily):
 
     def t5_max_length(self, components: Components) -> int:
         # The pipelines' limits: 512 tokens for dev (guidance-distilled), 256 for schnell.
-        return 512 if unwrap(components.denoiser).config.guidance_embeds else 256
+        return 512 if denoiser_config(components).guidance_embeds else 256
 
     def encode_prompt(self, components: Components, captions: list[str]) -> dict[str, torch.Tensor]:
         clip_tok, clip = components.tokenizers[0], components.text_encoders[0]

@@ -61,13 +61,13 @@ class StableDiffusion(ModelFamily):
 
         return StableDiffusionPipeline
 
-    def load(self, source: ModelSource, *, dtype: torch.dtype) -> Components:
+    def load(self, source: ModelSource, *, dtype: torch.dtype, which: str = "all") -> Components:
         from diffusers import DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
         parts = ModelParts(UNet2DConditionModel, DDPMScheduler, ((CLIPTextModel, CLIPTokenizer),),
                            single_file_kwargs={"safety_checker": None, "requires_safety_checker": False})
-        return load_components(self, parts, source, dtype)
+        return load_components(self, parts, source, dtype, which)
 
     def load_tokenizers(self, source: ModelSource) -> list[Any]:
         from transformers import CLIPTokenizer

@@ -73,14 +73,14 @@ class StableDiffusion3(MMDiTFamily):
 
         return StableDiffusion3Pipeline
 
-    def load(self, source: ModelSource, *, dtype: torch.dtype) -> Components:
+    def load(self, source: ModelSource, *, dtype: torch.dtype, which: str = "all") -> Components:
         from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
         from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
         parts = ModelParts(SD3Transformer2DModel, FlowMatchEulerDiscreteScheduler,
                            ((CLIPTextModelWithProjection, CLIPTokenizer), (CLIPTextModelWithProjection, CLIPTokenizer),
                             (T5EncoderModel, T5TokenizerFast)))
-        return load_components(self, parts, source, dtype)
+        return load_components(self, parts, source, dtype, which)
 
     def objective_settings(self, components: Components) -> dict:
         return flow_match_settings(components.noise_scheduler, unwrap(components.denoiser).config.patch_size)

@@ -37,7 +37,7 @@ class StableDiffusionXL(ModelFamily):
 
         return StableDiffusionXLPipeline
 
-    def load(self, source: ModelSource, *, dtype: torch.dtype) -> Components:
+    def load(self, source: ModelSource, *, dtype: torch.dtype, which: str = "all") -> Components:
         from diffusers import DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -45,7 +45,7 @@ class StableDiffusionXL(ModelFamily):
         parts = ModelParts(UNet2DConditionModel, DDPMScheduler,
                            ((CLIPTextModel, CLIPTokenizer), (CLIPTextModelWithProjection, CLIPTokenizer)),
                            vae_dtype=torch.float32)
-        return load_components(self, parts, source, dtype)
+        return load_components(self, parts, source, dtype, which)
 
     def encode_prompt(self, components: Components, captions: list[str]) -> dict[str, torch.Tensor]:
         hidden, pooled = [], None

@@ -33,6 +33,9 @@ def make_accelerator(config: Config, paths):
         raise DifftuneError(
             "train.mixed_precision: fp16 needs a CUDA GPU (gradient scaling); on CPU use \"bf16\" or \"no\""
         )
+    if config.model.offload != "none" and cpu:
+        raise DifftuneError(f'model.offload = "{config.model.offload}": offloading moves blocks to a CUDA GPU '
+                            'while they run; this machine has none. Set model.offload = "none"')
     if config.train.compile and cpu:
         raise DifftuneError(f"train.compile: {COMPILE_ON_CPU_PROBLEM}; set train.compile = false on this machine")
     return Accelerator(

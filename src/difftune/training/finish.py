@@ -33,7 +33,7 @@ def finish(run: Run) -> RunResult:
     run.accelerator.wait_for_everyone()
     if run.world > 1 and not run.model.strategy.shards:  # FSDP: each process holds its own shard
         check_replicas_agree(run.accelerator, run.model.params, run.say)
-    result.performance = run.monitor.summary()
+    result.performance = run.monitor.summary(run.model.components, run.model.params, run.optimizer)
     run.accelerator.log({"perf/median_step_seconds": result.performance["median_step_seconds"],
                          "perf/peak_memory_gib": result.performance["peak_memory_bytes"] / 2**30}, step=run.step)
     if run.is_main:

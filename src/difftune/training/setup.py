@@ -25,8 +25,11 @@ from difftune.fileio import atomic_write_text
 from difftune.methods import METHODS
 from difftune.methods.base import Method
 from difftune.models import resolve_family
-from difftune.models.base import Components, ModelFamily
+from difftune.models.base import Components, ModelFamily, ModelSource
+from difftune.models.offload import offload_blocks
+from difftune.models.quantize import backend_for, describe
 from difftune.objectives import OBJECTIVES, check_train_keys
+from difftune.tensors import module_bytes
 from difftune.training import checkpointing, resume, speed
 from difftune.training.accelerator import main_process_log, make_accelerator, start_trackers
 from difftune.training.distributed import (
@@ -61,16 +64,50 @@ class LoadedModel:
     family: ModelFamily
     components: Components
     class_examples: list[Example]
+    #: The training data, if it was built while only the frozen parts were loaded (see :func:`load_model`).
+    data: TrainingData | None = None
 
 
 def load_model(config: Config, device: torch.device, *, is_main: bool = True, barrier=lambda: None,
-               log=print) -> LoadedModel:
-    """Resolve and load the base model in the frozen-weight dtype; make missing class images with it."""
+               log=print, encode=None) -> LoadedModel:
+    """Resolve and load the base model in the frozen-weight dtype; make missing class images with it.
+
+    With ``encode`` (``(family, components) -> TrainingData``) and every input cached, the VAE and
+    text encoders load first, ``encode`` fills the caches, they are released, and only then the
+    denoiser loads: the encoders and the denoiser never share memory.
+    """
     family, source = resolve_family(config.model, config.train)
     check_train_keys(family.objective, family.title, config.train)  # before any weights load
+    if encode is not None and encodes_first(config, source):
+        components = family.load(source, dtype=weight_dtype(config), which="frozen")
+        _move_encoders(components, device)
+        data = encode(family, components)
+        release_if_cached(config, components)
+        components.denoiser = family.load(source, dtype=weight_dtype(config), which="denoiser").denoiser
+        return LoadedModel(family, components, [], data)
     components = family.load(source, dtype=weight_dtype(config))
     classes = prior.class_examples(config, family, components, device, is_main=is_main, barrier=barrier, log=log)
     return LoadedModel(family, components, classes)
+
+
+def encodes_first(config: Config, source: ModelSource) -> bool:
+    """Whether a run can fill its caches and release the encoders before the denoiser is loaded.
+
+    Needs both caches, no trained text encoder and no learned tokens (they live in the encoders), a
+    method that leaves the denoiser's own weights frozen, no prior preservation (class images are made
+    with the denoiser) and a diffusers folder or Hub id (a single file loads whole).
+    """
+    cfg = config.data
+    return (cfg.cache_latents and cfg.cache_text and not config.method.train_text_encoder and not config.method.token
+            and not METHODS.get(config.method.type).trains_denoiser_weights
+            and not config.prior_preservation.class_prompt and source.kind != "single_file")
+
+
+def _move_encoders(components: Components, device: torch.device) -> None:
+    # A function, not a loop in the caller: a loop variable would keep the last encoder alive after release.
+    for module in (components.vae, *components.text_encoders):
+        if module is not None:
+            module.to(device)
 
 
 def fill_caches(config: Config, log=print) -> TrainingData:
@@ -80,8 +117,7 @@ def fill_caches(config: Config, log=print) -> TrainingData:
                           "set one of them to true")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(config, device, log=log)
-    for module in (model.components.vae, *model.components.text_encoders):
-        module.to(device)
+    _move_encoders(model.components, device)
     return build_training_data(config, model.family, model.components, class_examples=model.class_examples,
                                log=log, progress=True)
 
@@ -173,9 +209,14 @@ def _shard(config: Config, strategy: Strategy, method: Method, components: Compo
 
 def _model(config: Config, accelerator, log) -> tuple[LoadedModel, Method, object]:
     """The base model (on the device), the method's trainable parameters in it, and the objective."""
+    def encode(family: ModelFamily, components: Components) -> TrainingData:
+        return _build_data(config, family, components, [], accelerator, main_process_log(accelerator, log))
+
     loaded = load_model(config, accelerator.device, is_main=accelerator.is_main_process,
-                        barrier=accelerator.wait_for_everyone, log=log)  # class images from the base model
+                        barrier=accelerator.wait_for_everyone, log=log, encode=encode)  # class images from the base
     family, components = loaded.family, loaded.components
+    if accelerator.is_main_process:
+        _log_quantisation(config, components, log)
     method = METHODS.get(config.method.type).build(config.method, family)
     torch.manual_seed(config.train.seed)  # new weights (LoRA A matrices, ...) start from the seed too
     method.prepare(components)
@@ -186,13 +227,29 @@ def _model(config: Config, accelerator, log) -> tuple[LoadedModel, Method, objec
         components.noise_scheduler = type(scheduler).from_config(scheduler.config, **objective.sampling["scheduler"])
     # FSDP moves each trained module's shards to the device itself: the whole module never lands there.
     sharded = method.trainable_modules(components).values() if config.train.distributed == "fsdp" else ()
-    for module in (components.vae, *components.text_encoders, components.denoiser):
-        if not any(module is m for m in sharded):
+    frozen = [] if components.encoders_offloaded else [components.vae, *components.text_encoders]
+    for module in frozen:
+        if module is not None and not any(module is m for m in sharded):
             module.to(accelerator.device)
+    if config.model.offload == "blocks":  # frozen block weights stay on the host, each visits the GPU in turn
+        offload_blocks(components.denoiser, accelerator.device, checkpointed=config.train.gradient_checkpointing)
+    elif not any(components.denoiser is m for m in sharded):
+        components.denoiser.to(accelerator.device)
     if config.train.gradient_checkpointing:
         for module in method.trainable_modules(components).values():
             _enable_gradient_checkpointing(module)
     return loaded, method, objective
+
+
+def _log_quantisation(config: Config, components: Components, log) -> None:
+    """Say which parts are quantised, how, and the denoiser's size in memory."""
+    parts = []
+    for what, mode, key in (("denoiser", config.model.quantize, "model.quantize"),
+                            ("text encoders", config.model.quantize_text_encoders, "model.quantize_text_encoders")):
+        if mode != "none":
+            parts.append(f"{what} {describe(mode, backend_for(mode, key))}")
+    if parts:
+        log(f"quantised: {', '.join(parts)}; denoiser weights {module_bytes(components.denoiser) / 2**30:.2f} GiB")
 
 
 def _enable_gradient_checkpointing(module: torch.nn.Module) -> None:
@@ -204,16 +261,21 @@ def _enable_gradient_checkpointing(module: torch.nn.Module) -> None:
 
 def _data(config: Config, loaded: LoadedModel, accelerator, say) -> tuple[TrainingData, HeldOutLoss | None, str]:
     """This process's order of micro-batches (caches filled here), the held-out loss, the examples' fingerprint."""
-    data = build_training_data(config, loaded.family, loaded.components, class_examples=loaded.class_examples,
-                               rank=accelerator.process_index, world=accelerator.num_processes,
-                               barrier=accelerator.wait_for_everyone, log=say,
-                               progress=accelerator.is_main_process)
+    data = loaded.data or _build_data(config, loaded.family, loaded.components, loaded.class_examples,
+                                      accelerator, say)
     held_out = None
     if data.held_out:
         held_out = HeldOutLoss(data.held_out, config.data, config.validation, config.train.seed,
                                config.train.batch_size)
     release_if_cached(config, loaded.components)
     return data, held_out, resume.dataset_fingerprint(data.scan.examples)
+
+
+def _build_data(config: Config, family: ModelFamily, components: Components, class_examples: list[Example],
+                accelerator, say) -> TrainingData:
+    return build_training_data(config, family, components, class_examples=class_examples,
+                               rank=accelerator.process_index, world=accelerator.num_processes,
+                               barrier=accelerator.wait_for_everyone, log=say, progress=accelerator.is_main_process)
 
 
 def _wrap(config: Config, accelerator, loaded: LoadedModel, method: Method, objective, optimizer,
