@@ -22,7 +22,8 @@ def plain_tensors(tensor: torch.Tensor, prefix: str = "") -> list[tuple[str, tor
     data = tensor.data if isinstance(tensor, nn.Parameter) else tensor
     if type(data) is not torch.Tensor and hasattr(data, "__tensor_flatten__"):
         names, _ = data.__tensor_flatten__()
-        return [item for n in names for item in plain_tensors(getattr(data, n), f"{prefix}.{n}")]
+        inner = [(n, getattr(data, n)) for n in names]  # a DTensor (FSDP) also names its device mesh
+        return [item for n, t in inner if isinstance(t, torch.Tensor) for item in plain_tensors(t, f"{prefix}.{n}")]
     return [(prefix, data)]
 
 
@@ -31,7 +32,8 @@ def tensor_bytes(tensor: torch.Tensor) -> int:
     data = tensor.data if isinstance(tensor, nn.Parameter) else tensor
     if type(data) is not torch.Tensor and hasattr(data, "__tensor_flatten__"):
         names, _ = data.__tensor_flatten__()
-        return sum(tensor_bytes(getattr(data, n)) for n in names)
+        inner = [getattr(data, n) for n in names]  # a DTensor (FSDP) also names its device mesh
+        return sum(tensor_bytes(t) for t in inner if isinstance(t, torch.Tensor))
     if data.device.type == "meta":
         return 0
     return data.numel() * data.element_size()
