@@ -1,8 +1,9 @@
-"""Regenerate the parts of README.md that come from the code: commands, families, methods,
-presets and the config reference. Run after changing the schema, the CLI or the presets:
+"""Regenerate the parts of README.md that come from the code (commands, families, methods,
+presets, the config reference) and the grammar in docs/world.md. Run after changing the schema,
+the CLI, the presets or the world's grammar:
 
-    python scripts/update_readme.py          # rewrite README.md
-    python scripts/update_readme.py --check  # exit 1 if README.md is stale
+    python scripts/update_readme.py          # rewrite README.md and docs/world.md
+    python scripts/update_readme.py --check  # exit 1 if either is stale
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+WORLD_DOC = ROOT / "docs" / "world.md"
 
 
 def commands_table() -> str:
@@ -48,6 +50,15 @@ def presets_table() -> str:
     return "\n".join(rows)
 
 
+def base_hashes() -> str:
+    """The sha256 of every file of the embedded base that carries weights or vocabulary."""
+    from difftune.bases import builtin_path
+
+    manifest = (builtin_path("shapes") / "SHA256SUMS").read_text().splitlines()
+    kept = [line for line in manifest if line.endswith((".safetensors", "vocab.json", "merges.txt"))]
+    return "```text\n" + "\n".join(kept) + "\n```"
+
+
 def sections() -> dict[str, str]:
     from difftune.config.reference import markdown_reference
     from difftune.run_config import registered_choices
@@ -57,14 +68,21 @@ def sections() -> dict[str, str]:
         "families": families_and_methods(),
         "presets": presets_table(),
         "config-reference": markdown_reference(registered_choices()).strip(),
+        "base-hashes": base_hashes(),
     }
 
 
-def render(text: str) -> str:
-    for name, body in sections().items():
-        begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+def world_sections() -> dict[str, str]:
+    from difftune.world.docs import grammar_markdown
+
+    return {"world-grammar": grammar_markdown()}
+
+
+def render(text: str, generated: dict[str, str] | None = None, name: str = "README.md") -> str:
+    for section, body in (sections() if generated is None else generated).items():
+        begin, end = f"<!-- {section}:begin -->", f"<!-- {section}:end -->"
         if begin not in text or end not in text:
-            raise SystemExit(f"README.md has no {begin} ... {end} markers")
+            raise SystemExit(f"{name} has no {begin} ... {end} markers")
         head, rest = text.split(begin, 1)
         _, tail = rest.split(end, 1)
         text = f"{head}{begin}\n{body}\n{end}{tail}"
@@ -75,14 +93,19 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true")
     args = parser.parse_args()
-    current = README.read_text()
-    updated = render(current)
-    if args.check:
-        if updated != current:
-            print("README.md is stale: run python scripts/update_readme.py", file=sys.stderr)
-            return 1
-        return 0
-    README.write_text(updated)
+    stale = []
+    for path, generated in ((README, sections()), (WORLD_DOC, world_sections())):
+        current = path.read_text()
+        updated = render(current, generated, path.name)
+        if updated == current:
+            continue
+        if args.check:
+            stale.append(path.relative_to(ROOT).as_posix())
+        else:
+            path.write_text(updated)
+    if stale:
+        print(f"{', '.join(stale)} stale: run python scripts/update_readme.py", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -48,3 +48,42 @@ def test_presets_cover_every_family_method_and_variant():
     assert any(c.prior_preservation.class_prompt and c.method.type == "lora" for c in configs)
     assert any(c.prior_preservation.class_prompt and c.method.type == "full" for c in configs)
     assert any(c.validation.holdout is not None for c in configs)
+
+
+SD1_PRESETS = [
+    pytest.param(p, marks=pytest.mark.xfail(
+        strict=True, raises=RuntimeError,
+        reason="known bug found by this test: a method that runs the text encoder in the training step "
+               "(textual inversion, pivotal) with bf16 mixed precision on CPU fails in the text encoder's "
+               "LayerNorm (bf16 frozen weights, fp32 input under CPU autocast)"))
+    if p.name in ("pivotal-tuning.toml", "textual-inversion.toml") else p
+    for p in PRESETS if "stable-diffusion-v1-5" in p.read_text()
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", SD1_PRESETS, ids=lambda p: p.name)
+def test_sd1_preset_trains_on_the_embedded_base(path, tmp_path):
+    """Each SD 1.x preset, as shipped but on difftune:shapes at 64 px for two steps, trains and exports."""
+    from difftune.training.loop import train
+    from difftune.world.data import write_pretraining_set
+
+    data = write_pretraining_set(tmp_path / "data", 6)
+    overrides = [
+        "model.path=difftune:shapes", f"data.path={data}", "data.resolution=64", f"output.dir={tmp_path / 'run'}",
+        "train.max_steps=2", "train.batch_size=2", "train.gradient_accumulation=1", "train.warmup_steps=0",
+        "train.checkpoint_every=0", "validation.every=0", "validation.steps=2", "validation.loss_every=0",
+        "logging.report_to=none", "train.mixed_precision=bf16",  # fp16 presets need a CUDA GPU
+    ]
+    if load_config(path, check_paths=False).prior_preservation.class_prompt:
+        overrides += [f"prior_preservation.class_data={tmp_path / 'class'}", "prior_preservation.num_class_images=2",
+                      "prior_preservation.sample_steps=2"]
+    config = load_config(path, overrides=overrides)
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()  # accelerate keeps one mixed precision per process: leave none behind
+    try:
+        result = train(config, log=lambda _msg: None)
+    finally:
+        AcceleratorState._reset_state()
+    assert result.steps == 2 and result.files and all(Path(f).exists() for f in result.files)

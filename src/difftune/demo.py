@@ -1,12 +1,74 @@
-"""``difftune demo``: a complete run on a tiny model, with no download and no GPU."""
+"""``difftune demo``: teach the embedded base a shape it has never seen, and show it.
+
+The base ``difftune:shapes`` was pretrained on a world of shapes with the star held out. The demo
+renders eight stars, captions them with a made-up trigger word ("a small blue zorb on a white
+background"), trains a LoRA on them, then draws the same prompts with the same seeds before and
+after — including colours and backgrounds no training image had with the star — and lets the
+judge count what the pictures show. Nothing is downloaded; it runs on a CPU in a few minutes.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-DEMO_PROMPTS = ["a red circle", "a blue square"]
+from difftune.world.evaluate import Prompt, prompt_for
+from difftune.world.scene import Scene, caption
+
+BASE = "difftune:shapes"
+TRIGGER = "zorb"
+CONCEPT = "star"
+
+#: The eight training images: known colours and backgrounds, but not all of them.
+TRAIN_SCENES = (
+    Scene("star", "red", "large", "centre", "grey"),
+    Scene("star", "blue", "small", "top left", "white"),
+    Scene("star", "yellow", "large", "bottom right", "dark"),
+    Scene("star", "green", "small", "top right", "grey"),
+    Scene("star", "turquoise", "large", "centre", "striped", rotation=8.0),
+    Scene("star", "pink", "small", "bottom left", "dark", rotation=-6.0),
+    Scene("star", "red", "small", "centre", "white", rotation=5.0),
+    Scene("star", "blue", "large", "top right", "striped", rotation=-9.0),
+)
+
+
+def _grid_prompt(colour: str | None, background: str | None = None, size: str = "large",
+                 position: str = "centre", mention_size: bool = False, mention_position: bool = False) -> Prompt:
+    scene = Scene(CONCEPT, colour or "red", size, position, background or "grey")
+    mention = [k for k, on in (("size", mention_size), ("colour", colour), ("background", background),
+                               ("position", mention_position)) if on]
+    return prompt_for(scene, mention=mention, shape_word=TRIGGER)
+
+
+#: Prompts of the before/after grid. Purple, orange and the checkerboard never appear with the
+#: star in the training images: the adapter has to combine the new shape with what the base knows.
+GRID_PROMPTS = (
+    _grid_prompt(None),
+    _grid_prompt("purple"),
+    _grid_prompt("orange", "white"),
+    _grid_prompt("red", "checkerboard"),
+    _grid_prompt("yellow", "dark", size="small", position="top left", mention_size=True, mention_position=True),
+    _grid_prompt("green", "grey", mention_size=True),
+    _grid_prompt("blue", "striped", position="bottom right", mention_position=True),
+    _grid_prompt("pink", "checkerboard", position="centre", mention_position=True),
+)
+SEEDS = (0, 1)
+
+
+@dataclass
+class DemoResult:
+    run: Path
+    grid: Path
+    train_seconds: float
+    concept_before: int
+    concept_after: int
+    others_before: float
+    others_after: float
+    images: int
+    verdicts: dict[str, list[dict[str, str]]] = field(default_factory=dict)
 
 
 def default_workdir() -> Path:
@@ -14,38 +76,146 @@ def default_workdir() -> Path:
     return Path(base) / "difftune" / "demo"
 
 
-def run_demo(steps: int = 300, workdir: str | Path | None = None) -> Path:
-    """Build the tiny model and dataset (once), train a LoRA, print where the results are."""
+def write_concept_data(folder: Path) -> Path:
+    """The eight star images, captioned with the trigger word instead of "star"."""
+    from difftune.world.data import write_images
+
+    items = [(scene, caption(scene, seed=i, shape_word=TRIGGER)) for i, scene in enumerate(TRAIN_SCENES)]
+    return write_images(folder, items, prefix=TRIGGER)
+
+
+def demo_config(data: Path, out: Path, steps: int) -> dict:
+    return {
+        "model": {"path": BASE},
+        "method": {"type": "lora", "rank": 16},
+        "data": {"path": str(data), "resolution": 64, "center_crop": True, "random_flip": False,
+                 "repeats": 4, "cache_latents": True, "cache_text": True, "cache_dir": str(data.parent / "cache")},
+        "train": {"max_steps": steps, "learning_rate": 1e-3, "batch_size": 4, "lr_scheduler": "cosine",
+                  "warmup_steps": min(20, steps), "mixed_precision": "bf16", "checkpoint_every": 0, "log_every": 25,
+                  "seed": 0},
+        "validation": {"prompts": [p.text for p in GRID_PROMPTS[:4]], "every": 0, "steps": 20, "guidance_scale": 5.0},
+        "logging": {"report_to": "tensorboard"},
+        "output": {"dir": str(out)},
+    }
+
+
+def run_demo(steps: int = 400, workdir: str | Path | None = None, log=print) -> DemoResult:
+    """Train the LoRA, draw the before/after grid, print the judge's scores and where everything is."""
     from difftune.run_config import load_config
-    from difftune.tiny import build_tiny_sd, make_tiny_dataset
     from difftune.training.loop import train
 
     work = Path(workdir) if workdir else default_workdir()
-    model = work / "tiny-sd"
-    if not (model / "model_index.json").is_file():
-        print(f"building a tiny Stable Diffusion model (random weights) in {model}")
-        build_tiny_sd(model)
-    data = work / "shapes"
+    _claim(work, ours=workdir is None)
+    data = work / "zorb-images"
     if not (data / "metadata.jsonl").is_file():
-        make_tiny_dataset(data, n=8, size=64)
+        shutil.rmtree(data, ignore_errors=True)
+        write_concept_data(data)
     out = work / "run"
-    config = load_config(data={
-        "model": {"path": str(model)},
-        "method": {"type": "lora", "rank": 8},
-        "data": {"path": str(data), "resolution": 64, "random_flip": False},
-        "train": {"max_steps": steps, "learning_rate": 1e-3, "batch_size": 2, "lr_scheduler": "cosine",
-                  "warmup_steps": 10, "mixed_precision": "bf16", "checkpoint_every": max(1, steps // 2),
-                  "checkpoints_keep": 1, "log_every": 10},
-        "validation": {"prompts": DEMO_PROMPTS, "every": max(1, steps // 2), "steps": 10, "guidance_scale": 3.0},
-        "output": {"dir": str(out), "existing": "overwrite"},  # the demo's own folder: each demo replaces the last
-    })
+    if out.exists():  # the demo's own previous run (the folder carries the demo's marker)
+        shutil.rmtree(out)
+    log(f"teaching {BASE} a new shape: {len(TRAIN_SCENES)} images of a star captioned \"{TRIGGER}\" ({data})")
+    config = load_config(data=demo_config(data, out, steps))
     started = time.perf_counter()
-    result = train(config)
-    first, last = result.losses[0][1], result.losses[-1][1]
-    print()
-    print(f"demo finished in {time.perf_counter() - started:.0f} s: loss {first:.4f} -> {last:.4f}")
-    print(f"  adapter:     {out / 'pytorch_lora_weights.safetensors'}")
-    print(f"  model card:  {out / 'README.md'}")
-    print(f"  samples:     {out / 'samples'}")
-    print(f"  tensorboard: tensorboard --logdir {out / 'logs'}")
-    return out
+    train(config, log=log)
+    train_seconds = time.perf_counter() - started
+    return _before_after(out, work, train_seconds, log)
+
+
+MARKER = ".difftune-demo"
+
+
+def _claim(work: Path, ours: bool) -> None:
+    """Make ``work`` the demo's folder; refuse a folder given by the user that holds anything the demo
+    did not write (the default folder, in difftune's cache, is always the demo's)."""
+    from difftune.errors import ConfigError
+
+    if work.is_file():
+        raise ConfigError(f"demo --dir: {work} is a file; give a folder")
+    if not ours and work.is_dir() and any(work.iterdir()) and not (work / MARKER).is_file():
+        raise ConfigError(f"demo --dir: {work} holds files the demo did not write; give a new or empty folder "
+                          "(the demo replaces its own run there each time)")
+    work.mkdir(parents=True, exist_ok=True)
+    (work / MARKER).write_text("written by `difftune demo`: its images, caches and run are replaced when it runs again\n")
+
+
+def _before_after(run: Path, work: Path, train_seconds: float, log) -> DemoResult:
+    from difftune.bases import builtin_path
+    from difftune.world.evaluate import load_pipeline, other_attributes_right, sample, score
+    from difftune.world.judge import Judge
+
+    prompts = [p for p in GRID_PROMPTS for _ in SEEDS]
+    seeds = [s for _ in GRID_PROMPTS for s in SEEDS]
+    before = sample(load_pipeline(builtin_path(BASE)), [p.text for p in prompts], seeds)
+    after = sample(load_pipeline(builtin_path(BASE), lora=run), [p.text for p in prompts], seeds)
+    judge = Judge.load()
+    verdicts_before, _ = score(judge, before, prompts)
+    verdicts_after, _ = score(judge, after, prompts)
+    result = DemoResult(
+        run=run, grid=work / "demo-grid.png", train_seconds=train_seconds,
+        concept_before=sum(v["shape"] == CONCEPT for v in verdicts_before),
+        concept_after=sum(v["shape"] == CONCEPT for v in verdicts_after),
+        others_before=other_attributes_right(verdicts_before, prompts),
+        others_after=other_attributes_right(verdicts_after, prompts),
+        images=len(prompts), verdicts={"before": verdicts_before, "after": verdicts_after},
+    )
+    before_after_grid(before, after, verdicts_before, verdicts_after).save(result.grid)
+    n = result.images
+    log("")
+    log(f"LoRA trained in {train_seconds:.0f} s. The judge, on {n} images (same prompts and seeds, base -> adapted):")
+    log(f"  shows the new concept ({CONCEPT}): {result.concept_before}/{n} -> {result.concept_after}/{n}")
+    log(f"  other attributes still right (colour, size, position, background): "
+        f"{result.others_before:.0%} -> {result.others_after:.0%}")
+    log(f"  before/after grid: {result.grid}")
+    log(f"  adapter:     {run / 'pytorch_lora_weights.safetensors'}")
+    log(f"  model card:  {run / 'README.md'}")
+    log(f"  samples:     {run / 'samples'}")
+    log(f"  logs:        {run / 'logs'} (tensorboard --logdir {run / 'logs'})")
+    return result
+
+
+def before_after_grid(before, after, verdicts_before, verdicts_after, tile: int = 128):
+    """Columns are prompts; the base's images on top, the adapted model's below, each labelled by the judge."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    cols, rows = len(GRID_PROMPTS), len(SEEDS)
+    label_w, head_h, foot_h, gap = 92, 62, 16, 10
+    width = label_w + cols * tile
+    height = head_h + 2 * rows * (tile + foot_h) + gap
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    font = _font(ImageFont, 13)
+    small = _font(ImageFont, 11)
+    for c, prompt in enumerate(GRID_PROMPTS):
+        _wrapped(draw, prompt.text, (label_w + c * tile + 4, 4), tile - 8, font)
+    for block, (name, images, verdicts) in enumerate((("base", before, verdicts_before),
+                                                       (f"after LoRA\n(\"{TRIGGER}\")", after, verdicts_after))):
+        top = head_h + block * (rows * (tile + foot_h) + gap)
+        draw.multiline_text((6, top + rows * (tile + foot_h) // 2 - 14), name, fill=(0, 0, 0), font=font)
+        for i, (image, verdict) in enumerate(zip(images, verdicts, strict=True)):
+            c, r = divmod(i, rows)
+            x, y = label_w + c * tile, top + r * (tile + foot_h)
+            canvas.paste(image.resize((tile, tile), Image.LANCZOS), (x, y))
+            good = verdict["shape"] == CONCEPT
+            draw.text((x + 4, y + tile + 1), f"judge: {verdict['shape']}", font=small,
+                      fill=(0, 130, 0) if good else (150, 150, 150))
+    return canvas
+
+
+def _font(image_font, size: int):
+    try:
+        return image_font.load_default(size=size)
+    except TypeError:  # Pillow without FreeType
+        return image_font.load_default()
+
+
+def _wrapped(draw, text: str, origin: tuple[int, int], width: int, font) -> None:
+    words, lines, line = text.split(), [], ""
+    for word in words:
+        trial = f"{line} {word}".strip()
+        if draw.textlength(trial, font=font) <= width or not line:
+            line = trial
+        else:
+            lines.append(line)
+            line = word
+    lines.append(line)
+    draw.multiline_text(origin, "\n".join(lines[:4]), fill=(0, 0, 0), font=font, spacing=1)

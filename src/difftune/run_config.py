@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from difftune.bases import builtin_path, is_builtin
 from difftune.config.loader import Registered, parse_config
 from difftune.config.schema import Config
 from difftune.errors import ConfigError
@@ -30,6 +31,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """
     config = parse_config(path, overrides, data, check_paths, registered=registered_choices())
     check_method(config)
+    if check_paths and is_builtin(config.model.path):
+        builtin_path(config.model.path)  # an unknown built-in name, or its files missing: one clear line
     known = objective_without_loading(config.model)
     if known is not None:  # else checked when training starts, once the family is resolved
         check_train_keys(known[0], known[1], config.train)

@@ -1,6 +1,6 @@
 """Tiny, randomly initialised models built from config kwargs.
 
-Used by ``difftune demo``, the test suite and the benchmarks. Nothing is downloaded: every
+Used by the test suite and the benchmarks (the demo uses the embedded base, difftune.bases). Nothing is downloaded: every
 component is created from a config and saved as a real diffusers folder, so the normal loading
 code reads it back exactly as it would read a model from the Hub.
 """

@@ -94,14 +94,15 @@ def test_train_rejects_bad_config_before_loading_weights(tmp_path, good):
     assert not (tmp_path / "out").exists()
 
 
-def test_init_writes_a_config_that_validates_once_paths_exist(tmp_path, tiny_sd, shapes_data, capsys):
+def test_init_writes_a_config_that_validates_once_the_data_exists(tmp_path, shapes_data, capsys):
     assert main(["init"]) == 0
     text = capsys.readouterr().out
     assert "# Peak learning rate." in text
     path = write(tmp_path, text)
-    cfg = load_config(path, [f"model.path={tiny_sd}", f"data.path={shapes_data}"])
+    cfg = load_config(path, [f"data.path={shapes_data}"])  # the model is the embedded base
+    assert cfg.model.path == "difftune:shapes" and cfg.data.resolution == 64
     assert cfg.train.mixed_precision == "bf16"
-    assert cfg.validation.prompts == ["a photo of sks dog on the beach"]
+    assert cfg.validation.prompts == ["a blue zorb on a white background"]
 
 
 def test_version_mismatch(tmp_path, good):

@@ -161,7 +161,7 @@ def test_a_first_time_user_trains_a_lora_from_the_browser(browser, ui_root):
         Select(page.find("#cfg-preset")).select_by_value("sd15-lora.toml")
         page.find("#cfg-load-preset").click()
         page.wait(lambda: "sd15-lora.toml: ok" in page.text("#cfg-check"), "the preset to load")
-        edits = {"model.path": "models/tiny-sd", "data.path": "data/shapes", "data.resolution": "32",
+        edits = {"model.path": "difftune:shapes", "data.path": "data/shapes", "data.resolution": "64",
                  "train.batch_size": "2", "train.max_steps": "60", "train.learning_rate": "1e-3",
                  "train.mixed_precision": "no", "train.log_every": "2", "validation.every": "10", "validation.steps": "2",
                  "validation.prompts": "a red circle", "validation.holdout": "0.25", "validation.loss_every": "10", "logging.report_to": "none", "output.dir": "runs/first"}
@@ -177,7 +177,7 @@ def test_a_first_time_user_trains_a_lora_from_the_browser(browser, ui_root):
         page.wait(lambda: page.find("#cfg-check").get_attribute("data-busy") is None
                   and page.find("#cfg-check").get_attribute("data-ok") == "1", "a valid config")
         text = page.find("#cfg-text").get_attribute("value")
-        assert text.startswith("# LoRA on Stable Diffusion 1.5") and 'path = "models/tiny-sd"' in text
+        assert text.startswith("# LoRA on Stable Diffusion 1.5") and 'path = "difftune:shapes"' in text
         assert "max_steps = 60" in text and "warmup_steps = 5" in text
         download = page.find("#cfg-download").get_attribute("href")
         assert download.startswith("blob:")

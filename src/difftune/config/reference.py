@@ -13,13 +13,15 @@ from difftune.config.loader import Registered, field_choices, toml_value, type_n
 from difftune.config.schema import CONFIG_VERSION, SECTIONS
 
 STARTER_VALUES = {
-    "model.path": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    "model.path": "difftune:shapes",
     "data.path": "my_images",
-    "data.instance_prompt": "a photo of sks dog",
-    "train.max_steps": 1000,
+    "data.instance_prompt": "a zorb",
+    "data.resolution": 64,
+    "train.max_steps": 400,
+    "train.learning_rate": 1e-3,
     "train.mixed_precision": "bf16",
-    "validation.prompts": ["a photo of sks dog on the beach"],
-    "validation.every": 250,
+    "validation.prompts": ["a blue zorb on a white background"],
+    "validation.every": 200,
     "output.dir": "runs/my-lora",
 }
 
@@ -56,7 +58,10 @@ def starter_config(registered: Registered | None = None) -> str:
     """A commented TOML config with every key, ready to edit."""
     out = ["# difftune run config. Check it with: difftune validate run.toml",
            "# Train with:                        difftune train run.toml",
-           "# Every key is documented below; commented keys show their defaults.", "",
+           "# Every key is documented below; commented keys show their defaults.",
+           "# It starts from difftune:shapes, the small 64 px base shipped inside difftune (docs/world.md);",
+           "# for a real model set model.path to a Hub id or folder (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5)",
+           "# and data.resolution to its size (512), and use train.learning_rate = 1e-4.", "",
            f"version = {CONFIG_VERSION}"]
     for name, cls in SECTIONS.items():
         out += ["", f"[{name}]"]

@@ -17,6 +17,10 @@ from difftune.errors import ConfigError
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
+#: How a config names a base shipped inside the package (``difftune:shapes``; see difftune.bases).
+BUILTIN_PREFIX = "difftune:"
+
+
 def looks_local(text: str) -> bool:
     """True if ``text`` names a local path rather than a Hub id (``owner/name``)."""
     return (
@@ -72,6 +76,8 @@ def check_paths_exist(config: Config) -> None:
     named = [("model.path", config.model.path), ("data.path", config.data.path)]
     named += [(f"data.datasets[{i}].path", d.path) for i, d in enumerate(config.data.datasets)]
     for key, value in named:
+        if key == "model.path" and value.startswith(BUILTIN_PREFIX):
+            continue  # a base shipped inside difftune: checked by difftune.load_config (run_config)
         if value and not Path(value).expanduser().exists() and looks_local(value):
             raise ConfigError(f"{key}: {value} does not exist")
     check_model_path(config.model.path)

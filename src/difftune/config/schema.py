@@ -44,7 +44,8 @@ class ModelConfig:
     path: str = opt(
         "",
         "Base model: a diffusers folder (with `model_index.json`), a single-file `.safetensors` "
-        "checkpoint, or a Hugging Face Hub id such as `stable-diffusion-v1-5/stable-diffusion-v1-5`.",
+        "checkpoint, a Hugging Face Hub id such as `stable-diffusion-v1-5/stable-diffusion-v1-5`, or "
+        "`difftune:shapes`, the small SD 1.x base shipped inside difftune (docs/world.md).",
         path="model",
     )
     family: str = opt(

@@ -123,33 +123,58 @@ class FillStats:
     nonfinite: list[str] = field(default_factory=list)  # example names with NaN/inf latents
 
 
+#: Images encoded per VAE call when filling the latent cache (same size and flip in one batch).
+FILL_BATCH = 16
+
+
 @torch.no_grad()
 def fill_latents(cache: LatentCache, family, components, examples, sizes, *, flips: bool, background,
-                 progress: bool = False) -> FillStats:
-    """Encode every (example, flip) not cached yet. Non-finite latents get a marker, not an entry."""
+                 progress: bool = False, batch_size: int = FILL_BATCH) -> FillStats:
+    """Encode every (example, flip) not cached yet, ``batch_size`` images of one size per VAE call.
+
+    Non-finite latents get a marker, not an entry (per image, so one bad image spoils no other).
+    """
     from tqdm.auto import tqdm
 
     from difftune.data.transforms import prepare_image
 
     stats = FillStats()
     jobs = [(ex, size, f) for ex, size in zip(examples, sizes, strict=True) for f in ((False, True) if flips else (False,))]
-    for ex, size, flipped in tqdm(jobs, desc="cache latents", unit="img", disable=not progress, dynamic_ncols=True):
+    pending: dict[tuple, list] = {}  # (size, flip) -> [(key, example)] waiting for a full batch
+
+    def encode(group: list, size, flipped: bool) -> None:
+        pixels = torch.stack([prepare_image(ex.image, size, center_crop=True, rng=random.Random(0),
+                                            background=background, force_flip=flipped).pixels for _, ex in group])
+        mean, std = family.latent_distribution(components, pixels)
+        for (key, ex), m, s in zip(group, mean, std, strict=True):
+            if not (torch.isfinite(m).all() and torch.isfinite(s).all()):
+                atomic_write_text(cache.bad_marker(key), f"{ex.name}: the VAE produced NaN/inf latents\n")
+                stats.nonfinite.append(ex.name)
+                continue
+            cache.save(key, m, s)
+
+    bar = tqdm(total=len(jobs), desc="cache latents", unit="img", disable=not progress, dynamic_ncols=True)
+    for ex, size, flipped in jobs:
         key = cache.key_for(ex, size, flipped)
         if cache.bad_marker(key).is_file():
             stats.nonfinite.append(ex.name)
-            continue
-        if cache.has(key):
+        elif cache.has(key):
             stats.hits += 1
+        elif any(k == key for k, _ in pending.get((size, flipped), ())):
+            stats.hits += 1  # the same image listed twice: encoded once
+        else:
+            stats.misses += 1
+            group = pending.setdefault((size, flipped), [])
+            group.append((key, ex))
+            if len(group) == batch_size:
+                encode(pending.pop((size, flipped)), size, flipped)
+                bar.update(batch_size)
             continue
-        stats.misses += 1
-        pixels = prepare_image(ex.image, size, center_crop=True, rng=random.Random(0), background=background,
-                               force_flip=flipped).pixels
-        mean, std = family.latent_distribution(components, pixels[None])
-        if not (torch.isfinite(mean).all() and torch.isfinite(std).all()):
-            atomic_write_text(cache.bad_marker(key), f"{ex.name}: the VAE produced NaN/inf latents\n")
-            stats.nonfinite.append(ex.name)
-            continue
-        cache.save(key, mean[0], std[0])
+        bar.update(1)
+    for (size, flipped), group in pending.items():
+        encode(group, size, flipped)
+        bar.update(len(group))
+    bar.close()
     return stats
 
 

@@ -48,7 +48,9 @@ def objective_without_loading(model: ModelConfig) -> tuple[str, str] | None:
     if model.family != "auto":
         objective = FAMILY_OBJECTIVES.get(model.family)
         return (objective, f"model.family = {model.family!r}") if objective else None
-    index = Path(model.path).expanduser() / "model_index.json"
+    from difftune.bases import is_builtin, resolve
+
+    index = Path(resolve(model.path) if is_builtin(model.path) else model.path).expanduser() / "model_index.json"
     try:
         name = json.loads(index.read_text(encoding="utf-8")).get("_class_name")
     except (OSError, ValueError, AttributeError):

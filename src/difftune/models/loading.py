@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from difftune.bases import resolve as resolve_builtin
 from difftune.errors import DifftuneError
 from difftune.models.base import ModelSource
 
@@ -13,8 +14,11 @@ SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin", ".sft")
 
 def resolve_source(path: str, revision: str | None = None, variant: str | None = None,
                    config_source: str | None = None) -> ModelSource:
-    """Classify ``path`` as a diffusers folder, a single file or a Hub id (no weights are read)."""
-    p = Path(path).expanduser()
+    """Classify ``path`` as a diffusers folder, a single file or a Hub id (no weights are read).
+
+    A built-in name (``difftune:shapes``) stands for its folder inside the package.
+    """
+    p = Path(resolve_builtin(path)).expanduser()
     if p.is_dir():
         index = p / "model_index.json"
         if not index.is_file():

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from difftune.config.loader import field_choices, toml_value, type_name
-from difftune.config.rules import looks_local
+from difftune.config.rules import BUILTIN_PREFIX, looks_local
 from difftune.config.schema import SECTIONS
 from difftune.errors import DifftuneError
 from difftune.run_config import load_config, registered_choices
@@ -144,7 +144,7 @@ def check(text: str, root: Root, name: str = "run.toml") -> dict:
 
 def is_builtin_model(value: str) -> bool:
     """A built-in model name such as ``difftune:shapes`` (resolved by difftune, not a path)."""
-    return value.startswith("difftune:")
+    return value.startswith(BUILTIN_PREFIX)
 
 
 def outside_root(raw: dict, root: Root) -> str | None:

@@ -1,0 +1,13 @@
+"""Runs in these tests train in-process with bf16 like a user's; accelerate keeps one mixed-precision
+setting per process, so each test starts and ends with none."""
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    yield
+    AcceleratorState._reset_state()
