@@ -117,5 +117,9 @@ def test_schedule_free_export_is_its_evaluation_weights(tmp_path, tiny_sd, shape
     saved = load_file(tmp_path / "a" / ADAPTER)
     values = list(saved.values())
     lora_b_x = [v for n, v in x.items() if "lora_B" in n]
-    assert all(any(torch.equal(v, s) for s in values) for v in lora_b_x)
-    assert not all(any(torch.equal(v, s) for s in values) for n, v in y.items() if "lora_B" in n)
+
+    def same(a, b):  # the export re-enters evaluation after the checkpoint: equal up to float rounding,
+        return a.shape == b.shape and torch.allclose(a, b, rtol=0, atol=1e-6)  # which varies with threads (x - y is ~1e-3)
+
+    assert all(any(same(v, s) for s in values) for v in lora_b_x)
+    assert not all(any(same(v, s) for s in values) for n, v in y.items() if "lora_B" in n)
