@@ -133,3 +133,36 @@ def test_benign_changes_are_noted(stopped_run, tiny_sd, shapes_data, run_config)
     assert "cosine schedule now spans the new length" in note
     warning = next(m for m in messages if m.startswith("warning: these settings changed"))
     assert "train.learning_rate (0.001 → 0.0005)" in warning and "max_steps" not in warning
+
+
+def _as_if_written_before(folder, missing):
+    """Rewrite a checkpoint as an older difftune wrote it: without the settings in ``missing``."""
+    from difftune.fileio import file_sha256
+
+    info_file = folder / "info.json"
+    info = json.loads(info_file.read_text())
+    for key in missing:
+        del info["config"][key]
+    info_file.write_text(json.dumps(info))
+    manifest = json.loads((folder / ckpt.MANIFEST).read_text())
+    manifest["files"]["info.json"] = file_sha256(info_file)
+    (folder / ckpt.MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_settings_added_since_the_checkpoint_are_no_change_at_their_defaults(stopped_run, tiny_sd, shapes_data,
+                                                                            run_config):
+    folder = ckpt.list_checkpoints(stopped_run / "checkpoints")[-1]
+    _as_if_written_before(folder, ["model.offload", "method.ema_export", "method.dropout"])
+    messages = []
+    # method.dropout is 0.1 in this run, not its default: a setting the old run did not record, now set.
+    with pytest.raises(DifftuneError) as caught:
+        train(_cfg(run_config, tiny_sd, shapes_data, stopped_run, max_steps=3, resume="latest"),
+              log=messages.append)
+    assert "method.dropout (None → 0.1)" in str(caught.value)
+    assert "model.offload" not in str(caught.value) and "method.ema_export" not in str(caught.value)
+
+    result = train(_cfg(run_config, tiny_sd, shapes_data, stopped_run, method={"dropout": 0.0}, max_steps=3,
+                        resume="latest"), log=messages.append)
+    assert result.steps == 3
+    note = [m for m in messages if m.startswith("note: settings added to difftune since")][-1]
+    assert "method.dropout" in note and "method.ema_export" in note and "model.offload" in note

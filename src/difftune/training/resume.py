@@ -14,6 +14,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from difftune.config.active import non_default
 from difftune.config.loader import flat_config
 from difftune.config.schema import Config
 from difftune.errors import DifftuneError
@@ -127,9 +128,16 @@ def check_compatible(info: CheckpointInfo, config: Config, fingerprint: str, wor
             log("warning: the config differs from the one the checkpoint was written with; resuming anyway")
         return
     current = _jsonable(flat_config(config))
+    # Settings added to difftune after the checkpoint was written: at their default they keep the
+    # behaviour the run had, so they are no change (set to something else, they are one).
+    customised = {key for key, _ in non_default(config)}
+    added = sorted(k for k in current.keys() - info.config.keys() if k not in customised)
+    if added:
+        log(f"note: settings added to difftune since the checkpoint was written keep their defaults: "
+            f"{', '.join(added)}")
     changes = _Changes(info.config, current, sorted(
         k for k in info.config.keys() | current.keys()
-        if info.config.get(k) != current.get(k) and not _matches(k, IGNORED)))
+        if info.config.get(k) != current.get(k) and not _matches(k, IGNORED) and k not in added))
     refused = [k for k in changes.keys if _matches(k, REFUSED)]
     _refuse_other_runs(info, changes, refused, fingerprint, config.train.resume_force, log)
     benign = [k for k in changes.keys if k not in refused and _matches(k, BENIGN)
