@@ -123,3 +123,43 @@ def test_schedule_free_export_is_its_evaluation_weights(tmp_path, tiny_sd, shape
 
     assert all(any(same(v, s) for s in values) for v in lora_b_x)
     assert not all(any(same(v, s) for s in values) for n, v in y.items() if "lora_B" in n)
+
+
+def test_full_fine_tuning_checkpoints_with_the_older_ema_layout_resume_exactly(tmp_path, tiny_sd, shapes_data,
+                                                                               run_config):
+    """Before the EMA covered every method, full fine-tuning saved it as ``ema.<role>.<i>``: such a run resumes."""
+    import json
+
+    from difftune.fileio import file_sha256, save_safetensors
+    from difftune.training import checkpoint as ckpt
+
+    def config(out, **extra):
+        cfg = run_config(tiny_sd, shapes_data, out, method={"type": "full", "ema": True, "ema_decay": 0.9},
+                         train={"max_steps": 4, "checkpoint_every": 2, "learning_rate": 1e-3, **extra})
+        cfg["method"].pop("rank", None)
+        return load_config(data=cfg)
+
+    train(config(tmp_path / "a"), log=lambda _m: None)
+    out = tmp_path / "b"
+    folder = out / "checkpoints" / "step-2"
+    shutil.copytree(tmp_path / "a" / "checkpoints" / "step-2", folder)
+    state = load_file(folder / "trainable.safetensors")
+    run = setup(config(tmp_path / "probe"), log=lambda _m: None)
+    legacy = {k: v for k, v in state.items() if not k.startswith("ema/")}
+    for role, module in run.model.method.trainable_modules(run.model.components).items():
+        for i, (name, _) in enumerate(module.named_parameters()):
+            legacy[f"ema.{role}.{i}"] = state[f"ema/{role}.{name}"]
+        legacy[f"ema.{role}.optimization_step"] = state["ema/optimization_step"]
+    assert len(legacy) > len(state) - 1  # one optimization_step per role instead of one in all
+    save_safetensors(legacy, folder / "trainable.safetensors")
+    manifest = json.loads((folder / ckpt.MANIFEST).read_text())
+    manifest["files"]["trainable.safetensors"] = file_sha256(folder / "trainable.safetensors")
+    (folder / ckpt.MANIFEST).write_text(json.dumps(manifest))
+
+    train(config(out, resume="latest"), log=lambda _m: None)
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.safetensors")
+                   if "checkpoints" not in p.parts)
+    assert files
+    for name in files:
+        a, b = load_file(tmp_path / "a" / name), load_file(out / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name  # bit-identical

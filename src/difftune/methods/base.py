@@ -11,6 +11,7 @@ from torch import nn
 
 from difftune.config.schema import MethodConfig
 from difftune.data.batch import Batch
+from difftune.errors import DifftuneError
 from difftune.models.base import Components, ModelFamily
 
 
@@ -76,7 +77,9 @@ class Method(ABC):
         expected = set(self.trainable_state_dict(components))
         missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
         if missing or unexpected:
-            raise ValueError(f"checkpoint does not match this run: missing {missing[:3]}, unexpected {unexpected[:3]}")
+            raise DifftuneError(
+                f"train.resume: the checkpoint does not hold what this run trains: missing {missing[:3]}, "
+                f"unexpected {unexpected[:3]}; resume with the method settings it was written with, or start afresh")
 
     def copy_parameters(self, components: Components, state: dict[str, torch.Tensor],
                         skip_prefix: str | None = None) -> None:

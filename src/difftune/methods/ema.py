@@ -61,6 +61,29 @@ class WeightsEMA:
                     p.copy_(value)
 
 
+#: Prefix of the EMA tensors in checkpoints of full fine-tuning written before the EMA covered every
+#: method: ``ema.<role>.<i>`` (the i-th parameter of the role's module) and ``ema.<role>.optimization_step``.
+LEGACY_PREFIX = "ema."
+
+
+def upgrade_legacy(state: dict[str, torch.Tensor], modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """``state`` with the EMA tensors of an older full fine-tuning checkpoint renamed to today's keys."""
+    legacy = {k for k in state if k.startswith(LEGACY_PREFIX) and k.split(".")[1] in modules}
+    if not legacy:
+        return state
+    out = {k: v for k, v in state.items() if k not in legacy}
+    for role, module in modules.items():
+        names = [name for name, _ in module.named_parameters()]
+        for i, name in enumerate(names):
+            key = f"{LEGACY_PREFIX}{role}.{i}"
+            if key in state:
+                out[f"{PREFIX}{role}.{name}"] = state[key]
+        step = state.get(f"{LEGACY_PREFIX}{role}.optimization_step")
+        if step is not None:
+            out[f"{PREFIX}optimization_step"] = step
+    return out
+
+
 def split_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """A checkpoint's trainable state as (the method's tensors, the EMA's tensors)."""
     own = {k: v for k, v in state.items() if not k.startswith(PREFIX)}

@@ -14,7 +14,7 @@ import torch
 from difftune.adapters.safe_load import non_finite
 from difftune.config.schema import Config
 from difftune.errors import DifftuneError
-from difftune.methods.ema import split_state
+from difftune.methods.ema import split_state, upgrade_legacy
 from difftune.training import checkpoint as ckpt
 from difftune.training.distributed import all_agree, load_sharded, local_part, save_sharded
 from difftune.training.optim import checkpoint_weights
@@ -60,7 +60,7 @@ def restore_before_wrapping(state: ckpt.TrainingState, method, components, optim
         raise DifftuneError("train.resume: the checkpoint was written by a train.distributed "
                             "= \"ddp\" run (whole weights); resume it with train.distributed = \"ddp\"")
     else:
-        own, ema = split_state(state.trainable)
+        own, ema = split_state(upgrade_legacy(state.trainable, method.trainable_modules(components)))
         method.load_trainable_state_dict(components, own)
         if method.ema is not None:
             try:
