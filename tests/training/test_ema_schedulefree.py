@@ -127,14 +127,16 @@ def test_schedule_free_export_is_its_evaluation_weights(tmp_path, tiny_sd, shape
 
 def test_full_fine_tuning_checkpoints_with_the_older_ema_layout_resume_exactly(tmp_path, tiny_sd, shapes_data,
                                                                                run_config):
-    """Before the EMA covered every method, full fine-tuning saved it as ``ema.<role>.<i>``: such a run resumes."""
+    """Older full fine-tuning checkpoints resume exactly: the EMA saved as ``ema.<role>.<i>`` and all
+    parameters in one optimizer group (now one group per model part)."""
     import json
 
     from difftune.fileio import file_sha256, save_safetensors
     from difftune.training import checkpoint as ckpt
 
     def config(out, **extra):
-        cfg = run_config(tiny_sd, shapes_data, out, method={"type": "full", "ema": True, "ema_decay": 0.9},
+        cfg = run_config(tiny_sd, shapes_data, out, method={"type": "full", "ema": True, "ema_decay": 0.9,
+                                                            "train_text_encoder": True},
                          train={"max_steps": 4, "checkpoint_every": 2, "learning_rate": 1e-3, **extra})
         cfg["method"].pop("rank", None)
         return load_config(data=cfg)
@@ -149,14 +151,25 @@ def test_full_fine_tuning_checkpoints_with_the_older_ema_layout_resume_exactly(t
     for role, module in run.model.method.trainable_modules(run.model.components).items():
         for i, (name, _) in enumerate(module.named_parameters()):
             legacy[f"ema.{role}.{i}"] = state[f"ema/{role}.{name}"]
-        legacy[f"ema.{role}.optimization_step"] = state["ema/optimization_step"]
+        legacy[f"ema.{role}.optimization_step"] = state["ema/optimization_step"].clone()
     assert len(legacy) > len(state) - 1  # one optimization_step per role instead of one in all
     save_safetensors(legacy, folder / "trainable.safetensors")
+    blob = torch.load(folder / "training_state.pt", weights_only=False)
+    groups = blob["optimizer"]["param_groups"]
+    assert len(groups) == 2  # denoiser, text encoder
+    merged = {k: v for k, v in groups[0].items() if k not in ("params", "name")}
+    blob["optimizer"]["param_groups"] = [{**merged, "params": groups[0]["params"] + groups[1]["params"]}]
+    for key in ("base_lrs", "_last_lr"):
+        blob["scheduler"][key] = blob["scheduler"][key][:1]
+    torch.save(blob, folder / "training_state.pt")
     manifest = json.loads((folder / ckpt.MANIFEST).read_text())
-    manifest["files"]["trainable.safetensors"] = file_sha256(folder / "trainable.safetensors")
+    for name in ("trainable.safetensors", "training_state.pt"):
+        manifest["files"][name] = file_sha256(folder / name)
     (folder / ckpt.MANIFEST).write_text(json.dumps(manifest))
 
-    train(config(out, resume="latest"), log=lambda _m: None)
+    messages = []
+    train(config(out, resume="latest"), log=messages.append)
+    assert any("optimizer state had 1 parameter group(s), this run has 2" in m for m in messages)
     files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.safetensors")
                    if "checkpoints" not in p.parts)
     assert files

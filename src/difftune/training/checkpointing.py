@@ -51,7 +51,7 @@ def load_for_resume(folder: Path, config: Config, fingerprint: str, accelerator,
 
 
 def restore_before_wrapping(state: ckpt.TrainingState, method, components, optimizer, scheduler,
-                            sharded_run: bool = False) -> None:
+                            sharded_run: bool = False, say=print) -> None:
     """Trainable weights (and their EMA), optimizer and schedule, into the modules and optimizer as built
     (FSDP: sharded)."""
     if state.sharded is not None:  # written by an FSDP run: loads sharded over any number of processes, or whole
@@ -68,8 +68,54 @@ def restore_before_wrapping(state: ckpt.TrainingState, method, components, optim
             except ValueError as exc:
                 raise DifftuneError(f"method.ema: cannot resume: {exc}; resume without method.ema, "
                                     "or start afresh") from None
-        optimizer.load_state_dict(state.optimizer)
+        optimizer_state, scheduler_state = regrouped(state.optimizer, state.scheduler, optimizer, say)
+        optimizer.load_state_dict(optimizer_state)
+        scheduler.load_state_dict(scheduler_state)
+        return
     scheduler.load_state_dict(state.scheduler)
+
+
+#: Per-group lists in a learning-rate scheduler's state.
+_SCHEDULER_LISTS = ("base_lrs", "_last_lr")
+
+
+def regrouped(saved: dict, scheduler: dict, optimizer, say) -> tuple[dict, dict]:
+    """The saved optimizer and scheduler state arranged in ``optimizer``'s parameter groups.
+
+    A checkpoint written before difftune grouped parameters as it does now (one group where there are
+    now several, e.g. per model part) holds the same parameters in the same order: each parameter keeps
+    its state, and each new group the learning rate of the old group its first parameter was in.
+    """
+    groups = optimizer.state_dict()["param_groups"]
+    old = saved["param_groups"]
+    if len(old) == len(groups):
+        return saved, scheduler
+    flat_old = [(g, i) for g, group in enumerate(old) for i in group["params"]]
+    if len(flat_old) != sum(len(g["params"]) for g in groups):
+        raise DifftuneError(
+            f"train.resume: the checkpoint's optimizer holds {len(flat_old)} parameters in {len(old)} group(s), "
+            f"this run trains {sum(len(g['params']) for g in groups)}; resume with the settings it was written "
+            "with, or start afresh")
+    state, new_groups, source, k = {}, [], [], 0
+    for group in groups:
+        first_old_group = flat_old[k][0]
+        params = []
+        for new_index in group["params"]:
+            old_index = flat_old[k][1]
+            if old_index in saved["state"]:
+                state[new_index] = saved["state"][old_index]
+            params.append(new_index)
+            k += 1
+        hyper = {key: value for key, value in old[first_old_group].items() if key != "params"}
+        new_groups.append({**group, **hyper, "params": params})
+        source.append(first_old_group)
+    scheduler = dict(scheduler)
+    for key in _SCHEDULER_LISTS:
+        if isinstance(scheduler.get(key), list) and len(scheduler[key]) == len(old):
+            scheduler[key] = [scheduler[key][g] for g in source]
+    say(f"note: the checkpoint's optimizer state had {len(old)} parameter group(s), this run has {len(groups)}: "
+        "each parameter keeps its state and each group the learning rate it had")
+    return {"state": state, "param_groups": new_groups}, scheduler
 
 
 def restore_after_wrapping(state: ckpt.TrainingState, accelerator, say) -> None:

@@ -144,7 +144,7 @@ def setup(config: Config, log=print, output: RunFolder | None = None) -> Run:
     folder = checkpointing.resume_folder(config, paths, accelerator, say)
     state = checkpointing.load_for_resume(folder, config, fingerprint, accelerator, say) if folder else None
     if state is not None:
-        checkpointing.restore_before_wrapping(state, method, components, optimizer, scheduler, strategy.shards)
+        checkpointing.restore_before_wrapping(state, method, components, optimizer, scheduler, strategy.shards, say)
         say(f"resumed from {folder} at step {state.step}")
     info = resume.CheckpointInfo.read(state.info) if state else None
     guard = NonFiniteGuard(config.train.max_nan_steps, info.skipped_steps if info else 0)
