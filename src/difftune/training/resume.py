@@ -148,7 +148,7 @@ def check_compatible(info: CheckpointInfo, config: Config, fingerprint: str, wor
             f"{changes.describe(others)}")
     if benign:
         note = f"note: changed since the checkpoint (fine to resume): {changes.describe(benign)}"
-        if any(k in ("train.max_steps", "train.epochs") for k in benign) and config.train.lr_scheduler != "constant":
+        if any(k in ("train.max_steps", "train.epochs") for k in benign) and config.train.lr_scheduler not in ("constant", "constant_with_warmup"):
             note += f"; the {config.train.lr_scheduler} schedule now spans the new length"
         log(note)
     if info.world_size not in (None, world):
