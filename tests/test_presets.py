@@ -50,15 +50,7 @@ def test_presets_cover_every_family_method_and_variant():
     assert any(c.validation.holdout is not None for c in configs)
 
 
-SD1_PRESETS = [
-    pytest.param(p, marks=pytest.mark.xfail(
-        strict=True, raises=RuntimeError,
-        reason="known bug found by this test: a method that runs the text encoder in the training step "
-               "(textual inversion, pivotal) with bf16 mixed precision on CPU fails in the text encoder's "
-               "LayerNorm (bf16 frozen weights, fp32 input under CPU autocast)"))
-    if p.name in ("pivotal-tuning.toml", "textual-inversion.toml") else p
-    for p in PRESETS if "stable-diffusion-v1-5" in p.read_text()
-]
+SD1_PRESETS = [p for p in PRESETS if "stable-diffusion-v1-5" in p.read_text()]
 
 
 @pytest.mark.slow

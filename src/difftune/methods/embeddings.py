@@ -208,12 +208,21 @@ class LearnsTokens:
         self._encoder_names: list[str] = []
 
     def add_tokens(self, components: Components) -> None:
-        """Add the new rows to every text encoder; the embedding tables train in fp32."""
+        """Add the new rows to every text encoder; the embedding tables train in fp32.
+
+        The encoder's residual stream then runs in fp32, so its normalisation layers are kept in fp32
+        too: with low-precision frozen weights, CPU autocast (unlike CUDA's) does not cast a layer
+        norm's weights to its input's dtype, and a bf16 norm fails on an fp32 input.
+        """
         from diffusers.training_utils import cast_training_params
 
         self.embeddings.add(components)
         self._encoder_names = list(components.encoder_names)
         cast_training_params(components.text_encoders, dtype=torch.float32)
+        for encoder in components.text_encoders:
+            for module in encoder.modules():
+                if "norm" in type(module).__name__.lower() and any(True for _ in module.parameters(recurse=False)):
+                    module.float()
 
     def prepare_batch(self, batch: Batch) -> Batch:
         return batch.with_captions(self.embeddings.captions(batch.captions))

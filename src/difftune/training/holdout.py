@@ -8,7 +8,6 @@ is comparable across steps and across runs with the same data and seed.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -24,6 +23,7 @@ from difftune.data.sources import Example
 from difftune.fileio import atomic_write_text
 from difftune.seeds import derived_seed
 from difftune.training.loss import batch_conditioning, batch_latents, diffusion_losses
+from difftune.training.precision import autocast
 
 BEST_FILE = "best.json"
 
@@ -63,8 +63,7 @@ class HeldOutLoss:
         timesteps = objective.holdout_timesteps(self.cfg.loss_timesteps)
         total, count = 0.0, 0
         devices = [device] if device.type == "cuda" else []
-        amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
-        with torch.random.fork_rng(devices=devices), amp:
+        with torch.random.fork_rng(devices=devices), autocast(device, autocast_dtype):
             for indices in self.batches:
                 start = indices[0]
                 torch.manual_seed(derived_seed(self.seed, "holdout", start))

@@ -3,6 +3,7 @@ autocast dtype and the dtype of the frozen weights."""
 
 from __future__ import annotations
 
+import contextlib
 from functools import lru_cache
 from pathlib import Path
 
@@ -55,3 +56,8 @@ def weight_dtype(config: Config) -> torch.dtype:
     if config.model.dtype != "auto":
         return explicit[config.model.dtype]
     return {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[mixed_precision(config)]
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """``torch.autocast`` to ``dtype`` on ``device``'s type, or nothing when ``dtype`` is ``None``."""
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()

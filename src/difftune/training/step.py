@@ -11,6 +11,7 @@ from difftune.seeds import derived_seed
 from difftune.training import faults
 from difftune.training.distributed import full_value
 from difftune.training.loss import micro_batch_loss
+from difftune.training.precision import autocast, autocast_dtype
 from difftune.training.signals import StopRequest
 from difftune.training.state import Run
 
@@ -42,12 +43,17 @@ def train_step(run: Run, stop: StopRequest | None = None) -> StepOutcome:
     # Every random draw of this step comes from a seed derived from (seed, step, process).
     torch.manual_seed(step_seed(train.seed, run.step, run.rank))
     step_loss = torch.zeros((), device=run.device)
+    # The whole forward under autocast, frozen modules too (the accelerator's autocast wraps only the
+    # trainable ones; textual inversion feeds fp32 text states to a frozen bf16 denoiser). FSDP computes
+    # in its mixed-precision policy's dtype instead.
+    amp_dtype = None if model.strategy.shards else autocast_dtype(run.config)
     for micro in range(train.gradient_accumulation):
         batch = model.method.prepare_batch(next(run.batches))
         last = micro == train.gradient_accumulation - 1
         with contextlib.nullcontext() if last or run.world == 1 else model.strategy.no_sync(acc, model.wrapped):
-            loss = micro_batch_loss(model.family, model.train_view, model.objective, batch, run.device,
-                                    model.trains_text)
+            with autocast(run.device, amp_dtype):
+                loss = micro_batch_loss(model.family, model.train_view, model.objective, batch, run.device,
+                                        model.trains_text)
             acc.backward(loss / train.gradient_accumulation)
         step_loss += loss.detach()
     grad_norm = None

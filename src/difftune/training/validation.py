@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import gc
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from PIL import Image
 from difftune.config.resolve import ValidationSample
 from difftune.inference.images import make_grid
 from difftune.inference.sampling import sample_image
+from difftune.training.precision import autocast
 
 
 @torch.no_grad()
@@ -21,9 +21,8 @@ def sample_images(pipeline, samples: list[ValidationSample], device: torch.devic
     """One image per (sample, seed), made as ``difftune generate`` makes it (:func:`sample_image`);
     ``extra``: further pipeline arguments the training asks for (``guidance_rescale`` at zero terminal SNR)."""
     pipeline.set_progress_bar_config(disable=True)
-    ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
     out = []
-    with ctx:
+    with autocast(device, autocast_dtype):
         for index, s in enumerate(samples):
             for seed in s.seeds:
                 image = sample_image(pipeline, s.prompt, steps=s.steps, guidance=s.guidance_scale, seed=seed,
