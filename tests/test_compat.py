@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -118,3 +119,15 @@ def test_torchao_import_noise_is_dropped_and_other_warnings_kept():
         for name in ("torchao", "torch.utils._pytree"):
             logging.getLogger(name).removeHandler(handler)
     assert seen == ["something else"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchvision") is not None, reason="torchvision is installed")
+def test_the_no_torchvision_fallback_notice_is_not_shown():
+    """transformers says it falls back to PIL image processors without torchvision: difftune's intended path."""
+    code = ("import sys; from difftune.compat import quiet_import_noise; "
+            "sys.argv[1:] == ['quiet'] and quiet_import_noise(); from transformers import CLIPImageProcessor")
+    notice = "requires torchvision (not installed)"
+    loud = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert notice in loud.stderr  # what a user would see without the filter
+    quiet = subprocess.run([sys.executable, "-c", code, "quiet"], capture_output=True, text=True, check=True)
+    assert notice not in quiet.stderr, quiet.stderr

@@ -114,10 +114,13 @@ class BrokenInstall(DifftuneError, ImportError):
 #: Warnings installed packages log while being imported that say nothing about a difftune run:
 #: (logger, texts that all appear in the message). torchao (imported by peft when installed, and for
 #: ``model.quantize``) cannot load its optional compiled kernels (CUDA, MX formats) on this build and
-#: registers enums with torch's pytree, which torch answers with a deprecation notice.
+#: registers enums with torch's pytree, which torch answers with a deprecation notice. transformers
+#: says, when a pipeline loads, that it uses the PIL image processors because torchvision is not
+#: installed: difftune does not use torchvision (see ``KNOWN_BREAKS``), so that is the intended path.
 IMPORT_NOISE = (
     ("torchao", ("Failed to load", ".so")),
     ("torch.utils._pytree", ("is an Enum subclass and is now natively supported",)),
+    ("transformers.utils.import_utils", ("requires torchvision (not installed); falling back to",)),
 )
 
 
