@@ -21,6 +21,12 @@ from difftune.world.scene import Scene, caption
 BASE = "difftune:shapes"
 TRIGGER = "zorb"
 CONCEPT = "star"
+#: LoRA training steps (about 85 s on a 2-core CPU).
+STEPS = 800
+#: Renders of shapes the base knows, with their captions, mixed into training in equal share with the
+#: stars (regularisation images): without them the LoRA forgets backgrounds and colours it never saw
+#: with a star (the checkerboard became stripes; "other attributes" fell from 83 % to 64 %).
+KNOWN_SHAPES = 32
 
 #: The eight training images: known colours and backgrounds, but not all of them.
 TRAIN_SCENES = (
@@ -68,6 +74,11 @@ class DemoResult:
     others_before: float
     others_after: float
     images: int
+    #: Images whose prompt names a position, and how many show it there (the base does not follow
+    #: position words: docs/world.md), before and after.
+    positions: int = 0
+    position_before: int = 0
+    position_after: int = 0
     verdicts: dict[str, list[dict[str, str]]] = field(default_factory=dict)
 
 
@@ -84,12 +95,15 @@ def write_concept_data(folder: Path) -> Path:
     return write_images(folder, items, prefix=TRIGGER)
 
 
-def demo_config(data: Path, out: Path, steps: int) -> dict:
+def demo_config(data: Path, known: Path, out: Path, steps: int) -> dict:
+    """The run: a rank-16 LoRA on the UNet and the text encoder (which learns the new word), on the
+    stars in ``data`` and, in equal share, the known shapes in ``known`` (captioned without the trigger)."""
     return {
         "model": {"path": BASE},
-        "method": {"type": "lora", "rank": 16},
+        "method": {"type": "lora", "rank": 16, "train_text_encoder": True},
         "data": {"path": str(data), "resolution": 64, "center_crop": True, "random_flip": False,
-                 "repeats": 4, "cache_latents": True, "cache_text": True, "cache_dir": str(data.parent / "cache")},
+                 "repeats": 4, "cache_latents": True, "cache_dir": str(data.parent / "cache"),
+                 "datasets": [{"path": str(known), "weight": 1.0, "trigger": ""}]},
         "train": {"max_steps": steps, "learning_rate": 1e-3, "batch_size": 4, "lr_scheduler": "cosine",
                   "warmup_steps": min(20, steps), "mixed_precision": "bf16", "checkpoint_every": 0, "log_every": 25,
                   "seed": 0},
@@ -99,7 +113,7 @@ def demo_config(data: Path, out: Path, steps: int) -> dict:
     }
 
 
-def run_demo(steps: int = 400, workdir: str | Path | None = None, log=print) -> DemoResult:
+def run_demo(steps: int = STEPS, workdir: str | Path | None = None, log=print) -> DemoResult:
     """Train the LoRA, draw the before/after grid, print the judge's scores and where everything is."""
     from difftune.run_config import load_config
     from difftune.training.loop import train
@@ -110,11 +124,18 @@ def run_demo(steps: int = 400, workdir: str | Path | None = None, log=print) -> 
     if not (data / "metadata.jsonl").is_file():
         shutil.rmtree(data, ignore_errors=True)
         write_concept_data(data)
+    known = work / "known-shapes"
+    if not (known / "metadata.jsonl").is_file():
+        from difftune.world.data import write_pretraining_set
+
+        shutil.rmtree(known, ignore_errors=True)
+        write_pretraining_set(known, KNOWN_SHAPES)
     out = work / "run"
     if out.exists():  # the demo's own previous run (the folder carries the demo's marker)
         shutil.rmtree(out)
-    log(f"teaching {BASE} a new shape: {len(TRAIN_SCENES)} images of a star captioned \"{TRIGGER}\" ({data})")
-    config = load_config(data=demo_config(data, out, steps))
+    log(f"teaching {BASE} a new shape: {len(TRAIN_SCENES)} images of a star captioned \"{TRIGGER}\" ({data}), "
+        f"beside {KNOWN_SHAPES} images of shapes it knows ({known})")
+    config = load_config(data=demo_config(data, known, out, steps))
     started = time.perf_counter()
     train(config, log=log)
     train_seconds = time.perf_counter() - started
@@ -138,6 +159,16 @@ def _claim(work: Path, ours: bool) -> None:
     (work / MARKER).write_text("written by `difftune demo`: its images, caches and run are replaced when it runs again\n")
 
 
+#: Attributes left out of "other attributes still right": the concept itself, and the position, which
+#: the base does not follow (docs/world.md) and which the demo reports on its own line.
+NOT_SCORED = ("shape", "position")
+
+
+def _positions_right(verdicts, prompts) -> int:
+    return sum(v["position"] == p.expected["position"] for v, p in zip(verdicts, prompts, strict=True)
+               if "position" in p.expected)
+
+
 def _before_after(run: Path, work: Path, train_seconds: float, log) -> DemoResult:
     from difftune.bases import builtin_path
     from difftune.world.evaluate import load_pipeline, other_attributes_right, sample, score
@@ -154,17 +185,22 @@ def _before_after(run: Path, work: Path, train_seconds: float, log) -> DemoResul
         run=run, grid=work / "demo-grid.png", train_seconds=train_seconds,
         concept_before=sum(v["shape"] == CONCEPT for v in verdicts_before),
         concept_after=sum(v["shape"] == CONCEPT for v in verdicts_after),
-        others_before=other_attributes_right(verdicts_before, prompts),
-        others_after=other_attributes_right(verdicts_after, prompts),
+        others_before=other_attributes_right(verdicts_before, prompts, skip=NOT_SCORED),
+        others_after=other_attributes_right(verdicts_after, prompts, skip=NOT_SCORED),
         images=len(prompts), verdicts={"before": verdicts_before, "after": verdicts_after},
+        positions=sum("position" in p.expected for p in prompts),
+        position_before=_positions_right(verdicts_before, prompts),
+        position_after=_positions_right(verdicts_after, prompts),
     )
     before_after_grid(before, after, verdicts_before, verdicts_after).save(result.grid)
     n = result.images
     log("")
     log(f"LoRA trained in {train_seconds:.0f} s. The judge, on {n} images (same prompts and seeds, base -> adapted):")
     log(f"  shows the new concept ({CONCEPT}): {result.concept_before}/{n} -> {result.concept_after}/{n}")
-    log(f"  other attributes still right (colour, size, position, background): "
+    log(f"  other attributes still right (colour, size, background): "
         f"{result.others_before:.0%} -> {result.others_after:.0%}")
+    log(f"  position as asked: {result.position_before}/{result.positions} -> {result.position_after}/"
+        f"{result.positions} (the base does not follow position words; chance is 1 in 5)")
     log(f"  before/after grid: {result.grid}")
     log(f"  adapter:     {run / 'pytorch_lora_weights.safetensors'}")
     log(f"  model card:  {run / 'README.md'}")

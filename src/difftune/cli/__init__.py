@@ -63,7 +63,7 @@ def cmd_init(args) -> int:
 def cmd_demo(args) -> int:
     from difftune.demo import run_demo
 
-    run_demo(steps=args.steps, workdir=args.dir)
+    run_demo(**({"steps": args.steps} if args.steps is not None else {}), workdir=args.dir)
     return 0
 
 
@@ -200,7 +200,8 @@ COMMANDS: dict[str, tuple[Callable, str, Callable[[argparse.ArgumentParser], Non
     "validate": (cmd_validate, "check a config and its paths without loading weights", _add_config_args),
     "init": (cmd_init, "print a commented starter config", None),
     "demo": (cmd_demo, "teach the embedded base a new shape with a LoRA; before/after grid and scores (no download, CPU)",
-             lambda p: (p.add_argument("--steps", type=int, default=400, help="LoRA training steps (default 400)"),
+             lambda p: (p.add_argument("--steps", type=int, default=None,
+                                         help="LoRA training steps (default: the demo's own, 800)"),
                         p.add_argument("--dir", default=None, help="work folder (default: a cache folder)"))),
     "data": (cmd_data, "check or prepare a dataset (difftune data check|prepare ...)", _add_data_args),
     "cache": (cmd_cache, "fill the latent/text caches of a config ahead of training", _add_config_args),
