@@ -71,3 +71,13 @@ def test_run_prints_logs_and_cards_the_block_and_samples_at_zero_terminal_snr(
     assert calls[0][0] == 0.7 and calls[0][1]["rescale_betas_zero_snr"]
     preview = np.asarray(Image.open(out / "samples" / "step-1" / "00-seed0.png"))
     assert np.array_equal(preview, np.asarray(Image.open(gen / "00-00-seed0.png")))
+
+
+def test_the_block_states_each_group_its_given_rate_not_the_warm_up_start(tmp_path, tiny_sd, shapes_data,
+                                                                          run_config):
+    raw = run_config(tiny_sd, shapes_data, tmp_path / "out", method={"train_text_encoder": True},
+                     train={"max_steps": 20, "learning_rate": 1e-3, "warmup_steps": 10, "lr_scheduler": "cosine"})
+    messages = []
+    setup(load_config(data=raw), log=messages.append)
+    block = next(m for m in messages if m.startswith("active options:"))
+    assert "learning rates: denoiser 0.001, text_encoder 0.001" in block, block

@@ -323,7 +323,8 @@ def _options(config: Config, model: Trainee, optimizer, paths: RunPaths, is_main
     groups = [g for g in optimizer.param_groups if g.get("name")]
     block = options_block(config, run_facts(config, model))
     if len(groups) > 1:
-        block += "\n  learning rates: " + ", ".join(f"{g['name']} {g['lr']:g}" for g in groups)
+        # initial_lr: the rate each group was given (lr itself is already scaled by the warm-up's first step)
+        block += "\n  learning rates: " + ", ".join(f"{g['name']} {g.get('initial_lr', g['lr']):g}" for g in groups)
     if is_main:
         paths.logs.mkdir(parents=True, exist_ok=True)
         atomic_write_text(paths.logs / "options.txt", block + "\n")
