@@ -132,3 +132,25 @@ def test_progress_bar_shows_loss_learning_rate_speed_and_time_left(tmp_path, tin
     assert "loss=" in last and "lr=" in last
     assert "step/s" in last or "s/step" in last  # speed
     assert "<00:00" in last  # elapsed<remaining
+
+
+def test_a_text_encoder_lora_from_a_local_folder_saves_without_peft_guessing_the_vocabulary(
+        tiny_sd, shapes_data, tmp_path, run_config):
+    """peft's "auto" embedding check warned on every export from a local diffusers folder."""
+    import warnings
+
+    from difftune.methods import METHODS
+    from difftune.models import detect_family, get_family
+    from difftune.models.loading import resolve_source
+
+    cfg = load_config(data=run_config(tiny_sd, shapes_data, tmp_path, method={"train_text_encoder": True}))
+    source = resolve_source(str(tiny_sd))
+    family = get_family(detect_family(source), cfg.model, cfg.train)
+    components = family.load(source, dtype=torch.float32)
+    method = METHODS.get("lora").build(cfg.method, family)
+    method.prepare(components)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layers = method.lora_layers(components)
+    assert set(layers) == {"unet", "text_encoder"}
+    assert all("lora_" in k for state, _ in layers.values() for k in state)

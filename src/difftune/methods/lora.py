@@ -128,7 +128,9 @@ class LoRA(Method):
 
         out = {}
         for prefix, module in self.lora_modules(components).items():
-            state = get_peft_model_state_dict(module)
+            # Adapter tensors only: a LoRA file never carries whole embedding tables (peft's "auto" would
+            # look for the base's config to decide, and warn when it is a local folder without one).
+            state = get_peft_model_state_dict(module, save_embedding_layers=False)
             out[prefix] = (state, adapter_config_dict(module))
         return out
 
