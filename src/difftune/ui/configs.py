@@ -10,8 +10,9 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from difftune.bases import is_builtin
 from difftune.config.loader import field_choices, toml_value, type_name
-from difftune.config.rules import BUILTIN_PREFIX, looks_local
+from difftune.config.rules import looks_local
 from difftune.config.schema import SECTIONS
 from difftune.errors import DifftuneError
 from difftune.run_config import load_config, registered_choices
@@ -142,11 +143,6 @@ def check(text: str, root: Root, name: str = "run.toml") -> dict:
                                    f"data {config.data.path})"}
 
 
-def is_builtin_model(value: str) -> bool:
-    """A built-in model name such as ``difftune:shapes`` (resolved by difftune, not a path)."""
-    return value.startswith(BUILTIN_PREFIX)
-
-
 def outside_root(raw: dict, root: Root) -> str | None:
     """A message naming the first path key whose file or folder lies outside the root, else None."""
     named = []
@@ -163,7 +159,7 @@ def outside_root(raw: dict, root: Root) -> str | None:
         if key == "train.resume" and value == "latest":
             continue
         if key in ("model.path", "model.config", "data.path") or key.startswith("data.datasets"):
-            if is_builtin_model(value) or not looks_local(value):
+            if is_builtin(value) or not looks_local(value):
                 continue  # a Hub id, or a built-in model
         if not root.contains(value):
             return (f"{key}: {value} is outside the root folder {root.path}; the web app only uses files under "
