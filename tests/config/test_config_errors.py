@@ -153,3 +153,14 @@ def test_distributed_settings_it_cannot_honour_are_refused(tmp_path, good, overr
     with pytest.raises(ConfigError) as err:
         load_config(write(tmp_path, good), overrides)
     assert expected in str(err.value)
+
+
+def test_set_none_unsets_an_optional_key_and_nothing_else(tmp_path, tiny_sd, shapes_data):
+    path = tmp_path / "c.toml"
+    path.write_text(f'version = 1\n[model]\npath = "{tiny_sd}"\n[data]\npath = "{shapes_data}"\n'
+                    f'[train]\nsnr_gamma = 5.0\n[output]\ndir = "{tmp_path / "out"}"\n')
+    assert load_config(path).train.snr_gamma == 5.0
+    assert load_config(path, overrides=["train.snr_gamma=none"]).train.snr_gamma is None
+    with pytest.raises(ConfigError, match="train.learning_rate"):  # a key that must have a value
+        load_config(path, overrides=["train.learning_rate=none"])
+    assert load_config(path, overrides=["logging.report_to=none"]).logging.report_to == "none"  # a word

@@ -179,7 +179,8 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="run config (TOML)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set train.learning_rate=5e-5 (repeatable)")
+                   help="override a config key, e.g. --set train.learning_rate=5e-5 (repeatable); "
+                        "--set KEY=none unsets a key that may be left unset, e.g. train.snr_gamma")
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:

@@ -119,10 +119,16 @@ def type_name(tp: Any) -> str:
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
 
 
+#: The word that unsets a key whose value may be absent and is not text (``--set train.snr_gamma=none``).
+UNSET = "none"
+
+
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value == UNSET and str not in args:  # ``--set train.snr_gamma=none``: back to unset
+            return None
         if len(args) == 1:  # ``X | None``: X's own reason (``not a finite number``, ...)
             return _coerce(key, value, args[0])
         for arg in args:
