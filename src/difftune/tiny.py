@@ -289,7 +289,7 @@ def build_tiny_sdxl(folder: str | Path, *, seed: int = 0) -> Path:
     return _save(pipe, folder, scratch)
 
 
-def build_tiny_sd3(folder: str | Path, *, seed: int = 0) -> Path:
+def build_tiny_sd3(folder: str | Path, *, seed: int = 0, num_layers: int = 2) -> Path:
     """A tiny SD3-architecture folder: MMDiT, CLIP-L + CLIP-G (with projection) + T5, a 16-channel VAE."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
@@ -298,7 +298,7 @@ def build_tiny_sd3(folder: str | Path, *, seed: int = 0) -> Path:
     tok, t5_tok, scratch = _tiny_tokenizers(folder, t5=True)
     hidden = 32
     transformer = SD3Transformer2DModel(
-        sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
+        sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=num_layers, attention_head_dim=8,
         num_attention_heads=2, joint_attention_dim=2 * hidden, caption_projection_dim=16,
         pooled_projection_dim=2 * hidden, pos_embed_max_size=32,
     )

@@ -60,12 +60,12 @@ def test_resume_from_own_checkpoint_mid_epoch(tmp_path, tiny_sd, shapes_data, ru
 def test_damaged_newest_checkpoint_falls_back(tmp_path, tiny_sd, shapes_data, run_config, capsys):
     out = tmp_path / "a"
     train(_cfg(run_config, tiny_sd, shapes_data, out))
-    newest = out / "checkpoints" / "step-4"
+    newest = out / "checkpoints" / "step-6"  # the last step has a checkpoint too
     (newest / "trainable.safetensors").write_bytes(b"garbage")
     messages = []
     found = ckpt.find_resumable(out / "checkpoints", log=messages.append)
-    assert found == out / "checkpoints" / "step-2"
-    assert "step-4 is damaged (trainable.safetensors does not match its checksum)" in messages[0]
+    assert found == out / "checkpoints" / "step-4"
+    assert "step-6 is damaged (trainable.safetensors does not match its checksum)" in messages[0]
 
 
 def test_retention_keeps_newest(tmp_path):

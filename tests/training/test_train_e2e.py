@@ -120,8 +120,8 @@ def test_adapter_loads_in_diffusers_with_every_key_and_changes_the_image(finishe
 def test_run_folder_contents(finished_run, tiny_sd):
     cfg, result = finished_run
     out = Path(cfg.output.dir)
-    # Checkpoints at 25, 50, 75 (none at the final step); only the newest two are kept.
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-50", "step-75"]
+    # Checkpoints at 25, 50, 75 and the final step 100; only the newest two are kept.
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-100", "step-75"]
     for step in (50, 100):
         folder = out / "samples" / f"step-{step}"
         assert sorted(p.name for p in folder.iterdir()) == [

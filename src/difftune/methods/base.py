@@ -26,6 +26,8 @@ class Method(ABC):
         self.family = family
         #: The moving average of the trained parameters (``method.ema``), made by :meth:`start_ema`.
         self.ema = None
+        #: What :meth:`prepare` adapted to the model (e.g. default targets it lacks), for the run's log.
+        self.notes: list[str] = []
 
     def start_ema(self, components: Components) -> None:
         """With ``method.ema``: start the average of every trainable parameter (call after :meth:`prepare`)."""

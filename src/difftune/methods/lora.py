@@ -31,13 +31,36 @@ def module_table_header(tensors: dict[str, torch.Tensor], header: dict[str, str]
     return {MODULES_META_KEY: modules_metadata(from_diffusers(tensors, header, strict=False))}
 
 
+def matching_targets(module: nn.Module, targets: list[str]) -> list[str]:
+    """The targets that match at least one module name (as peft matches a suffix)."""
+    names = [n for n, _ in module.named_modules()]
+    return [t for t in targets if any(re.search(rf"(^|\.){re.escape(t)}$", n) for n in names)]
+
+
 def check_targets(module: nn.Module, targets: list[str], key: str, where: str) -> None:
     """Every target must match at least one module name (peft only complains when none match)."""
-    names = [n for n, _ in module.named_modules()]
+    found = matching_targets(module, targets)
     for target in targets:
-        pattern = re.compile(rf"(^|\.){re.escape(target)}$")
-        if not any(pattern.search(n) for n in names):
+        if target not in found:
             raise ConfigError(f"{key}: {target!r} matches no module in the {where}")
+
+
+def resolve_targets(module: nn.Module, written: list[str], defaults: tuple[str, ...], key: str, where: str,
+                    notes: list[str]) -> list[str]:
+    """Targets the user wrote stay strict; the family's defaults adapt to the model (those it lacks are
+    dropped, with a note saying which)."""
+    if written:
+        check_targets(module, written, key, where)
+        return list(written)
+    found = matching_targets(module, list(defaults))
+    if not found:
+        raise ConfigError(f"{key}: none of the default targets ({', '.join(defaults)}) matches a module in the "
+                          f"{where}; set {key}")
+    dropped = [t for t in defaults if t not in found]
+    if dropped:
+        notes.append(f"note: {key}: this {where} has no {', '.join(dropped)} module; the default LoRA targets "
+                     f"used are {', '.join(found)}")
+    return found
 
 
 #: Variants whose file diffusers' loaders read, and the call that loads them (``{folder}`` is filled in).
@@ -75,7 +98,8 @@ class LoRA(Method):
         )
 
     def denoiser_targets(self) -> list[str]:
-        return list(self.cfg.targets or self.family.default_lora_targets)
+        """The denoiser's targets: as prepared (defaults the model lacks dropped), else as configured."""
+        return list(getattr(self, "_denoiser_targets", None) or self.cfg.targets or self.family.default_lora_targets)
 
     def text_encoder_targets(self) -> list[str]:
         return list(self.cfg.text_encoder_targets or self.family.default_text_encoder_lora_targets)
@@ -86,15 +110,17 @@ class LoRA(Method):
         for module in (components.denoiser, components.vae, *components.text_encoders):
             if module is not None:  # encoders already released after caching
                 module.requires_grad_(False)
-        targets = self.denoiser_targets()
-        check_targets(components.denoiser, targets, "method.targets", self.family.denoiser_name)
+        self._denoiser_targets = targets = resolve_targets(
+            components.denoiser, self.cfg.targets, self.family.default_lora_targets, "method.targets",
+            self.family.denoiser_name, self.notes)
         components.denoiser.add_adapter(self.lora_config(targets))
         if self.cfg.train_text_encoder:
-            te_targets = self.text_encoder_targets()
             encoders = dict(zip(components.encoder_names, components.text_encoders, strict=True))
             for name in self.family.lora_encoder_names(components):
                 encoder = encoders[name]
-                check_targets(encoder, te_targets, "method.text_encoder_targets", name)
+                te_targets = resolve_targets(encoder, self.cfg.text_encoder_targets,
+                                             self.family.default_text_encoder_lora_targets,
+                                             "method.text_encoder_targets", name, self.notes)
                 encoder.add_adapter(self.lora_config(te_targets))
         cast_training_params(list(self.trainable_modules(components).values()), dtype=torch.float32)
 

@@ -30,6 +30,7 @@ class StableDiffusionXL(ModelFamily):
     single_file_types = ("xl_base",)
     tool_metadata = {"ss_base_model_version": "sdxl_base_v1-0"}
     tool_embedding_keys = ("clip_l", "clip_g")
+    embedding_save_keys = ("clip_l", "clip_g")  # learned_embeds.safetensors, as difftune generate and diffusers read it
     pipeline_kwargs = {"add_watermarker": False}
 
     def pipeline_class(self) -> type:

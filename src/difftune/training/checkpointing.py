@@ -50,12 +50,25 @@ def load_for_resume(folder: Path, config: Config, fingerprint: str, accelerator,
     return state
 
 
+#: What the config sets in each optimizer parameter group: on resume these apply over the checkpoint's.
+HYPER_PARAMETERS = ("lr", "initial_lr", "betas", "weight_decay", "eps")
+
+
 def restore_before_wrapping(state: ckpt.TrainingState, method, components, optimizer, scheduler,
-                            sharded_run: bool = False, say=print) -> None:
-    """Trainable weights (and their EMA), optimizer and schedule, into the modules and optimizer as built
-    (FSDP: sharded)."""
+                            sharded_run: bool = False, say=print) -> float:
+    """Trainable weights (and their EMA), optimizer state and schedule position, into the modules and
+    optimizer as built (FSDP: sharded).
+
+    The config's hyper-parameters (learning rate, betas, weight decay, epsilon) apply over the
+    checkpoint's, so what the run reports is what it runs: the schedule continues from the
+    checkpoint's step with the configured base rates. Returns the checkpoint's base rate relative to
+    this run's (1.0: unchanged; per-group multipliers such as LoRA+ cancel out).
+    """
+    configured = [{k: g[k] for k in HYPER_PARAMETERS if k in g} for g in optimizer.param_groups]
+    base_lrs = list(scheduler.base_lrs)
     if state.sharded is not None:  # written by an FSDP run: loads sharded over any number of processes, or whole
         load_sharded(state.sharded, method.trainable_modules(components), optimizer)
+        scheduler_state = state.scheduler
     elif sharded_run:
         raise DifftuneError("train.resume: the checkpoint was written by a train.distributed "
                             "= \"ddp\" run (whole weights); resume it with train.distributed = \"ddp\"")
@@ -70,9 +83,29 @@ def restore_before_wrapping(state: ckpt.TrainingState, method, components, optim
                                     "or start afresh") from None
         optimizer_state, scheduler_state = regrouped(state.optimizer, state.scheduler, optimizer, say)
         optimizer.load_state_dict(optimizer_state)
-        scheduler.load_state_dict(scheduler_state)
-        return
-    scheduler.load_state_dict(state.scheduler)
+    scheduler.load_state_dict(scheduler_state)
+    ratio = float(scheduler.base_lrs[0]) / float(base_lrs[0])
+    for group, values in zip(optimizer.param_groups, configured, strict=True):
+        group.update(values)
+    factors = getattr(scheduler, "lr_lambdas", None)
+    rates = ([base * f(scheduler.last_epoch) for base, f in zip(base_lrs, factors, strict=True)] if factors else
+             [g["lr"] * base / old for g, base, old in zip(optimizer.param_groups, base_lrs, scheduler.base_lrs,
+                                                           strict=True)])
+    scheduler.base_lrs = base_lrs
+    for group, rate in zip(optimizer.param_groups, rates, strict=True):
+        group["lr"] = rate
+    scheduler._last_lr = rates  # what get_last_lr() reports (the progress bar, trackers)
+    return ratio
+
+
+def learning_rate_segments(info: CheckpointInfo, before: float, lr: float, say) -> list[list[float]]:
+    """``[[step, learning rate], ...]``: the rates the run has trained with, from the checkpoint on."""
+    segments = [list(s) for s in (info.lr_segments or [[0, before]])]
+    if before != lr:
+        segments.append([info.step, lr])
+        say(f"train.learning_rate: the resumed optimizer and schedule use {lr:g} ({before:g} before), "
+            f"applied from step {info.step}")
+    return segments
 
 
 #: Per-group lists in a learning-rate scheduler's state.
@@ -84,7 +117,8 @@ def regrouped(saved: dict, scheduler: dict, optimizer, say) -> tuple[dict, dict]
 
     A checkpoint written before difftune grouped parameters as it does now (one group where there are
     now several, e.g. per model part) holds the same parameters in the same order: each parameter keeps
-    its state, and each new group the learning rate of the old group its first parameter was in.
+    its state, and each new group the learning rate of the old group its first parameter was in (the
+    schedule's position; ``restore_before_wrapping`` then applies the configured rates over it).
     """
     groups = optimizer.state_dict()["param_groups"]
     old = saved["param_groups"]
@@ -114,7 +148,7 @@ def regrouped(saved: dict, scheduler: dict, optimizer, say) -> tuple[dict, dict]
         if isinstance(scheduler.get(key), list) and len(scheduler[key]) == len(old):
             scheduler[key] = [scheduler[key][g] for g in source]
     say(f"note: the checkpoint's optimizer state had {len(old)} parameter group(s), this run has {len(groups)}: "
-        "each parameter keeps its state and each group the learning rate it had")
+        "each parameter keeps its state and each group the configured learning rate")
     return {"state": state, "param_groups": new_groups}, scheduler
 
 
@@ -138,6 +172,7 @@ def save(run: Run, step: int | None = None, *, scheduler_state: dict | None = No
                            run.micro_batch_at(step), run.world, run.guard.skipped if skipped is None else skipped,
                            __version__)
     info.holdout = run.held_out.checkpoint_facts(step) if run.held_out else None
+    info.lr_segments = run.lr_segments or None
     root = run.paths.checkpoints
     state = _training_state(run, step, scheduler_state) if run.is_main else None
     model = run.model

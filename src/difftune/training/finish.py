@@ -102,7 +102,8 @@ def training_facts(run: Run) -> dict[str, object]:
     config, result, t = run.config, run.result, run.config.train
     facts: dict[str, object] = {
         "Steps": run.step,
-        "Learning rate": f"{run.lr:g} ({t.lr_scheduler}, {t.warmup_steps} warm-up steps)",
+        "Learning rate": f"{rate_history(run.lr_segments or [[0, run.lr]])} ({t.lr_scheduler}, "
+                         f"{t.warmup_steps} warm-up steps)",
         "Optimizer": f"{t.optimizer} (β1 {t.adam_beta1}, β2 {t.adam_beta2}, weight decay {t.weight_decay})",
         "Batch": f"{t.batch_size} × {t.gradient_accumulation} accumulation × {run.world} process(es)",
         "Resolution": config.data.resolution,
@@ -124,6 +125,15 @@ def training_facts(run: Run) -> dict[str, object]:
         pp = config.prior_preservation
         facts["Prior preservation"] = f"`{pp.class_prompt}`, {pp.num_class_images} class images, weight {pp.loss_weight}"
     return facts
+
+
+def rate_history(segments: list[list[float]]) -> str:
+    """``0.004 from step 200 (0.001 before)``: the learning rates a resumed run trained with."""
+    (last_step, last), earlier = segments[-1], segments[:-1]
+    if not earlier:
+        return f"{last:g}"
+    before = ", ".join(f"{rate:g}" + (f" from step {step}" if step else "") for step, rate in earlier)
+    return f"{last:g} from step {last_step} ({before} before)"
 
 
 def write_card(run: Run) -> None:

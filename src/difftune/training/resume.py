@@ -79,6 +79,8 @@ class CheckpointInfo:
     skipped_steps: int = 0
     #: Held-out facts at this step (``{"val_loss": ..., "best": ...}``), if evaluated then.
     holdout: dict | None = None
+    #: ``[[step, learning rate], ...]``: the base rate from each step on (a resume may change it).
+    lr_segments: list | None = None
 
     @classmethod
     def read(cls, info: dict) -> CheckpointInfo:
@@ -89,6 +91,7 @@ class CheckpointInfo:
             config=info.get("config"), world_size=info.get("world_size"),
             data=DataPosition(**{k: v for k, v in data.items() if k in known}) if data else None,
             skipped_steps=info.get("skipped_steps", 0), holdout=info.get("holdout"),
+            lr_segments=info.get("lr_segments"),
         )
 
     def to_json(self) -> dict:

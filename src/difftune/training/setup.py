@@ -143,10 +143,13 @@ def setup(config: Config, log=print, output: RunFolder | None = None) -> Run:
     scheduler = build_scheduler(optimizer, config.train, steps)
     folder = checkpointing.resume_folder(config, paths, accelerator, say)
     state = checkpointing.load_for_resume(folder, config, fingerprint, accelerator, say) if folder else None
-    if state is not None:
-        checkpointing.restore_before_wrapping(state, method, components, optimizer, scheduler, strategy.shards, say)
-        say(f"resumed from {folder} at step {state.step}")
     info = resume.CheckpointInfo.read(state.info) if state else None
+    lr_segments = [[0, lr]]
+    if state is not None:
+        ratio = checkpointing.restore_before_wrapping(state, method, components, optimizer, scheduler,
+                                                      strategy.shards, say)
+        say(f"resumed from {folder} at step {state.step}")
+        lr_segments = checkpointing.learning_rate_segments(info, lr * ratio, lr, say)
     guard = NonFiniteGuard(config.train.max_nan_steps, info.skipped_steps if info else 0)
     model, optimizer = _wrap(config, accelerator, loaded, method, objective, optimizer, say, strategy, skeletons)
     if state is not None:
@@ -163,7 +166,8 @@ def setup(config: Config, log=print, output: RunFolder | None = None) -> Run:
               batches=_batches(config, data, monitor), lr=lr, total_steps=steps, step=step, first_step=step,
               first_micro_batch=data.order.start, fingerprint=fingerprint, result=RunResult(paths.root, [], steps),
               progress=_progress(steps, step, accelerator.is_main_process), live=live,
-              losses=LossMeter(torch.zeros((), device=accelerator.device)), saved_step=step, folder=output)
+              losses=LossMeter(torch.zeros((), device=accelerator.device)), saved_step=step, folder=output,
+              lr_segments=lr_segments)
     for module in model.trainable_modules():
         module.train()
     start_training(optimizer)
@@ -221,6 +225,8 @@ def _model(config: Config, accelerator, log) -> tuple[LoadedModel, Method, objec
     torch.manual_seed(config.train.seed)  # new weights (LoRA A matrices, ...) start from the seed too
     method.prepare(components)
     method.start_ema(components)
+    for note in method.notes if accelerator.is_main_process else ():
+        log(note)
     objective = OBJECTIVES.get(family.objective)(family.objective_settings(components), config.train)
     if objective.sampling.get("scheduler"):  # e.g. zero terminal SNR: validation and export sample to match
         scheduler = components.noise_scheduler

@@ -145,6 +145,8 @@ class Run:
     saved_step: int = 0
     #: The output folder, locked while the run runs (:class:`~difftune.training.run_folder.RunFolder`).
     folder: Any = None
+    #: ``[[step, learning rate], ...]``: the base rate from each step on (changed by a resume).
+    lr_segments: list = field(default_factory=list)
 
     @property
     def samples(self) -> list[ValidationSample]:
