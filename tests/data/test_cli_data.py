@@ -100,3 +100,24 @@ def test_training_over_a_messy_folder_completes(tiny_sd, tmp_path, run_config, c
     assert result.steps == 3 and all(np.isfinite(loss) for _, loss in result.losses)
     card = (tmp_path / "out" / "README.md").read_text()
     assert "| Dataset | 5 images (14 skipped:" in card and "1 too large" in card
+
+
+def test_prepare_never_writes_over_a_folder_the_source_or_a_file(tmp_path, capsys):
+    from difftune.tiny import make_tiny_dataset
+
+    src = make_tiny_dataset(tmp_path / "parent" / "src", n=2, size=40)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "my own caption"}\n')
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    cases = [(mine, "already holds files"), (tmp_path / "parent", "holds the source folder"),
+             (src / "inside", "must be outside the source folder"), (afile, "is a file, not a folder")]
+    for dst, expected in cases:
+        assert main(["data", "prepare", str(src), str(dst), "--size", "32"]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and expected in err[0] and str(dst) in err[0]
+    assert (mine / "metadata.jsonl").read_text() == '{"file_name": "a.png", "text": "my own caption"}\n'
+    assert not (src / "inside").exists()
+    assert main(["data", "prepare", str(src), str(mine), "--size", "32", "--overwrite"]) == 0
+    assert "my own caption" not in (mine / "metadata.jsonl").read_text()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from difftune.adapters import kohya
@@ -38,25 +39,44 @@ def adapter_tensors(adapter: LoraAdapter, fmt: str, family: str | None = None):
     raise DifftuneError(f"--to: unknown format {fmt!r}; choose one of {', '.join(TARGET_FORMATS)}")
 
 
-def write_adapter(adapter: LoraAdapter, out: str | Path, fmt: str = "diffusers", family: str | None = None) -> Path:
+def write_adapter(adapter: LoraAdapter, out: str | Path, fmt: str = "diffusers", family: str | None = None,
+                  inputs: tuple[str | Path, ...] = ()) -> Path:
     """Write ``adapter`` as one safetensors file (``out`` may be a folder: the diffusers file name is used).
 
     ``family`` picks the kohya naming of transformer families (default: the adapter's recorded family).
+    ``inputs``: the files it was read from, which are never written over.
     """
     out = Path(out)
     if out.is_dir() or out.suffix != ".safetensors":
         out = out / "pytorch_lora_weights.safetensors"
+    refuse_writing_over_inputs(out, inputs)
     tensors, header = adapter_tensors(adapter, fmt, family)
     header["difftune.format"] = fmt
-    save_safetensors({k: v.contiguous() for k, v in tensors.items()}, out, header)
+    try:
+        save_safetensors({k: v.contiguous() for k, v in tensors.items()}, out, header)
+    except OSError as exc:
+        raise DifftuneError(f"-o {out}: cannot write it ({exc.strerror or exc})") from None
     return out
+
+
+def refuse_writing_over_inputs(out: Path, inputs: tuple[str | Path, ...]) -> None:
+    """A tool never writes its result over one of its own input files."""
+    if not out.exists():
+        return
+    for given in inputs:
+        try:
+            source = resolve_weight_file(given)
+        except DifftuneError:
+            continue
+        if source.exists() and os.path.samefile(source, out):
+            raise DifftuneError(f"-o {out}: that is the input {given}; write the result to another file")
 
 
 def convert(src: str | Path, to: str, out: str | Path, *, allow_pickle: bool = False,
             module_names: dict[str, list[str]] | None = None, unet_config=None, family: str | None = None) -> Path:
     adapter = read_adapter(src, allow_pickle=allow_pickle, module_names=module_names, unet_config=unet_config,
                            family=family)
-    return write_adapter(adapter, out, to, family)
+    return write_adapter(adapter, out, to, family, inputs=(src,))
 
 
 def describe(path: str | Path) -> str:

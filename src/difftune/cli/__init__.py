@@ -119,7 +119,8 @@ def cmd_data_prepare(args) -> int:
     from difftune.data.prepare import prepare_folder
 
     result = prepare_folder(args.src, args.dst, size=args.size, crop=args.crop, fmt=args.format,
-                            caption=args.caption, min_images=args.min_images, background=args.background)
+                            caption=args.caption, min_images=args.min_images, background=args.background,
+                            overwrite=args.overwrite)
     for p in result.problems:
         if p.severity != "note":
             print(f"{p.severity}: {p.line}")
@@ -173,6 +174,8 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     prep.add_argument("--caption", default=None, help="caption for images without one, e.g. \"a photo of sks dog\"")
     prep.add_argument("--min-images", type=int, default=5, help="warn below this many images (default 5)")
     prep.add_argument("--background", default="white", help="colour under transparent pixels")
+    prep.add_argument("--overwrite", action="store_true",
+                      help="write into an output folder that already holds files (replacing same-named ones)")
     prep.set_defaults(data_func=cmd_data_prepare)
 
 
@@ -236,6 +239,10 @@ def main(argv: list[str] | None = None) -> int:
     except DifftuneError as exc:
         print(f"difftune: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # a path that cannot be read or written (permission, read-only, not a folder, full)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"difftune: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("difftune: interrupted", file=sys.stderr)
         return 130

@@ -85,7 +85,7 @@ def cmd_merge(args) -> int:
         print(format_report(report))
         merged.metadata.update(report_metadata(report))
     merged.metadata["difftune.merge"] = json.dumps([[str(p), w] for p, w in specs])
-    out = write_adapter(merged, args.out, args.format, _family_arg(args.family))
+    out = write_adapter(merged, args.out, args.format, _family_arg(args.family), inputs=tuple(p for p, _ in specs))
     ranks = sorted({m.rank for m in merged.modules.values()})
     print(f"wrote {out}: {len(merged.modules)} modules, rank {'/'.join(map(str, ranks))}")
     return 0
@@ -101,6 +101,9 @@ def _fuse(args, specs) -> int:
 
     if not args.model:
         raise DifftuneError("--fuse needs --model PATH (the base model to bake the adapters into)")
+    if Path(args.out).exists():
+        raise DifftuneError(f"-o {args.out}: already exists; --fuse writes a new diffusers folder (never over "
+                            "the base model or another folder)")
     pipe, family, components = load_pipeline(args.model, dtype=torch.float32)
     target = pipeline_target(pipe)
     adapters = []
@@ -146,7 +149,7 @@ def cmd_convert(args) -> int:
 
         adapter, report = reduce_file(args.input, args.rank, model=args.model, allow_pickle=args.allow_pickle)
         print(format_report(report))
-        out = write_adapter(adapter, args.out, args.to)
+        out = write_adapter(adapter, args.out, args.to, inputs=(args.input,))
     else:
         target = {"family": _family_arg(args.family)}
         if args.model:

@@ -42,14 +42,26 @@ def resize_for_training(img: Image.Image, size: int, crop: str) -> Image.Image:
     return img if img.size == target else img.resize(target, Image.Resampling.LANCZOS)
 
 
-def prepare_folder(src: str | Path, dst: str | Path, *, size: int = 512, crop: str = "square", fmt: str = "png",
-                   caption: str | None = None, min_images: int = 5, background: str = "white",
-                   quality: int = 95) -> PrepareResult:
-    src, dst = Path(src).expanduser(), Path(dst).expanduser()
+def check_destination(src: Path, dst: Path, overwrite: bool) -> None:
+    """The output is a new (or empty) folder apart from the source; a folder with files only with ``overwrite``."""
     if not src.is_dir():
         raise DifftuneError(f"{src}: not a folder of images")
     if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
         raise DifftuneError(f"{dst}: the output folder must be outside the source folder {src}")
+    if dst.resolve() in src.resolve().parents:
+        raise DifftuneError(f"{dst}: the output folder holds the source folder {src}; choose a new folder")
+    if dst.exists() and not dst.is_dir():
+        raise DifftuneError(f"{dst}: is a file, not a folder; choose a new folder for the prepared images")
+    if dst.is_dir() and any(dst.iterdir()) and not overwrite:
+        raise DifftuneError(f"{dst}: already holds files (its images and metadata.jsonl would be replaced); "
+                            "choose a new folder, or give --overwrite")
+
+
+def prepare_folder(src: str | Path, dst: str | Path, *, size: int = 512, crop: str = "square", fmt: str = "png",
+                   caption: str | None = None, min_images: int = 5, background: str = "white",
+                   quality: int = 95, overwrite: bool = False) -> PrepareResult:
+    src, dst = Path(src).expanduser(), Path(dst).expanduser()
+    check_destination(src, dst, overwrite)
     cfg = DataConfig(path=str(src), instance_prompt=caption, background=background)
     found = scan(cfg, require_captions=False)
     result = PrepareResult(problems=found.problems)

@@ -81,7 +81,15 @@ class Method(ABC):
         if missing or unexpected:
             raise DifftuneError(
                 f"train.resume: the checkpoint does not hold what this run trains: missing {missing[:3]}, "
-                f"unexpected {unexpected[:3]}; resume with the method settings it was written with, or start afresh")
+                f"unexpected {unexpected[:3]} (were method.targets or the method changed?); resume with the "
+                "method settings it was written with, or start afresh (even --force-resume cannot continue from it)")
+        own = self.trainable_state_dict(components)
+        wrong = [k for k in sorted(own) if tuple(own[k].shape) != tuple(state[k].shape)]
+        if wrong:
+            k = wrong[0]
+            raise DifftuneError(f"train.resume: the checkpoint's tensors do not fit this run ({len(wrong)} differ, e.g. "
+                                f"{k}: {tuple(state[k].shape)} in the checkpoint, {tuple(own[k].shape)} here; was "
+                                "method.rank changed?); even --force-resume cannot continue across a change of shapes")
 
     def copy_parameters(self, components: Components, state: dict[str, torch.Tensor],
                         skip_prefix: str | None = None) -> None:

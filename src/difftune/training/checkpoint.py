@@ -298,14 +298,19 @@ def load_checkpoint(folder: Path, rank: int = 0) -> TrainingState:
     if problem:
         raise DifftuneError(f"{folder}: damaged checkpoint ({problem}); resume from an earlier one")
     sharded = folder / SHARDED if (folder / SHARDED).is_dir() else None
-    trainable = None if sharded else load_file(folder / "trainable.safetensors")
-    # Our own file, verified by checksum above; it holds optimizer state and Python RNG tuples.
-    blob = torch.load(folder / "training_state.pt", map_location="cpu", weights_only=False)
-    info = json.loads((folder / "info.json").read_text())
-    rng_file = folder / f"rng-{rank}.pt"
-    rng = torch.load(rng_file, map_location="cpu", weights_only=False) if rng_file.is_file() else None
-    return TrainingState(info["step"], trainable, blob["optimizer"], blob["scheduler"], blob.get("scaler"),
-                         info, rng, sharded)
+    try:
+        trainable = None if sharded else load_file(folder / "trainable.safetensors")
+        # Our own file, verified by checksum above; it holds optimizer state and Python RNG tuples.
+        blob = torch.load(folder / "training_state.pt", map_location="cpu", weights_only=False)
+        info = json.loads((folder / "info.json").read_text())
+        rng_file = folder / f"rng-{rank}.pt"
+        rng = torch.load(rng_file, map_location="cpu", weights_only=False) if rng_file.is_file() else None
+        step, optimizer, scheduler = info["step"], blob["optimizer"], blob["scheduler"]
+    except Exception as exc:  # noqa: BLE001 - files that pass the checksum but do not load (a forged manifest)
+        raise DifftuneError(f"{folder}: damaged checkpoint (its files do not load although the manifest matches: "
+                            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); resume from an "
+                            "earlier one") from None
+    return TrainingState(step, trainable, optimizer, scheduler, blob.get("scaler"), info, rng, sharded)
 
 
 def prune(root: Path, keep: int, protect: Path | None = None) -> list[Path]:

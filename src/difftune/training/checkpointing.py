@@ -177,8 +177,15 @@ def save(run: Run, step: int | None = None, *, scheduler_state: dict | None = No
     state = _training_state(run, step, scheduler_state) if run.is_main else None
     model = run.model
     sharded = (lambda folder: save_sharded(folder, model.wrapped, run.optimizer)) if model.strategy.shards else None
-    folder = ckpt.save_checkpoint(root, step, state, info.to_json(), rank=run.rank,
-                                  barrier=run.accelerator.wait_for_everyone, sharded=sharded)
+    try:
+        folder = ckpt.save_checkpoint(root, step, state, info.to_json(), rank=run.rank,
+                                      barrier=run.accelerator.wait_for_everyone, sharded=sharded)
+    except OSError as exc:
+        newest = ckpt.newest_complete(root) if root.is_dir() else None
+        kept = f"the last good checkpoint is {newest}" if newest else "no earlier checkpoint was saved"
+        run.progress.close()
+        raise DifftuneError(f"the checkpoint of step {step} could not be written in {root} "
+                            f"({exc.strerror or exc}); {kept}") from None
     if run.is_main:
         if run.held_out:
             run.held_out.mark_checkpoint(root, folder, step, info.holdout)
