@@ -39,8 +39,9 @@ def test_two_processes_end_with_identical_adapters(tmp_path, tiny_sd, shapes_dat
     assert "batch 1×1×2" in proc.stdout
     # The loop gathers a fingerprint of every process's weights and fails the run on a mismatch.
     assert "all 2 processes hold identical trainable weights" in proc.stdout
-    # Only the main process writes: one adapter, one checkpoint folder, no stray temporary folders.
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2"]
+    # Only the main process writes: one adapter, the checkpoints (step 2 and the last step), no stray temporary
+    # folders; the run folder's lock was taken by the main process alone.
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2", "step-3"]
     # ... but each process saved its own random state into it, covered by the manifest.
     assert {"rng-0.pt", "rng-1.pt"} <= {p.name for p in (out / "checkpoints" / "step-2").iterdir()}
     assert {"rng-0.pt", "rng-1.pt"} <= set(json.loads((out / "checkpoints" / "step-2" / "manifest.json")
