@@ -129,8 +129,9 @@ def test_sharded_checkpoint_resumes_exactly_and_in_one_process(full_runs):
     assert "trainable.safetensors" not in manifest
     final = load_file(root / "fsdp" / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
     resumed = root / "resumed"
-    resumed.mkdir()
-    subprocess.run(["cp", "-r", str(root / "fsdp" / "checkpoints"), str(resumed)], check=True)
+    (resumed / "checkpoints").mkdir(parents=True)
+    # only step 2: the run's last step (4) is checkpointed too, and would leave nothing to train
+    subprocess.run(["cp", "-r", str(step2), str(resumed / "checkpoints")], check=True)
     proc = run(torchrun("--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port())),
                write_config(root / "resume.toml", *world_paths(root), resumed, method={"type": "full"},
                             train={"distributed": "fsdp", "resume": "latest"}))
@@ -140,8 +141,8 @@ def test_sharded_checkpoint_resumes_exactly_and_in_one_process(full_runs):
     assert losses(resumed) == losses(root / "fsdp")[2:]
     # A 2-process sharded checkpoint resumes in one process (data-parallel, whole weights).
     one = root / "one"
-    one.mkdir()
-    subprocess.run(["cp", "-r", str(root / "fsdp" / "checkpoints"), str(one)], check=True)
+    (one / "checkpoints").mkdir(parents=True)
+    subprocess.run(["cp", "-r", str(step2), str(one / "checkpoints")], check=True)
     proc = run([sys.executable], write_config(root / "one.toml", *world_paths(root), one, method={"type": "full"},
                                               train={"resume": "latest"}))
     assert "processes: strategy ddp, world size 1" in proc.stdout and "at step 2" in proc.stdout
