@@ -118,6 +118,10 @@ def run_demo(steps: int = STEPS, workdir: str | Path | None = None, log=print) -
     from difftune.run_config import load_config
     from difftune.training.loop import train
 
+    if steps < 1:
+        from difftune.errors import ConfigError
+
+        raise ConfigError(f"demo --steps: {steps}; give at least 1 training step (default 400)")
     work = Path(workdir) if workdir else default_workdir()
     _claim(work, ours=workdir is None)
     data = work / "zorb-images"

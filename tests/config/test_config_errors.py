@@ -164,3 +164,29 @@ def test_set_none_unsets_an_optional_key_and_nothing_else(tmp_path, tiny_sd, sha
     with pytest.raises(ConfigError, match="train.learning_rate"):  # a key that must have a value
         load_config(path, overrides=["train.learning_rate=none"])
     assert load_config(path, overrides=["logging.report_to=none"]).logging.report_to == "none"  # a word
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["data.resolution=63"], "data.resolution: 63 is not a multiple of 8 (the VAE works in blocks of 8 pixels), "
+                                 "e.g. 56"),
+        (["data.resolution=[64, 100]"], "data.resolution: 100 is not a multiple of 8"),
+        (["validation.resolution=30"], "validation.resolution: 30 is not a multiple of 8"),
+        (["data.buckets=true", "data.bucket_step=12"], "data.bucket_step: 12 is not a multiple of 8, e.g. 64"),
+        (["data.path=RUN"], "data.path: RUN is a file; give a folder of images (or a dataset folder or Hub id)"),
+        (["output.dir=RUN"], "output.dir: RUN is a file, not a folder; choose a folder for the run's results"),
+    ],
+)
+def test_what_would_fail_only_after_training_is_refused_by_validate(tmp_path, good, overrides, expected, capsys):
+    """Sizes the VAE cannot sample (a traceback after the last step) and paths that are files."""
+    path = write(tmp_path, good)
+    sets = [a for o in overrides for a in ("--set", o.replace("RUN", str(path)))]
+    assert main(["validate", str(path), *sets]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"difftune: error: {expected.replace('RUN', str(path))}")
+
+
+def test_a_folder_given_as_the_config_is_named(tmp_path, capsys):
+    assert main(["validate", str(tmp_path)]) == 2
+    assert f"{tmp_path}: is a folder, not a config file" in capsys.readouterr().err

@@ -121,3 +121,14 @@ def test_prepare_never_writes_over_a_folder_the_source_or_a_file(tmp_path, capsy
     assert not (src / "inside").exists()
     assert main(["data", "prepare", str(src), str(mine), "--size", "32", "--overwrite"]) == 0
     assert "my own caption" not in (mine / "metadata.jsonl").read_text()
+
+
+@pytest.mark.parametrize("size", ["0", "-5", "99999"])
+def test_prepare_refuses_a_size_that_is_not_one(tmp_path, capsys, size):
+    from difftune.tiny import make_tiny_dataset
+
+    src = make_tiny_dataset(tmp_path / "src", n=1, size=16)
+    assert main(["data", "prepare", str(src), str(tmp_path / "out"), "--size", size]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"difftune: error: --size: {size} is not a size in pixels from 8 to 8192, e.g. 512"]
+    assert not (tmp_path / "out").exists()

@@ -116,3 +116,17 @@ def test_diffusers_own_loader_reads_difftune_output_completely(tiny_sd, trained_
     pipe.load_lora_weights(str(trained_run))
     layers = [m for _, m in pipe.unet.named_modules() if hasattr(m, "lora_A") and "default_0" in m.lora_A]
     assert len(layers) == 32 and {m.scaling["default_0"] for m in layers} == {0.5}  # alpha 2 / rank 4
+
+
+@pytest.mark.parametrize(("extra", "expected"), [
+    (["--steps", "0"], "--steps: 0; give at least 1 sampling step"),
+    (["--num-images", "0"], "--num-images: 0; give at least 1 image per prompt"),
+    (["--guidance", "nan"], "--guidance: nan; give a finite number >= 0"),
+    (["--width", "30"], "--width: 30 is not a positive multiple of 8"),
+    (["--height", "-8"], "--height: -8 is not a positive multiple of 8"),
+])
+def test_numbers_the_pipeline_cannot_use_are_one_line(tiny_sd, tmp_path, capsys, extra, expected):
+    out = tmp_path / "o"
+    assert main(["generate", "--model", str(tiny_sd), "--prompt", "x", "--out", str(out), *extra]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"difftune: error: {expected}") and not out.exists()

@@ -27,6 +27,11 @@ def test_the_last_step_is_checkpointed_and_a_finished_run_continues_bit_exactly(
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_checkpoint_every_0_still_checkpoints_the_last_step(train_run):
+    done = train_run(train={"checkpoint_every": 0, "max_steps": 2})
+    assert steps_kept(done.output_dir) == ["step-2"]
+
+
 def test_resume_with_a_new_learning_rate_runs_with_it_and_says_so(train_run, run_config, tiny_sd, shapes_data,
                                                                   tmp_path):
     train_run(train={"max_steps": 2, "checkpoint_every": 2, "lr_scheduler": "linear", "learning_rate": 1e-3})
@@ -47,5 +52,21 @@ def test_resume_with_a_new_learning_rate_runs_with_it_and_says_so(train_run, run
     result = train_run(train={"max_steps": 4, "checkpoint_every": 2, "lr_scheduler": "linear", "learning_rate": 4e-3,
                               "resume": "latest", "adam_beta1": 0.8})
     card = (result.output_dir / "README.md").read_text()
-    assert "0.004 from step 2 (0.001 before)" in card
+    assert "0.004 from step 2 (before: 0.001 from step 0)" in card
     assert 'learning_rate = 0.004' in (result.output_dir / "config.toml").read_text()
+
+
+def test_the_card_records_every_rate_a_run_trained_with_in_order():
+    from difftune.training.checkpointing import learning_rate_segments
+    from difftune.training.finish import rate_history
+    from difftune.training.resume import CheckpointInfo
+
+    said: list[str] = []
+    first = learning_rate_segments(CheckpointInfo(step=2), 1e-3, 4e-3, said.append)  # older checkpoint: no history
+    second = learning_rate_segments(CheckpointInfo(step=4, lr_segments=first), 4e-3, 2e-3, said.append)
+    assert rate_history(second) == "0.002 from step 4 (before: 0.001 from step 0, 0.004 from step 2)"
+    same = learning_rate_segments(CheckpointInfo(step=6, lr_segments=second), 2e-3, 2e-3, said.append)
+    assert same == second and len(said) == 2  # an unchanged rate adds nothing and says nothing
+    # changed again at the step it was last changed (no step trained with 0.002): that stretch is replaced
+    again = learning_rate_segments(CheckpointInfo(step=4, lr_segments=second), 2e-3, 1e-3, said.append)
+    assert rate_history(again) == "0.001 from step 4 (before: 0.001 from step 0, 0.004 from step 2)"

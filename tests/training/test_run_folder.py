@@ -33,10 +33,30 @@ def test_a_finished_runs_folder_is_refused_then_overwritten_or_numbered_when_ask
     assert f'dir = "{out.parent / "out-2"}"' in (numbered.output_dir / "config.toml").read_text()
     (out / "notes.txt").write_text("mine")  # a file the run did not write stays
     train_run(train={"max_steps": 2}, output={"existing": "overwrite"})
-    assert not (out / "checkpoints").exists()  # the old run's checkpoints are gone with it
+    # the old run's checkpoints are gone with it; the new run's last step is its own
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2"]
+    assert snapshot(out)["checkpoints/step-2/info.json"] != before["checkpoints/step-2/info.json"]
     assert (out / "notes.txt").read_text() == "mine"
     assert sorted(p.name for p in (out / "logs").iterdir()) == sorted(p.name for p in (out.parent / "out-2" / "logs").iterdir())
     assert {"README.md", "pytorch_lora_weights.safetensors"} <= set(json.loads((out / FINISHED).read_text())["files"])
+
+
+def test_the_refusal_suggests_resuming_only_when_there_is_a_checkpoint(tmp_path):
+    from difftune.config.schema import OutputConfig
+    from difftune.training.run_folder import RunFolder
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "pytorch_lora_weights.safetensors").write_bytes(b"x")
+    (out / "README.md").write_text("card")
+    (out / "checkpoints").mkdir()  # emptied by hand: nothing to continue from
+    with pytest.raises(DifftuneError) as caught:
+        RunFolder(OutputConfig(dir=str(out)), "latest").check()
+    assert "left no checkpoint to continue from: replace it with --overwrite" in str(caught.value)
+    assert "resume" not in str(caught.value)
+    (out / "checkpoints" / "step-3").mkdir()
+    with pytest.raises(DifftuneError, match="Continue it with --set train.resume=latest, replace it with --overwrite"):
+        RunFolder(OutputConfig(dir=str(out)), None).check()
 
 
 def test_nothing_is_written_when_the_model_does_not_load(train_run, tmp_path):
@@ -85,7 +105,7 @@ def test_an_output_dir_that_cannot_be_a_folder_is_one_line(tiny_sd, shapes_data,
     config = tmp_path / "run.toml"
     config.write_text(f'[model]\npath = "{tiny_sd}"\n[data]\npath = "{shapes_data}"\n[train]\nmax_steps = 1\n'
                       f'mixed_precision = "no"\n[logging]\nreport_to = "none"\n[output]\ndir = "{out}"\n')
-    assert main(["train", str(config)]) == 1
+    assert main(["train", str(config)]) == (2 if where == "file" else 1)  # a file: refused by validate already
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.count("difftune: error:") == 1
     assert err.strip().splitlines()[-1].startswith("difftune: error: output.dir: ")

@@ -36,3 +36,11 @@ def test_a_root_that_is_not_a_folder_is_one_line(tmp_path, capsys):
 
     assert main(["ui", "--root", str(tmp_path / "nope")]) == 1
     assert capsys.readouterr().err.strip() == f"difftune: error: --root {tmp_path / 'nope'}: not a folder"
+
+
+def test_a_port_that_is_not_one_is_one_line(tmp_path, capsys):
+    from difftune.cli import main
+
+    assert main(["ui", "--root", str(tmp_path), "--port", "-1"]) == 1
+    assert capsys.readouterr().err.strip() == "difftune: error: --port -1: not a port number (0 to 65535; 0 picks a free one)"
+    assert not (tmp_path / ".difftune-ui").exists()

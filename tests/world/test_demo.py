@@ -40,3 +40,9 @@ def test_demo_never_takes_a_folder_it_did_not_make(tmp_path, capsys):
     assert main(["demo", "--steps", "2", "--dir", str(tmp_path)]) == 2
     assert "holds files the demo did not write" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["notes.txt", "run"]
+
+
+def test_demo_refuses_a_step_count_that_is_none(tmp_path, capsys):
+    assert main(["demo", "--steps", "0", "--dir", str(tmp_path / "d")]) == 2
+    assert capsys.readouterr().err.strip() == "difftune: error: demo --steps: 0; give at least 1 training step (default 400)"
+    assert not (tmp_path / "d").exists()  # nothing written

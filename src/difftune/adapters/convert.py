@@ -39,17 +39,30 @@ def adapter_tensors(adapter: LoraAdapter, fmt: str, family: str | None = None):
     raise DifftuneError(f"--to: unknown format {fmt!r}; choose one of {', '.join(TARGET_FORMATS)}")
 
 
+def output_file(out: str | Path) -> Path:
+    """The file :func:`write_adapter` writes for ``-o out`` (a folder: the diffusers file name in it)."""
+    out = Path(out)
+    return out / "pytorch_lora_weights.safetensors" if out.is_dir() or out.suffix != ".safetensors" else out
+
+
+def check_output(out: str | Path, inputs: tuple[str | Path, ...] = (), overwrite: bool = False) -> Path:
+    """Refuse an output that is one of the inputs (always) or an existing file (unless ``overwrite``)."""
+    out = output_file(out)
+    refuse_writing_over_inputs(out, inputs)
+    if out.exists() and not overwrite:
+        raise DifftuneError(f"-o {out}: already exists; give --overwrite to replace it, or choose another file")
+    return out
+
+
 def write_adapter(adapter: LoraAdapter, out: str | Path, fmt: str = "diffusers", family: str | None = None,
-                  inputs: tuple[str | Path, ...] = ()) -> Path:
+                  inputs: tuple[str | Path, ...] = (), overwrite: bool = False) -> Path:
     """Write ``adapter`` as one safetensors file (``out`` may be a folder: the diffusers file name is used).
 
     ``family`` picks the kohya naming of transformer families (default: the adapter's recorded family).
-    ``inputs``: the files it was read from, which are never written over.
+    ``inputs``: the files it was read from, which are never written over; an existing file is replaced
+    only with ``overwrite``.
     """
-    out = Path(out)
-    if out.is_dir() or out.suffix != ".safetensors":
-        out = out / "pytorch_lora_weights.safetensors"
-    refuse_writing_over_inputs(out, inputs)
+    out = check_output(out, inputs, overwrite)
     tensors, header = adapter_tensors(adapter, fmt, family)
     header["difftune.format"] = fmt
     try:
@@ -73,10 +86,12 @@ def refuse_writing_over_inputs(out: Path, inputs: tuple[str | Path, ...]) -> Non
 
 
 def convert(src: str | Path, to: str, out: str | Path, *, allow_pickle: bool = False,
-            module_names: dict[str, list[str]] | None = None, unet_config=None, family: str | None = None) -> Path:
+            module_names: dict[str, list[str]] | None = None, unet_config=None, family: str | None = None,
+            overwrite: bool = False) -> Path:
+    check_output(out, (src,), overwrite)
     adapter = read_adapter(src, allow_pickle=allow_pickle, module_names=module_names, unet_config=unet_config,
                            family=family)
-    return write_adapter(adapter, out, to, family, inputs=(src,))
+    return write_adapter(adapter, out, to, family, inputs=(src,), overwrite=overwrite)
 
 
 def describe(path: str | Path) -> str:

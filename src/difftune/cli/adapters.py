@@ -10,6 +10,10 @@ from pathlib import Path
 from difftune.errors import DifftuneError
 
 
+def _overwrite_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--overwrite", action="store_true", help=f"replace {what} if it already exists")
+
+
 def _pickle_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-pickle", action="store_true",
                    help="also read pickle files (.bin/.ckpt/.pt) with torch.load(weights_only=True); only if trusted")
@@ -39,6 +43,7 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--family", default="auto", help="model family (default: detected)")
     p.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto")
     p.add_argument("--out", required=True, help="folder for the images and grid.png")
+    _overwrite_arg(p, "images, grid.png and generate.json of the same names in --out")
     _pickle_arg(p)
 
 
@@ -51,7 +56,7 @@ def cmd_generate(args) -> int:
         loras=[parse_weighted(s) for s in args.lora], embeddings=[parse_token_suffix(s) for s in args.embedding],
         negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance, seed=args.seed,
         images_per_prompt=args.num_images, width=args.width, height=args.height, scheduler=args.scheduler,
-        family=args.family, dtype=args.dtype, allow_pickle=args.allow_pickle,
+        family=args.family, dtype=args.dtype, allow_pickle=args.allow_pickle, overwrite=args.overwrite,
     ))
     return 0
 
@@ -68,24 +73,27 @@ def add_merge_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="base model for --fuse")
     p.add_argument("--family", default=None,
                    help="model family whose kohya names to write with --format kohya (default: recorded in the inputs)")
+    _overwrite_arg(p, "the -o file (never an input; --fuse never writes into an existing folder)")
     _pickle_arg(p)
 
 
 def cmd_merge(args) -> int:
-    from difftune.adapters.convert import read_adapter, write_adapter
+    from difftune.adapters.convert import check_output, read_adapter, write_adapter
     from difftune.adapters.merge import concat_merge, format_report, report_metadata, svd_reduce
     from difftune.adapters.safe_load import parse_weighted
 
     specs = [parse_weighted(s) for s in args.adapters]
     if args.fuse:
         return _fuse(args, specs)
+    check_output(args.out, tuple(p for p, _ in specs), args.overwrite)  # before any work
     merged = concat_merge([(read_adapter(p, allow_pickle=args.allow_pickle), w) for p, w in specs])
     if args.rank is not None:
         merged, report = svd_reduce(merged, args.rank)
         print(format_report(report))
         merged.metadata.update(report_metadata(report))
     merged.metadata["difftune.merge"] = json.dumps([[str(p), w] for p, w in specs])
-    out = write_adapter(merged, args.out, args.format, _family_arg(args.family), inputs=tuple(p for p, _ in specs))
+    out = write_adapter(merged, args.out, args.format, _family_arg(args.family), inputs=tuple(p for p, _ in specs),
+                        overwrite=args.overwrite)
     ranks = sorted({m.rank for m in merged.modules.values()})
     print(f"wrote {out}: {len(merged.modules)} modules, rank {'/'.join(map(str, ranks))}")
     return 0
@@ -101,6 +109,9 @@ def _fuse(args, specs) -> int:
 
     if not args.model:
         raise DifftuneError("--fuse needs --model PATH (the base model to bake the adapters into)")
+    if args.overwrite:
+        raise DifftuneError("--overwrite does not apply to --fuse: it never writes into an existing folder; "
+                            "remove the folder first or choose another -o")
     if Path(args.out).exists():
         raise DifftuneError(f"-o {args.out}: already exists; --fuse writes a new diffusers folder (never over "
                             "the base model or another folder)")
@@ -135,12 +146,14 @@ def add_convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--family", default=None,
                    help="model family whose kohya names to write (sd3, flux, ...); default: recorded in the file, "
                         "else inferred from the module names or --model")
+    _overwrite_arg(p, "the -o file (never the input)")
     _pickle_arg(p)
 
 
 def cmd_convert(args) -> int:
-    from difftune.adapters.convert import convert, write_adapter
+    from difftune.adapters.convert import check_output, convert, write_adapter
 
+    check_output(args.out, (args.input,), args.overwrite)  # before any work
     if args.to_lora:
         if args.rank is None:
             raise DifftuneError("--to-lora needs --rank R")
@@ -149,7 +162,7 @@ def cmd_convert(args) -> int:
 
         adapter, report = reduce_file(args.input, args.rank, model=args.model, allow_pickle=args.allow_pickle)
         print(format_report(report))
-        out = write_adapter(adapter, args.out, args.to, inputs=(args.input,))
+        out = write_adapter(adapter, args.out, args.to, inputs=(args.input,), overwrite=args.overwrite)
     else:
         target = {"family": _family_arg(args.family)}
         if args.model:
@@ -161,7 +174,8 @@ def cmd_convert(args) -> int:
             pipe, family, _ = load_pipeline(args.model, dtype=torch.float32)
             target.update(pipeline_target(pipe))
             target["family"] = target["family"] or family.name
-        out = convert(args.input, args.to, args.out, allow_pickle=args.allow_pickle, **target)
+        out = convert(args.input, args.to, args.out, allow_pickle=args.allow_pickle, overwrite=args.overwrite,
+                      **target)
     print(f"wrote {out} ({args.to} format)")
     if args.to == "kohya":
         from difftune.adapters.kohya import diffusers_note

@@ -73,6 +73,8 @@ def _set_dotted(data: dict, key: str, value: Any) -> None:
 
 def read_toml(path: str | Path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder, not a config file (give the .toml file, e.g. {path / 'run.toml'})")
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:

@@ -80,6 +80,11 @@ def check_paths_exist(config: Config) -> None:
             continue  # a base shipped inside difftune: checked by difftune.load_config (run_config)
         if value and not Path(value).expanduser().exists() and looks_local(value):
             raise ConfigError(f"{key}: {value} does not exist")
+        if key != "model.path" and value and Path(value).expanduser().is_file():
+            raise ConfigError(f"{key}: {value} is a file; give a folder of images (or a dataset folder or Hub id)")
+    out = Path(config.output.dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output.dir: {out} is a file, not a folder; choose a folder for the run's results")
     check_model_path(config.model.path)
     vae = config.model.vae
     if vae and not Path(vae).expanduser().exists():
@@ -127,6 +132,12 @@ def check_data_options(config: Config) -> None:
     if not sizes or len(set(sizes)) != len(sizes) or any(not 8 <= r <= 8192 for r in sizes):
         raise ConfigError(f"data.resolution: {data.resolution!r} must be one size or a list of different sizes, "
                           "each 8 to 8192, e.g. 512 or [512, 768]")
+    odd = [r for r in sizes if r % 8]
+    if odd:
+        raise ConfigError(f"data.resolution: {odd[0]} is not a multiple of 8 (the VAE works in blocks of 8 "
+                          f"pixels), e.g. {max(8, odd[0] // 8 * 8)}")
+    if data.buckets and data.bucket_step % 8:
+        raise ConfigError(f"data.bucket_step: {data.bucket_step} is not a multiple of 8, e.g. 64")
     if data.buckets and data.bucket_step > min(sizes):
         raise ConfigError(f"data.bucket_step: {data.bucket_step} is larger than data.resolution "
                           f"({min(sizes)}); use a step of at most the resolution, e.g. 64")
@@ -155,6 +166,9 @@ def check_prior_preservation(config: Config, check_paths: bool) -> None:
 
 def check_samples(config: Config) -> None:
     """Every ``validation.samples`` entry has a prompt; sizes are multiples of 8 (what the VAE needs)."""
+    size = config.validation.resolution
+    if size is not None and size % 8:
+        raise ConfigError(f"validation.resolution: {size} is not a multiple of 8")
     for i, spec in enumerate(config.validation.samples):
         if not spec.prompt.strip():
             raise ConfigError(f"validation.samples[{i}].prompt: required, e.g. {{prompt = \"a photo of sks dog\"}}")

@@ -490,7 +490,12 @@ class TrainConfig:
         min=0.0,
     )
     seed: int = opt(42, "Seed for everything random: data order, augmentation, noise, timesteps, dropout.", min=0)
-    checkpoint_every: int = opt(500, "Write a full training-state checkpoint every N steps (0 disables).", min=0)
+    checkpoint_every: int = opt(
+        500,
+        "Write a full training-state checkpoint every N steps (0: none before the end). The last step is always "
+        "checkpointed, so a finished run can continue (raise max_steps, resume).",
+        min=0,
+    )
     checkpoints_keep: int = opt(3, "Keep only the newest N checkpoints (0 keeps all).", min=0)
     resume: str | None = opt(
         None, "Resume from `latest` (newest checkpoint in `output.dir`) or from a checkpoint folder.",

@@ -61,6 +61,8 @@ def prepare_folder(src: str | Path, dst: str | Path, *, size: int = 512, crop: s
                    caption: str | None = None, min_images: int = 5, background: str = "white",
                    quality: int = 95, overwrite: bool = False) -> PrepareResult:
     src, dst = Path(src).expanduser(), Path(dst).expanduser()
+    if not 8 <= size <= 8192:
+        raise DifftuneError(f"--size: {size} is not a size in pixels from 8 to 8192, e.g. 512")
     check_destination(src, dst, overwrite)
     cfg = DataConfig(path=str(src), instance_prompt=caption, background=background)
     found = scan(cfg, require_captions=False)

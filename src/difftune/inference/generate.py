@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +36,42 @@ class GenerateSettings:
     family: str = "auto"
     dtype: str = "auto"
     allow_pickle: bool = False
+    overwrite: bool = False
+
+    def image_path(self, prompt_index: int, image_index: int) -> Path:
+        return self.out / f"{prompt_index:02d}-{image_index:02d}-seed{self.seed + image_index}.png"
+
+    def files(self) -> list[Path]:
+        """Every file a run of these settings writes into ``out``."""
+        images = [self.image_path(i, j) for i in range(len(self.prompts)) for j in range(self.images_per_prompt)]
+        return [*images, self.out / "grid.png", self.out / "generate.json"]
+
+
+def check_settings(s: GenerateSettings) -> None:
+    """Numbers the pipeline would fail on (with a traceback) or quietly misuse, refused with one line."""
+    if not s.prompts:
+        raise DifftuneError("--prompt: give at least one prompt")
+    if s.steps < 1:
+        raise DifftuneError(f"--steps: {s.steps}; give at least 1 sampling step, e.g. 25")
+    if s.images_per_prompt < 1:
+        raise DifftuneError(f"--num-images: {s.images_per_prompt}; give at least 1 image per prompt")
+    if not math.isfinite(s.guidance) or s.guidance < 0:
+        raise DifftuneError(f"--guidance: {s.guidance}; give a finite number >= 0, e.g. 7")
+    for flag, size in (("--width", s.width), ("--height", s.height)):
+        if size is not None and (size < 8 or size % 8):
+            raise DifftuneError(f"{flag}: {size} is not a positive multiple of 8 (the VAE works in blocks of 8 "
+                                "pixels), e.g. 512")
+
+
+def check_out(s: GenerateSettings) -> None:
+    """``--out`` must be a folder, and files of the same names are replaced only with ``--overwrite``."""
+    if s.out.exists() and not s.out.is_dir():
+        raise DifftuneError(f"--out {s.out}: is a file, not a folder; choose a folder for the images")
+    existing = [p.name for p in s.files() if p.exists()]
+    if existing and not s.overwrite:
+        raise DifftuneError(f"--out {s.out}: already holds {', '.join(existing[:3])}"
+                            f"{f' and {len(existing) - 3} more' if len(existing) > 3 else ''}; give --overwrite to "
+                            "replace them, or choose another folder")
 
 
 def set_scheduler(pipe, choice: str) -> None:
@@ -84,8 +121,8 @@ def _embedding_vectors(file: Path, tensors: dict[str, torch.Tensor]) -> torch.Te
 
 def generate(s: GenerateSettings, log=print) -> list[Path]:
     """Write one PNG per (prompt, image) and ``grid.png`` into ``s.out``; return the image paths."""
-    if not s.prompts:
-        raise DifftuneError("--prompt: give at least one prompt")
+    check_settings(s)
+    check_out(s)  # before anything loads
     cuda = torch.cuda.is_available()
     dtype = {"auto": torch.float16 if cuda else torch.float32, "fp32": torch.float32,
              "fp16": torch.float16, "bf16": torch.bfloat16}[s.dtype]
@@ -109,7 +146,7 @@ def generate(s: GenerateSettings, log=print) -> list[Path]:
             seed = s.seed + j
             image = sample_image(pipe, prompt, steps=s.steps, guidance=s.guidance, seed=seed,
                                  negative_prompt=s.negative_prompt, width=s.width, height=s.height, extra=extra)
-            path = s.out / f"{i:02d}-{j:02d}-seed{seed}.png"
+            path = s.image_path(i, j)
             image.save(path)
             images.append(image)
             paths.append(path)

@@ -101,8 +101,8 @@ def restore_before_wrapping(state: ckpt.TrainingState, method, components, optim
 def learning_rate_segments(info: CheckpointInfo, before: float, lr: float, say) -> list[list[float]]:
     """``[[step, learning rate], ...]``: the rates the run has trained with, from the checkpoint on."""
     segments = [list(s) for s in (info.lr_segments or [[0, before]])]
-    if before != lr:
-        segments.append([info.step, lr])
+    if before != lr:  # a stretch that trained no step (a change at the checkpoint's own step) is replaced
+        segments = [s for s in segments if s[0] < info.step] + [[info.step, lr]]
         say(f"train.learning_rate: the resumed optimizer and schedule use {lr:g} ({before:g} before), "
             f"applied from step {info.step}")
     return segments

@@ -128,12 +128,12 @@ def training_facts(run: Run) -> dict[str, object]:
 
 
 def rate_history(segments: list[list[float]]) -> str:
-    """``0.004 from step 200 (0.001 before)``: the learning rates a resumed run trained with."""
+    """``0.004 from step 200 (before: 0.001 from step 0)``: the learning rates a resumed run trained with."""
     (last_step, last), earlier = segments[-1], segments[:-1]
     if not earlier:
         return f"{last:g}"
-    before = ", ".join(f"{rate:g}" + (f" from step {step}" if step else "") for step, rate in earlier)
-    return f"{last:g} from step {last_step} ({before} before)"
+    before = ", ".join(f"{rate:g} from step {step}" for step, rate in earlier)
+    return f"{last:g} from step {last_step} (before: {before})"
 
 
 def write_card(run: Run) -> None:

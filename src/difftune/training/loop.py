@@ -87,10 +87,12 @@ def evaluate_held_out(run: Run) -> None:
 
 
 def checkpoint_due(run: Run) -> bool:
-    """Every ``train.checkpoint_every`` steps and at the last step (a finished run can continue: raise
-    ``train.max_steps`` and resume), but not while steps are being skipped (the last good state is older then)."""
+    """Every ``train.checkpoint_every`` steps, and always at the last step (even with ``checkpoint_every = 0``:
+    a finished run can always continue, raise ``train.max_steps`` and resume), but not while steps are being
+    skipped (the last good state is older then)."""
     every = run.config.train.checkpoint_every
-    return bool(every) and (run.step % every == 0 or run.step == run.total_steps) and not run.guard.in_row
+    due = run.step == run.total_steps or (every and run.step % every == 0)
+    return bool(due) and not run.guard.in_row
 
 
 def interrupt(run: Run, stop: StopRequest) -> None:

@@ -114,10 +114,12 @@ class RunFolder:
         previous = [] if self.resuming else previous_run_files(root)
         if previous and self.existing == "refuse":
             names = ", ".join(p.name for p in previous[:4])
+            resumable = any((root / "checkpoints").glob("step-*"))
             raise DifftuneError(
-                f"output.dir: {root} holds another run's results ({names}); nothing was written. Continue it with "
-                "--set train.resume=latest, replace it with --overwrite, or use a new numbered folder with "
-                "--new-folder (output.existing)")
+                f"output.dir: {root} holds another run's results ({names}); nothing was written. "
+                + ("Continue it with --set train.resume=latest, replace" if resumable else
+                   "It left no checkpoint to continue from: replace")
+                + " it with --overwrite, or use a new numbered folder with --new-folder (output.existing)")
         if previous and self.existing == "new":
             self.root = next_free(root)
         self._to_remove = previous if self.existing == "overwrite" else []

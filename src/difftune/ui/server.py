@@ -647,6 +647,8 @@ def url_of(server: ThreadingHTTPServer, app: App) -> str:
 
 def serve(root: str | Path, host: str = "127.0.0.1", port: int = 7860, token: str | None = None) -> int:
     """``difftune ui``: serve until Ctrl-C. Runs in progress keep going after the server stops."""
+    if not 0 <= port <= 65535:
+        raise DifftuneError(f"--port {port}: not a port number (0 to 65535; 0 picks a free one)")
     if not is_loopback(host) and not token:
         token = secrets.token_urlsafe(24)
     app = App(root, host, token)
