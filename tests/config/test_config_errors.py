@@ -190,3 +190,13 @@ def test_what_would_fail_only_after_training_is_refused_by_validate(tmp_path, go
 def test_a_folder_given_as_the_config_is_named(tmp_path, capsys):
     assert main(["validate", str(tmp_path)]) == 2
     assert f"{tmp_path}: is a folder, not a config file" in capsys.readouterr().err
+
+
+def test_a_run_folder_given_as_the_checkpoint_to_resume_is_named(tmp_path, good, capsys):
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-4").mkdir(parents=True)
+    path = write(tmp_path, good)
+    assert main(["validate", str(path), "--set", f"train.resume={run}"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"difftune: error: train.resume: {run} is a run folder, not a checkpoint; give one of its checkpoints "
+        f"({run / 'checkpoints' / 'step-N'}), or set output.dir to it and train.resume = \"latest\"")

@@ -92,6 +92,10 @@ def check_paths_exist(config: Config) -> None:
     resume = config.train.resume
     if resume and resume != "latest" and not Path(resume).expanduser().is_dir():
         raise ConfigError(f"train.resume: {resume} is not a checkpoint folder (or use \"latest\")")
+    if resume and resume != "latest" and (Path(resume).expanduser() / "checkpoints").is_dir():
+        raise ConfigError(f"train.resume: {resume} is a run folder, not a checkpoint; give one of its checkpoints "
+                          f"({Path(resume) / 'checkpoints' / 'step-N'}), or set output.dir to it and "
+                          "train.resume = \"latest\"")
 
 
 def check_model_path(value: str) -> None:
