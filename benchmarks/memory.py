@@ -111,6 +111,13 @@ def empty_component(cls_name: str, config: dict, library: str):
         return cls._from_config(config_cls(**config))
 
 
+#: Random normals drawn once and tiled over every weight: drawing 17 B fresh normals takes tens of minutes
+#: of a shared 2-core CPU, copying is disk-bound. A memory and speed benchmark needs finite activations,
+#: not independent weights; the period (2**24 + 1, odd) keeps any two rows of a layer different.
+POOL_SIZE = 2**24 + 1
+_pools: dict[int, torch.Tensor] = {}
+
+
 def random_like(name: str, shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
     """Weights that keep activations finite: 1/sqrt(fan-in) normals, unit norm scales, zero biases."""
     if name.endswith("bias"):
@@ -118,8 +125,15 @@ def random_like(name: str, shape: torch.Size, generator: torch.Generator) -> tor
     if len(shape) == 1:
         return torch.ones(shape, dtype=torch.bfloat16)
     fan_in = math.prod(shape[1:])
-    out = torch.empty(shape, dtype=torch.bfloat16)
-    return out.normal_(0.0, 1.0 / math.sqrt(fan_in), generator=generator)
+    if fan_in not in _pools:
+        if not _pools:
+            _pools[0] = torch.empty(POOL_SIZE, dtype=torch.float32).normal_(generator=generator)
+        _pools[fan_in] = (_pools[0] / math.sqrt(fan_in)).to(torch.bfloat16)
+    pool, flat = _pools[fan_in], torch.empty(math.prod(shape), dtype=torch.bfloat16)
+    for start in range(0, flat.numel(), POOL_SIZE):
+        chunk = flat[start:start + POOL_SIZE]
+        chunk.copy_(pool[:chunk.numel()])
+    return flat.view(shape)
 
 
 def write_component(folder: Path, cls_name: str, config: dict, library: str, seed: int = 0) -> int:
@@ -346,6 +360,8 @@ def main() -> None:
                 print(f"{arch} {precision}: running (available memory {available_bytes() / 2**30:.1f} GiB)", flush=True)
                 row = run(args.work, arch, precision, args.steps)
                 print(json.dumps(row), flush=True)
+                # Re-read: another invocation (another architecture) may have added rows meanwhile.
+                rows = json.loads(results.read_text()) if results.is_file() else []
                 rows.append(row)
                 results.write_text(json.dumps(rows, indent=1))
     print(table(rows))

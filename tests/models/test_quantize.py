@@ -99,6 +99,28 @@ def test_lora_gradients_reach_only_the_adapter(mode, tiny_flux, tmp_path):
     assert sum(is_quantized(p) for p in named.values()) >= len(lora) // 2  # every targeted layer is quantised
 
 
+@pytest.mark.parametrize("mode", ["int8", "fp8"])
+def test_a_quantised_linear_keeps_no_full_precision_copy_of_its_weight_for_backward(mode):
+    """torchao's own weight-only linear saves ``W.to(x.dtype)`` for the input's gradient: with gradient
+    checkpointing that is a bf16 copy of every layer of the block being recomputed (0.7 GB per Flux block)."""
+    from difftune.models.quantize import quantize_linear
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 512).to(torch.bfloat16).requires_grad_(False)
+    quantized = quantize_linear(linear, mode, backend_for(mode))
+    reference = quantized.weight.dequantize(torch.float32)  # what the quantised layer stands for
+    x = torch.randn(3, 256, requires_grad=True)
+    saved = []
+    with (torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t),
+          torch.autocast("cpu", dtype=torch.bfloat16)):
+        y = quantized(x)
+    assert y.dtype == torch.bfloat16  # like a bf16 nn.Linear under autocast
+    assert not [t for t in saved if not is_quantized(t) and t.numel() >= reference.numel()]
+    y.float().sum().backward()
+    expected = torch.ones(3, 512) @ reference
+    torch.testing.assert_close(x.grad, expected, rtol=0.02, atol=0.02 * expected.abs().max().item())
+
+
 def test_trained_on_int8_base_the_export_loads_against_the_unquantised_base(tiny_flux, tmp_path, shapes_data,
                                                                             run_config):
     """A LoRA trained on an int8 base is a normal adapter: diffusers loads it into the bf16/fp32 base, every key matched."""

@@ -70,7 +70,43 @@ def _torchao_linear(linear: nn.Linear, mode: str) -> nn.Module:
 
     quantize_(linear, Int8WeightOnlyConfig() if mode == "int8" else Float8WeightOnlyConfig())
     linear.weight.requires_grad_(False)
+    linear.__class__ = FrozenQuantizedLinear
     return linear
+
+
+class _FrozenQuantizedMatmul(torch.autograd.Function):
+    """``x @ W.T + b`` for a frozen quantised ``W`` that keeps only ``W`` itself for the backward pass.
+
+    torchao's int8 / float8 weight-only linear runs ``mm(x, W.to(x.dtype))`` under autograd, which
+    saves that full-precision copy of the weight for the input's gradient — 2 bytes per weight under
+    bf16 autocast, 4 without — for every layer until the backward pass reaches it (with gradient
+    checkpointing: every layer of the block being recomputed). Here the copy is made, used and freed
+    in the forward pass, and made again in the backward pass (QLoRA's NF4 linear does the same).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(weight)  # the quantised tensor itself: no copy
+        return nn.functional.linear(x, weight.dequantize(x.dtype), None if bias is None else bias.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (weight,) = ctx.saved_tensors
+        return grad @ weight.dequantize(grad.dtype), None, None
+
+
+class FrozenQuantizedLinear(nn.Linear):
+    """An ``nn.Linear`` whose weight is a frozen torchao int8 / float8 tensor (see :class:`_FrozenQuantizedMatmul`).
+
+    The input is cast to the autocast dtype when autocast is on (else to the weight's dtype), as a
+    plain ``nn.Linear`` under autocast would be; the output has that dtype.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.weight.dtype
+        with torch.autocast(device, enabled=False):
+            return _FrozenQuantizedMatmul.apply(x.to(dtype), self.weight, self.bias)
 
 
 def _nf4_scaler_block(numel: int) -> int:
