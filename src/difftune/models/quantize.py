@@ -82,17 +82,39 @@ class _FrozenQuantizedMatmul(torch.autograd.Function):
     bf16 autocast, 4 without — for every layer until the backward pass reaches it (with gradient
     checkpointing: every layer of the block being recomputed). Here the copy is made, used and freed
     in the forward pass, and made again in the backward pass (QLoRA's NF4 linear does the same).
+    With one scale per output row (torchao's default for both modes) the scale is applied to the
+    output, as torchao does: ``x @ q.T * s``, the backward ``(g * s) @ q`` — casting ``q`` is several
+    times faster on the CPU than torchao's general ``dequantize``.
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(weight)  # the quantised tensor itself: no copy
-        return nn.functional.linear(x, weight.dequantize(x.dtype), None if bias is None else bias.to(x.dtype))
+        scale = _row_scale(weight)
+        if scale is None:
+            y = nn.functional.linear(x, weight.dequantize(x.dtype))
+        else:
+            y = nn.functional.linear(x, weight.qdata.to(x.dtype)) * scale.to(x.dtype)
+        return y if bias is None else y + bias.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (weight,) = ctx.saved_tensors
-        return grad @ weight.dequantize(grad.dtype), None, None
+        scale = _row_scale(weight)
+        if scale is None:
+            return grad @ weight.dequantize(grad.dtype), None, None
+        return (grad * scale.to(grad.dtype)) @ weight.qdata.to(grad.dtype), None, None
+
+
+def _row_scale(weight: torch.Tensor) -> torch.Tensor | None:
+    """The per-output-row scale of a symmetric int8 / float8 weight as a vector, else ``None``."""
+    qdata, scale = getattr(weight, "qdata", None), getattr(weight, "scale", None)
+    zero_point = getattr(weight, "zero_point", None)
+    if qdata is None or scale is None or qdata.ndim != 2 or scale.numel() != qdata.shape[0]:
+        return None
+    if zero_point is not None and bool(zero_point.any()):
+        return None
+    return scale.reshape(-1)
 
 
 class FrozenQuantizedLinear(nn.Linear):
