@@ -1,0 +1,855 @@
+"""Quality benchmark: every method on the closed world, scored by the judge (issue 14).
+
+    nice -n 5 python benchmarks/quality.py [--model difftune:shapes] [--quick] [--seeds 0,1,2]
+        [--tasks style-lora,subject-lora-prior,...] [--work DIR] [--doc docs/quality.md]
+        [--diffusers-examples DIR] [--threads N]
+
+Fixed tasks on the embedded base (``--model``, default ``difftune:shapes``; any SD 1.x diffusers
+folder works), each trained through difftune's library API (``difftune.load_config`` and
+``difftune.training.loop.train`` with a config dict), every seed fixed, and the generated images
+scored by the world's judge (``difftune.world.judge``) on prompts the training data never had:
+
+- style (LoRA, DoRA, LoKr): the held-out ``outline`` style from 20 images of known shapes and
+  colours; scored on shape/colour pairs held out of pretraining *and* of the training images;
+- subject (DreamBooth LoRA with and without prior preservation, full fine-tune with prior
+  preservation): the held-out ``star`` from 5 images, bound to the rare token ``sks``; scored on
+  colours and backgrounds no training image had; prior preservation = images of the known shapes
+  judged against the base's for the same prompts and seeds (language drift: how many turned into
+  the subject); diversity = distinct (size, position) of the subject when the prompt names neither;
+- textual inversion and pivotal tuning: the held-out colour ``brown`` as the new token ``<brn>``,
+  scored on shapes and backgrounds it was never shown with (composition);
+- when to stop: the subject task scored by the judge at regular steps (from the previews written
+  during training) beside the held-out loss, and where difftune's best checkpoint and early
+  stopping land against the judge's best step;
+- previews equal real use: the validation image written during training, ``difftune generate``
+  and a plain diffusers pipeline from the exported files, compared pixel for pixel.
+
+With ``--diffusers-examples DIR`` (a diffusers checkout, or its ``examples`` folder) the same tasks
+also run through diffusers' own example scripts — ``text_to_image/train_text_to_image_lora.py``
+(style LoRA), ``dreambooth/train_dreambooth_lora.py --with_prior_preservation`` (subject LoRA with
+prior) and ``textual_inversion/textual_inversion.py`` (TI) — on the same data, steps, resolution,
+batch size, learning rate and seeds, in child processes (``run_diffusers_example.py`` puts a
+PIL/NumPy stand-in for the few ``torchvision.transforms`` they use on their path; torchvision
+cannot be installed beside the CPU torch wheel). Their results are scored the same way.
+
+``--quick`` trains every task for a few steps and scores a handful of images: it proves the
+harness and the judge run (the test suite runs it) and says nothing about quality.
+Results go to ``--work`` (``results.json``, grids per task); ``--doc`` writes the Markdown report.
+Thread count: ``--threads`` (default 2) sets torch's intra-op threads for the whole run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+TRIGGER = "sks"
+SUBJECT = "star"
+STYLE = "outline"
+COLOUR = "brown"
+TOKEN = "<brn>"
+#: DreamBooth's class prompt: a known shape the subject is compared with (the base draws it well).
+CLASS_PROMPT = "a cross"
+RESOLUTION = 64
+
+
+# --- data --------------------------------------------------------------------------------------
+
+
+def _scenes():
+    from difftune.world.scene import Scene
+
+    return Scene
+
+
+def style_items(n: int = 20) -> list:
+    """``n`` outline drawings of known shapes and colours, never a pair the evaluation asks for."""
+    import random
+
+    from difftune.world import grammar as g
+    from difftune.world.scene import PRETRAINING, caption
+
+    rng = random.Random("quality/style")
+    held = set(g.held_out_pairs())
+    items = []
+    while len(items) < n:
+        scene = PRETRAINING.sample(rng).with_(style=STYLE)
+        if (scene.shape, scene.colour) in held:
+            continue
+        items.append((scene, caption(scene, rng=rng)))
+    return items
+
+
+def subject_items() -> list:
+    """Five stars (known colours and backgrounds, not all of them), the shape word replaced by ``sks``."""
+    from difftune.world.scene import caption
+
+    Scene = _scenes()
+    scenes = (
+        Scene("star", "red", "large", "centre", "grey"),
+        Scene("star", "blue", "small", "top left", "white"),
+        Scene("star", "yellow", "large", "bottom right", "dark", rotation=8.0),
+        Scene("star", "green", "small", "top right", "grey", rotation=-6.0),
+        Scene("star", "pink", "large", "bottom left", "white", rotation=5.0),
+    )
+    return [(s, caption(s, seed=i, shape_word=TRIGGER)) for i, s in enumerate(scenes)]
+
+
+def subject_holdout_items() -> list:
+    """Three more stars for the held-out loss of "when to stop" (never trained on)."""
+    from difftune.world.scene import caption
+
+    Scene = _scenes()
+    scenes = (Scene("star", "orange", "large", "top left", "striped"),
+              Scene("star", "turquoise", "small", "centre", "checkerboard", rotation=7.0),
+              Scene("star", "purple", "large", "bottom right", "dark", rotation=-4.0))
+    return [(s, caption(s, seed=100 + i, shape_word=TRIGGER)) for i, s in enumerate(scenes)]
+
+
+def colour_items() -> list:
+    """Eight brown shapes, "brown" written as the new token (shapes and backgrounds: not all of them)."""
+    from difftune.world.scene import caption
+
+    Scene = _scenes()
+    scenes = [Scene(shape, COLOUR, size, pos, bg) for shape, size, pos, bg in (
+        ("circle", "large", "centre", "grey"), ("square", "small", "top left", "white"),
+        ("triangle", "large", "bottom right", "grey"), ("circle", "small", "top right", "white"),
+        ("square", "large", "centre", "dark"), ("triangle", "small", "bottom left", "grey"),
+        ("circle", "large", "bottom left", "dark"), ("square", "large", "top right", "white"))]
+    items = []
+    for i, s in enumerate(scenes):
+        text = caption(s.with_(colour="red"), seed=i, full=True).replace("red", TOKEN)
+        items.append((s, text))
+    return items
+
+
+# --- prompts the training data never had --------------------------------------------------------
+
+
+def style_prompts() -> list:
+    from difftune.world import grammar as g
+    from difftune.world.evaluate import prompt_for
+
+    Scene = _scenes()
+    backgrounds = ("grey", "white", "dark", "grey", "white", "dark", "grey")
+    return [prompt_for(Scene(shape, colour, "large", "centre", bg, style=STYLE), mention=("colour", "background"))
+            for (shape, colour), bg in zip(g.held_out_pairs(), backgrounds, strict=True)]
+
+
+def subject_prompts() -> list:
+    """The subject in colours and on backgrounds none of its five images had (size, position unsaid)."""
+    from difftune.world.evaluate import prompt_for
+
+    Scene = _scenes()
+    pairs = (("purple", "dark"), ("orange", "grey"), ("turquoise", "white"), ("blue", "dark"),
+             ("red", "white"), ("green", "dark"), ("yellow", "grey"), ("pink", "grey"))
+    return [prompt_for(Scene(SUBJECT, c, "large", "centre", bg), mention=("colour", "background"),
+                       shape_word=TRIGGER) for c, bg in pairs]
+
+
+def class_prompts() -> list:
+    """Known shapes in the colours and backgrounds of the subject's captions: where drift would show."""
+    from difftune.world import grammar as g
+    from difftune.world.evaluate import Prompt, prompt_for
+
+    Scene = _scenes()
+    colours = ("red", "blue", "yellow", "green", "pink", "red", "blue")
+    backgrounds = ("grey", "white", "dark", "grey", "white", "dark", "grey")
+    prompts = [prompt_for(Scene(shape, c, "large", "centre", bg), mention=("colour", "background"))
+               for shape, c, bg in zip(g.SHAPES, colours, backgrounds, strict=True)]
+    return [Prompt(CLASS_PROMPT, {"shape": "cross"}), *prompts]
+
+
+def colour_prompts() -> list:
+    from difftune.world.evaluate import Prompt, prompt_for
+
+    Scene = _scenes()
+    combos = (("hexagon", "striped"), ("heart", "checkerboard"), ("diamond", "dark"), ("cross", "white"),
+              ("hexagon", "grey"), ("heart", "white"), ("diamond", "striped"), ("cross", "checkerboard"))
+    out = []
+    for shape, bg in combos:
+        p = prompt_for(Scene(shape, COLOUR, "large", "centre", bg), mention=("colour", "background"))
+        out.append(Prompt(p.text.replace(COLOUR, TOKEN), p.expected))
+    return out
+
+
+# --- tasks -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Task:
+    """One training task: its data, its method settings, what it is scored on, and its reference."""
+
+    name: str
+    kind: str  # style | subject | token
+    label: str
+    items: Callable[[], list]
+    method: dict
+    learning_rate: float
+    steps: int
+    prior: bool = False
+    reference: str | None = None  # diffusers example that does the same
+
+    def concept(self) -> tuple[str, str]:
+        return {"style": ("style", STYLE), "subject": ("shape", SUBJECT), "token": ("colour", COLOUR)}[self.kind]
+
+
+TASKS: tuple[Task, ...] = (
+    Task("style-lora", "style", "style, LoRA", style_items, {"type": "lora", "rank": 8}, 1e-3, 400,
+         reference="text_to_image/train_text_to_image_lora.py"),
+    Task("style-dora", "style", "style, DoRA", style_items, {"type": "lora", "rank": 8, "variant": "dora"}, 1e-3, 400),
+    Task("style-lokr", "style", "style, LoKr", style_items, {"type": "lora", "rank": 8, "variant": "lokr"}, 1e-3,
+         400),
+    Task("subject-lora", "subject", "subject, DreamBooth LoRA", subject_items, {"type": "lora", "rank": 8}, 5e-4,
+         300),
+    Task("subject-lora-prior", "subject", "subject, DreamBooth LoRA + prior preservation", subject_items,
+         {"type": "lora", "rank": 8}, 5e-4, 300, prior=True, reference="dreambooth/train_dreambooth_lora.py"),
+    Task("subject-full-prior", "subject", "subject, full fine-tune + prior preservation", subject_items,
+         {"type": "full"}, 5e-5, 300, prior=True),
+    Task("colour-ti", "token", "new colour, textual inversion", colour_items,
+         {"type": "textual_inversion", "token": [TOKEN], "initializer_token": ["orange"], "templates": "none"},
+         5e-3, 400, reference="textual_inversion/textual_inversion.py"),
+    Task("colour-pivotal", "token", "new colour, pivotal tuning", colour_items,
+         {"type": "pivotal", "rank": 8, "token": [TOKEN], "initializer_token": ["orange"], "templates": "none",
+          "text_learning_rate": 5e-3}, 5e-4, 400),
+)
+TASK_NAMES = tuple(t.name for t in TASKS)
+BATCH = 4
+SAMPLE_STEPS = 20
+GUIDANCE = 5.0
+
+
+def prompts_for(task: Task) -> list:
+    return {"style": style_prompts, "subject": subject_prompts, "token": colour_prompts}[task.kind]()
+
+
+@dataclass
+class Settings:
+    model: str = "difftune:shapes"
+    work: Path = Path("quality-work")
+    seeds: tuple[int, ...] = (0, 1, 2)
+    quick: bool = False
+    #: Seeds each evaluation prompt is drawn with.
+    eval_seeds: tuple[int, ...] = (0, 1)
+    num_class_images: int = 24
+    steps_scale: float = 1.0
+    threads: int = 2
+    log: Callable = print
+
+    def __post_init__(self) -> None:
+        if self.quick:
+            self.eval_seeds = self.eval_seeds[:1]
+
+    @property
+    def sample_steps(self) -> int:
+        """Sampling steps of every image (fewer in ``--quick``: it proves the harness, not quality)."""
+        return 4 if self.quick else SAMPLE_STEPS
+
+    def steps(self, task: Task) -> int:
+        return 1 if self.quick else max(1, round(task.steps * self.steps_scale))
+
+    def prompts(self, prompts: list) -> list:
+        return prompts[:1] if self.quick else prompts
+
+    def class_count(self) -> int:
+        return 1 if self.quick else self.num_class_images
+
+
+def write_dataset(folder: Path, items: list) -> Path:
+    from difftune.world.data import write_images
+
+    if (folder / "metadata.jsonl").is_file():
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    return write_images(folder, items, size=RESOLUTION)
+
+
+def task_config(task: Task, s: Settings, seed: int, data: Path, out: Path, *, steps: int | None = None,
+                validation: dict | None = None) -> dict:
+    """The difftune config dict of ``task`` (the same settings the reference scripts get)."""
+    config = {
+        "model": {"path": s.model},
+        "method": dict(task.method),
+        "data": {"path": str(data), "resolution": RESOLUTION, "center_crop": True, "random_flip": False,
+                 "repeats": 1},
+        "train": {"max_steps": steps or s.steps(task), "learning_rate": task.learning_rate, "batch_size": BATCH,
+                  "lr_scheduler": "constant", "mixed_precision": "bf16", "checkpoint_every": 0, "log_every": 25,
+                  "seed": seed},
+        "logging": {"report_to": "none"},
+        "output": {"dir": str(out)},
+    }
+    if task.method["type"] not in ("textual_inversion", "pivotal"):
+        config["data"].update(cache_latents=True, cache_text=True, cache_dir=str(s.work / "cache" / task.kind))
+    if task.prior:
+        config["prior_preservation"] = {
+            "class_prompt": CLASS_PROMPT, "class_data": str(s.work / "class-images"),
+            "num_class_images": s.class_count(), "sample_steps": s.sample_steps, "guidance_scale": GUIDANCE,
+            "sample_batch_size": 8}
+    if validation:
+        config["validation"] = validation
+    return config
+
+
+def train_task(task: Task, s: Settings, seed: int, out: Path, **kwargs):
+    """Train ``task`` with difftune's library API; returns (RunResult, wall seconds)."""
+    from difftune import load_config
+    from difftune.training.loop import train
+
+    data = write_dataset(s.work / "data" / task.kind, task.items())
+    if out.exists():
+        shutil.rmtree(out)
+    config = load_config(data=task_config(task, s, seed, data, out, **kwargs))
+    started = time.perf_counter()
+    result = train(config, log=_quiet(s.log))
+    return result, time.perf_counter() - started
+
+
+def _quiet(log):
+    def say(message: str = "") -> None:
+        if message.startswith(("step ", "early stop", "prior preservation", "wrote", "trained")):
+            log("    " + message)
+    return say
+
+
+# --- loading what a run exported, as a user would -----------------------------------------------
+
+
+def base_pipeline(model: str):
+    import torch
+
+    from difftune.models import load_pipeline
+
+    pipe, _family, _components = load_pipeline(_resolved(model), "auto", torch.float32)
+    return pipe
+
+
+def _resolved(model: str) -> str:
+    from difftune.bases import is_builtin, resolve
+
+    return str(resolve(model)) if is_builtin(model) else model
+
+
+def tuned_pipeline(model: str, run: Path, method: str, variant: str = "lora"):
+    """The base plus what ``run`` exported, loaded the way ``difftune generate`` loads it."""
+    import torch
+
+    from difftune.inference.apply import load_adapters
+    from difftune.inference.generate import load_embedding
+    from difftune.models import load_pipeline
+
+    if method == "full":
+        pipe, _f, _c = load_pipeline(str(run), "auto", torch.float32)
+        return pipe
+    pipe, family, components = load_pipeline(_resolved(model), "auto", torch.float32)
+    lora = _adapter_file(run)
+    if variant == "lokr":  # docs/methods.md: the pipeline-level loader rejects LoKr; the UNet's reads it
+        pipe.unet.load_lora_adapter(str(run), weight_name=lora.name, prefix="unet")
+    elif variant == "dora":  # docs/methods.md: diffusers' load_lora_weights reads DoRA
+        pipe.load_lora_weights(str(run))
+    elif lora is not None:  # what `difftune generate --lora` does
+        load_adapters(pipe, [(str(lora), 1.0)], family=family, components=components, log=lambda *_: None)
+    if method in ("textual_inversion", "pivotal"):
+        load_embedding(pipe, str(_embedding_file(run)), None, log=lambda *_: None)
+    return pipe
+
+
+def _adapter_file(run: Path) -> Path | None:
+    for name in ("pytorch_lora_weights.safetensors", "adapter_model.safetensors"):
+        if (run / name).is_file():
+            return run / name
+    return None
+
+
+def _embedding_file(run: Path) -> Path:
+    found = sorted(p for p in run.glob("*.safetensors") if "embed" in p.name and "comfy" not in p.name.lower())
+    if not found:
+        raise FileNotFoundError(f"{run}: no embedding file")
+    return found[0]
+
+
+# --- scoring -----------------------------------------------------------------------------------
+
+
+def draw(pipe, prompts: list, seeds: Sequence[int], steps: int = SAMPLE_STEPS) -> tuple[list, list, list[int]]:
+    """Each prompt at each seed: (images, prompts in order, seeds in order)."""
+    from difftune.world.evaluate import sample
+
+    flat = [p for p in prompts for _ in seeds]
+    flat_seeds = [sd for _ in prompts for sd in seeds]
+    images = sample(pipe, [p.text for p in flat], flat_seeds, steps=steps, guidance=GUIDANCE,
+                    size=RESOLUTION)
+    return images, flat, flat_seeds
+
+
+def concept_scores(task: Task, verdicts: list, prompts: list) -> dict[str, float]:
+    """The concept's share and the other stated attributes' share (the judge's verdicts)."""
+    from difftune.world.evaluate import other_attributes_right
+
+    attribute, value = task.concept()
+    scores = {"concept": sum(v[attribute] == value for v in verdicts) / len(verdicts),
+              "others": other_attributes_right(verdicts, prompts, skip=(attribute,))}
+    if task.kind == "subject":
+        shown = {(v["size"], v["position"]) for v in verdicts if v["shape"] == SUBJECT}
+        scores["diversity"] = len(shown)
+    return scores
+
+
+def drift_scores(base_verdicts: list, tuned_verdicts: list) -> dict[str, float]:
+    """Class-prompt images against the base's at the same prompts and seeds."""
+    n = len(base_verdicts)
+    kept = sum(b["shape"] == t["shape"] for b, t in zip(base_verdicts, tuned_verdicts, strict=True))
+    drifted = sum(b["shape"] != SUBJECT and t["shape"] == SUBJECT
+                  for b, t in zip(base_verdicts, tuned_verdicts, strict=True))
+    return {"prior_kept": kept / n, "drift": drifted / n}
+
+
+#: Score name -> (column title, higher is better, format).
+SCORES = {
+    "concept": ("concept shown", True, "pct"),
+    "others": ("other attributes right", True, "pct"),
+    "diversity": ("subject poses (of 10)", True, "int"),
+    "prior_kept": ("class images kept", True, "pct"),
+    "drift": ("class images drifted to subject", False, "pct"),
+    "train_seconds": ("train time (s)", False, "sec"),
+}
+
+
+@dataclass
+class Row:
+    task: str
+    tool: str  # base | difftune | reference
+    seed: int | None
+    scores: dict[str, float] = field(default_factory=dict)
+
+
+class Bench:
+    """Runs the tasks, keeps the base's images and verdicts per prompt set, and collects rows."""
+
+    def __init__(self, s: Settings) -> None:
+        from difftune.world.judge import Judge
+
+        self.s = s
+        self.judge = Judge.load()
+        self.rows: list[Row] = []
+        self.images: dict[tuple[str, str], list] = {}  # (task, tool) -> images of the first seed
+        self._base: dict[str, tuple[list, list]] = {}
+        self._base_pipe = None
+
+    def base_images(self, key: str, prompts: list):
+        if key not in self._base:
+            if self._base_pipe is None:
+                self._base_pipe = base_pipeline(self.s.model)
+            images, flat, _ = draw(self._base_pipe, prompts, self.s.eval_seeds, self.s.sample_steps)
+            self._base[key] = (images, self.judge(images))
+        return self._base[key]
+
+    def score_pipe(self, task: Task, pipe) -> tuple[dict[str, float], list]:
+        prompts = self.s.prompts(prompts_for(task))
+        images, flat, _ = draw(pipe, prompts, self.s.eval_seeds, self.s.sample_steps)
+        scores = concept_scores(task, self.judge(images), flat)
+        if task.kind == "subject":
+            cls = self.s.prompts(class_prompts())
+            _, base_verdicts = self.base_images("class", cls)
+            tuned, _, _ = draw(pipe, cls, self.s.eval_seeds, self.s.sample_steps)
+            scores.update(drift_scores(base_verdicts, self.judge(tuned)))
+        return scores, images
+
+    def base_row(self, task: Task) -> None:
+        if any(r.task == task.name and r.tool == "base" for r in self.rows):
+            return
+        prompts = self.s.prompts(prompts_for(task))
+        images, verdicts = self.base_images(task.kind, prompts)
+        scores = concept_scores(task, verdicts, [p for p in prompts for _ in self.s.eval_seeds])
+        if task.kind == "subject":
+            scores.update(prior_kept=1.0, drift=0.0)
+        self.rows.append(Row(task.name, "base", None, scores))
+        self.images[(task.name, "base")] = images
+
+    def run_difftune(self, task: Task, seed: int) -> Row:
+        out = self.s.work / "runs" / f"{task.name}-difftune-{seed}"
+        self.s.log(f"  {task.name}: difftune, seed {seed}, {self.s.steps(task)} steps")
+        result, seconds = train_task(task, self.s, seed, out)
+        pipe = tuned_pipeline(self.s.model, out, task.method["type"], task.method.get("variant", "lora"))
+        scores, images = self.score_pipe(task, pipe)
+        scores["train_seconds"] = seconds
+        row = Row(task.name, "difftune", seed, scores)
+        self.rows.append(row)
+        self.images.setdefault((task.name, "difftune"), images)
+        del result
+        return row
+
+    def run_reference(self, task: Task, seed: int, examples: Path) -> Row | None:
+        from reference import run_reference  # benchmarks/reference.py
+
+        out = self.s.work / "runs" / f"{task.name}-reference-{seed}"
+        self.s.log(f"  {task.name}: diffusers example, seed {seed}, {self.s.steps(task)} steps")
+        data = write_dataset(self.s.work / "data" / task.kind, task.items())
+        seconds = run_reference(task, self.s, seed, data, out, examples)
+        pipe = reference_pipeline(self.s.model, task, out)
+        scores, images = self.score_pipe(task, pipe)
+        scores["train_seconds"] = seconds
+        row = Row(task.name, "reference", seed, scores)
+        self.rows.append(row)
+        self.images.setdefault((task.name, "reference"), images)
+        return row
+
+
+def reference_pipeline(model: str, task: Task, out: Path):
+    """The base plus what a diffusers example wrote, loaded with diffusers' own calls."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(_resolved(model), torch_dtype=torch.float32)
+    if task.method["type"] == "textual_inversion":
+        pipe.load_textual_inversion(str(out / "learned_embeds.safetensors"), token=TOKEN)
+    else:
+        pipe.load_lora_weights(str(out))
+    return pipe
+
+
+# --- when to stop ------------------------------------------------------------------------------
+
+
+def when_to_stop(s: Settings, seed: int = 0, every: int | None = None, steps: int | None = None,
+                 patience: int = 3) -> dict:
+    """The subject task (LoRA, no prior) with a held-out loss, checkpoints and previews every ``every`` steps.
+
+    The judge scores the previews written during training (they equal real use: see
+    :func:`previews_match`); difftune's best checkpoint is read from ``checkpoints/best.json``, and
+    where early stopping with ``patience`` would stop from difftune's own bookkeeping
+    (:class:`~difftune.training.holdout.HeldOutLoss`) over the recorded losses.
+    """
+    task = next(t for t in TASKS if t.name == "subject-lora")
+    steps = steps or (4 if s.quick else 2 * task.steps)
+    every = every or (2 if s.quick else max(1, steps // 12))
+    prompts = s.prompts(subject_prompts()) + s.prompts(class_prompts()[1:])
+    n_subject = len(s.prompts(subject_prompts()))
+    holdout = write_dataset(s.work / "data" / "subject-holdout", subject_holdout_items())
+    validation = {"prompts": [p.text for p in prompts], "every": every, "images_per_prompt": len(s.eval_seeds),
+                  "seed": s.eval_seeds[0], "steps": s.sample_steps, "guidance_scale": GUIDANCE,
+                  "holdout": str(holdout), "loss_every": every, "loss_timesteps": 8}
+    out = s.work / "runs" / f"when-to-stop-{seed}"
+    task_steps = dict(steps=steps, validation=validation)
+    s.log(f"  when to stop: {steps} steps, judged every {every}")
+    result, _seconds = _train_with_checkpoints(task, s, seed, out, every, **task_steps)
+    judge = _judge(s)
+    curve = []
+    for step, loss in result.val_losses:
+        folder = out / "samples" / f"step-{step}"
+        if not folder.is_dir():
+            continue
+        images = preview_images(folder, len(prompts), len(s.eval_seeds))
+        verdicts = judge(images)
+        subject = verdicts[: n_subject * len(s.eval_seeds)]
+        others = verdicts[n_subject * len(s.eval_seeds):]
+        curve.append({"step": step, "val_loss": loss,
+                      "fidelity": sum(v["shape"] == SUBJECT for v in subject) / len(subject),
+                      "drift": sum(v["shape"] == SUBJECT for v in others) / max(len(others), 1)})
+    return summarise_stop(curve, out / "checkpoints", patience)
+
+
+def _train_with_checkpoints(task, s, seed, out, every, **kwargs):
+    from difftune import load_config
+    from difftune.training.loop import train
+
+    data = write_dataset(s.work / "data" / task.kind, task.items())
+    if out.exists():
+        shutil.rmtree(out)
+    raw = task_config(task, s, seed, data, out, **kwargs)
+    raw["train"].update(checkpoint_every=every, checkpoints_keep=1)
+    started = time.perf_counter()
+    result = train(load_config(data=raw), log=_quiet(s.log))
+    return result, time.perf_counter() - started
+
+
+def _judge(s: Settings):
+    from difftune.world.judge import Judge
+
+    return Judge.load()
+
+
+def preview_images(folder: Path, n_prompts: int, per_prompt: int) -> list:
+    """The validation images of one step, in prompt order (files ``NN-seedS.png``)."""
+    from PIL import Image
+
+    files = sorted(folder.glob("*-seed*.png"), key=lambda p: (int(p.name.split("-")[0]),
+                                                               int(p.stem.split("seed")[1])))
+    if len(files) != n_prompts * per_prompt:
+        raise RuntimeError(f"{folder}: {len(files)} previews, expected {n_prompts * per_prompt}")
+    return [Image.open(p).convert("RGB") for p in files]
+
+
+def judge_best(curve: list[dict], drift_limit: float = 0.25) -> dict:
+    """The judge's best step: highest subject fidelity with drift at most ``drift_limit``
+    (earliest among ties: training longer for the same score only risks more drift)."""
+    ok = [c for c in curve if c["drift"] <= drift_limit] or curve
+    return max(ok, key=lambda c: (c["fidelity"], -c["drift"], -c["step"]))
+
+
+def early_stop_step(curve: list[dict], patience: int) -> int | None:
+    """Where ``validation.patience = patience`` stops on these losses: difftune's own bookkeeping."""
+    from difftune.training.holdout import HeldOutLoss
+
+    keeper = HeldOutLoss.__new__(HeldOutLoss)  # only the bookkeeping, no dataset
+    keeper.cfg = argparse.Namespace(patience=patience)
+    keeper.history, keeper.best, keeper.evals_without_improvement, keeper.best_checkpoint = [], None, 0, None
+    for point in curve:
+        keeper.record(point["step"], point["val_loss"])
+        if keeper.should_stop:
+            return point["step"]
+    return None
+
+
+def summarise_stop(curve: list[dict], checkpoints: Path, patience: int) -> dict:
+    from difftune.training.holdout import read_best
+
+    best = read_best(checkpoints) if checkpoints.is_dir() else None
+    lowest = min(curve, key=lambda c: c["val_loss"]) if curve else None
+    judged = judge_best(curve) if curve else None
+    marked = best["step"] if best else (lowest["step"] if lowest else None)
+
+    def at(step):
+        return next((c for c in curve if c["step"] == step), None)
+
+    return {"curve": curve, "patience": patience, "best_checkpoint_step": best["step"] if best else None,
+            "lowest_loss_step": lowest["step"] if lowest else None, "marked_step": marked,
+            "judge_best_step": judged["step"] if judged else None,
+            "early_stop_step": early_stop_step(curve, patience),
+            "marked_scores": at(marked), "judge_best_scores": judged}
+
+
+# --- previews equal real use --------------------------------------------------------------------
+
+
+def previews_match(s: Settings, seed: int = 0, steps: int | None = None, precision: str = "no") -> dict:
+    """Train a short subject LoRA with a preview at the end, then draw the same prompt and seed with
+    ``difftune generate`` and with a plain diffusers pipeline from the exported files.
+
+    Returns the largest pixel difference of each against the preview (0 = identical).
+    """
+    import numpy as np
+    import torch
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+    from PIL import Image
+
+    from difftune.inference.generate import GenerateSettings, generate
+
+    task = next(t for t in TASKS if t.name == "subject-lora")
+    prompt = subject_prompts()[0].text
+    validation = {"prompts": [prompt], "every": 0, "images_per_prompt": 1, "seed": seed, "steps": s.sample_steps,
+                  "guidance_scale": GUIDANCE}
+    out = s.work / "runs" / f"previews-{precision}"
+    data = write_dataset(s.work / "data" / task.kind, task.items())
+    from difftune import load_config
+    from difftune.training.loop import train
+
+    if out.exists():
+        shutil.rmtree(out)
+    raw = task_config(task, s, seed, data, out, steps=steps or (1 if s.quick else 50), validation=validation)
+    raw["train"]["mixed_precision"] = precision
+    result = train(load_config(data=raw), log=_quiet(s.log))
+    preview = next(p for p in result.samples if p.name != "grid.png")
+    gen_dir = s.work / "runs" / f"previews-{precision}-generate"
+    shutil.rmtree(gen_dir, ignore_errors=True)
+    generated = generate(GenerateSettings(model=s.model, prompts=[prompt], out=gen_dir,
+                                          loras=[(str(out / "pytorch_lora_weights.safetensors"), 1.0)],
+                                          steps=s.sample_steps, guidance=GUIDANCE, seed=seed, width=RESOLUTION,
+                                          height=RESOLUTION, scheduler="dpm++", dtype="fp32"),
+                         log=lambda *_: None)[0]
+    pipe = StableDiffusionPipeline.from_pretrained(_resolved(s.model), torch_dtype=torch.float32)
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe.load_lora_weights(str(out))
+    pipe.set_progress_bar_config(disable=True)
+    plain = pipe(prompt, num_inference_steps=s.sample_steps, guidance_scale=GUIDANCE, height=RESOLUTION,
+                 width=RESOLUTION, generator=torch.Generator("cpu").manual_seed(seed)).images[0]
+    plain_path = gen_dir / "plain-diffusers.png"
+    plain.save(plain_path)
+
+    def pixels(p):
+        return np.asarray(Image.open(p).convert("RGB"), dtype=np.int16)
+
+    a = pixels(preview)
+    return {"precision": precision, "preview": str(preview), "generate": str(generated), "plain": str(plain_path),
+            "generate_max_diff": int(np.abs(a - pixels(generated)).max()),
+            "plain_max_diff": int(np.abs(a - pixels(plain_path)).max())}
+
+
+# --- the whole run -----------------------------------------------------------------------------
+
+
+def run(s: Settings, tasks: Sequence[Task], examples: Path | None = None, stop: bool = True,
+        previews: bool = True) -> dict:
+    s.work.mkdir(parents=True, exist_ok=True)
+    bench = Bench(s)
+    started = time.perf_counter()
+    for task in tasks:
+        s.log(f"{task.label}")
+        bench.base_row(task)
+        for seed in s.seeds:
+            bench.run_difftune(task, seed)
+            if examples and task.reference:
+                bench.run_reference(task, seed, examples)
+    report = {"rows": [r.__dict__ for r in bench.rows], "quick": s.quick, "seeds": list(s.seeds),
+              "model": s.model, "tasks": [t.name for t in tasks]}
+    if stop:
+        s.log("when to stop")
+        report["when_to_stop"] = when_to_stop(s)
+    if previews:
+        s.log("previews equal real use")
+        report["previews"] = [previews_match(s, precision=p) for p in ("no", "bf16")]
+    report["seconds"] = time.perf_counter() - started
+    grids = write_grids(bench, tasks, s.work)
+    report["grids"] = {k: str(v) for k, v in grids.items()}
+    (s.work / "results.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def write_grids(bench: Bench, tasks: Sequence[Task], folder: Path) -> dict[str, Path]:
+    """Per task: rows base / difftune / reference (where run), the first seed's images, same prompts and seeds."""
+    from difftune.inference.images import make_grid
+
+    grids = {}
+    for task in tasks:
+        rows = [bench.images[(task.name, tool)] for tool in ("base", "difftune", "reference")
+                if (task.name, tool) in bench.images]
+        cols = len(rows[0])
+        flat = [img for row in rows for img in row]
+        path = folder / f"grid-{task.name}.png"
+        make_grid(flat, cols=cols).save(path)
+        grids[task.name] = path
+    return grids
+
+
+# --- tables ------------------------------------------------------------------------------------
+
+
+def spread(values: list[float]) -> tuple[float, float]:
+    mean = statistics.fmean(values)
+    return mean, (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def fmt(value: float, kind: str, sd: float | None = None) -> str:
+    if kind == "pct":
+        text = f"{value:.0%}" + (f" ± {sd:.0%}" if sd else "")
+    elif kind == "sec":
+        text = f"{value:.0f}" + (f" ± {sd:.0f}" if sd else "")
+    else:
+        text = f"{value:.1f}" + (f" ± {sd:.1f}" if sd else "")
+    return text
+
+
+def tables(report: dict) -> str:
+    """One Markdown table per task: base, difftune and the reference on every score (mean ± sd over seeds)."""
+    out = []
+    rows = report["rows"]
+    for name in report["tasks"]:
+        task = next(t for t in TASKS if t.name == name)
+        mine = [r for r in rows if r["task"] == name]
+        keys = [k for k in SCORES if any(k in r["scores"] for r in mine)]
+        out.append(f"### {task.label} (`{name}`, {_steps_text(report, task)})\n")
+        out.append("| | " + " | ".join(SCORES[k][0] for k in keys) + " |")
+        out.append("|---" * (len(keys) + 1) + "|")
+        for tool in ("base", "difftune", "reference"):
+            group = [r for r in mine if r["tool"] == tool]
+            if not group:
+                continue
+            cells = []
+            for k in keys:
+                values = [r["scores"][k] for r in group if k in r["scores"]]
+                if not values:
+                    cells.append("")
+                    continue
+                mean, sd = spread(values)
+                cells.append(fmt(mean, SCORES[k][2], sd))
+            seeds = f" ({len(group)} seed{'s' if len(group) > 1 else ''})" if tool != "base" else ""
+            label = {"reference": f"diffusers `{task.reference}`"}.get(tool, tool)
+            out.append(f"| {label}{seeds} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def _steps_text(report: dict, task: Task) -> str:
+    steps = report.get("steps", {}).get(task.name)
+    return f"{steps} steps, batch {BATCH}, lr {task.learning_rate:g}" if steps else f"lr {task.learning_rate:g}"
+
+
+def print_report(report: dict, log=print) -> None:
+    log(tables(report))
+    stop = report.get("when_to_stop")
+    if stop:
+        log("when to stop (subject LoRA): step, held-out loss, fidelity, drift")
+        for c in stop["curve"]:
+            log(f"  {c['step']:5d}  {c['val_loss']:.5f}  {c['fidelity']:.0%}  {c['drift']:.0%}")
+        log(f"  best checkpoint marked at step {stop['marked_step']}, early stopping (patience "
+            f"{stop['patience']}) at {stop['early_stop_step']}, judge's best step {stop['judge_best_step']}")
+    for p in report.get("previews", []):
+        log(f"previews ({p['precision']}): max pixel difference vs difftune generate {p['generate_max_diff']}, "
+            f"vs plain diffusers {p['plain_max_diff']}")
+    log(f"total {report['seconds']:.0f} s")
+
+
+def main(argv: Sequence[str] | None = None, log=print) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="difftune:shapes", help="base model (default: difftune:shapes)")
+    parser.add_argument("--quick", action="store_true", help="a few steps per task: proves the harness runs")
+    parser.add_argument("--seeds", default="0,1,2", help="training seeds, comma-separated")
+    parser.add_argument("--tasks", default=",".join(TASK_NAMES), help=f"comma-separated: {', '.join(TASK_NAMES)}")
+    parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply every task's steps")
+    parser.add_argument("--class-images", type=int, default=24, help="prior-preservation class images")
+    parser.add_argument("--work", type=Path, default=Path("quality-work"), help="folder for data, runs, grids")
+    parser.add_argument("--doc", type=Path, help="write the Markdown report here (e.g. docs/quality.md)")
+    parser.add_argument("--diffusers-examples", type=Path, help="diffusers checkout (or its examples/ folder)")
+    parser.add_argument("--no-stop", action="store_true", help="skip the when-to-stop run")
+    parser.add_argument("--no-previews", action="store_true", help="skip the previews-equal-real-use check")
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    args = parser.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    names = [n.strip() for n in args.tasks.split(",") if n.strip()]
+    unknown = [n for n in names if n not in TASK_NAMES]
+    if unknown:
+        parser.error(f"--tasks: unknown {', '.join(unknown)} (known: {', '.join(TASK_NAMES)})")
+    tasks = [t for t in TASKS if t.name in names]
+    s = Settings(model=args.model, work=args.work, seeds=tuple(int(x) for x in args.seeds.split(",")),
+                 quick=args.quick, steps_scale=args.steps_scale, num_class_images=args.class_images,
+                 threads=args.threads, log=log)
+    examples = _examples_dir(args.diffusers_examples) if args.diffusers_examples else None
+    report = run(s, tasks, examples, stop=not args.no_stop, previews=not args.no_previews)
+    report["steps"] = {t.name: s.steps(t) for t in tasks}
+    report["command"] = "python benchmarks/quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    (s.work / "results.json").write_text(json.dumps(report, indent=2))
+    report["threads"] = args.threads
+    (s.work / "results.json").write_text(json.dumps(report, indent=2))
+    print_report(report, log)
+    if args.doc:
+        from quality_doc import write_doc  # benchmarks/quality_doc.py
+
+        write_doc(report, args.doc)
+    return 0
+
+
+def _examples_dir(path: Path) -> Path:
+    path = path.expanduser()
+    if (path / "examples").is_dir():
+        path = path / "examples"
+    if not (path / "dreambooth").is_dir():
+        raise SystemExit(f"--diffusers-examples: {path} has no dreambooth/ folder (give a diffusers checkout)")
+    return path
+
+
+sys.path.insert(0, str(HERE))  # reference.py and quality_doc.py beside this file
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,93 @@
+"""benchmarks/quality.py: ``--quick`` runs every task on the embedded base and the judge scores it
+(no quality asserted); the when-to-stop bookkeeping; previews equal real use, pixel for pixel."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import quality  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    """One ``--quick`` run of every task, the when-to-stop run and the previews check."""
+    work = tmp_path_factory.mktemp("quality")
+    lines: list[str] = []
+    assert quality.main(["--quick", "--seeds", "0", "--work", str(work), "--doc", str(work / "quality.md")],
+                        log=lines.append) == 0
+    return work, json.loads((work / "results.json").read_text()), "\n".join(lines)
+
+
+@pytest.mark.slow
+def test_quick_run_scores_every_task_for_base_and_difftune(quick):
+    work, report, printed = quick
+    rows = report["rows"]
+    for task in quality.TASKS:
+        for tool in ("base", "difftune"):
+            found = [r for r in rows if r["task"] == task.name and r["tool"] == tool]
+            assert len(found) == 1, (task.name, tool)
+            scores = found[0]["scores"]
+            assert 0.0 <= scores["concept"] <= 1.0 and 0.0 <= scores["others"] <= 1.0
+            if task.kind == "subject":
+                assert {"prior_kept", "drift", "diversity"} <= set(scores)
+        assert Path(report["grids"][task.name]).is_file()
+        trained = work / "runs" / f"{task.name}-difftune-0"
+        assert (trained / "README.md").is_file()  # the run finished and exported
+        assert f"`{task.name}`" in printed  # a table per task
+    doc = (work / "quality.md").read_text()
+    assert all(f"`{t.name}`" in doc for t in quality.TASKS) and "## When to stop" in doc
+
+
+@pytest.mark.slow
+def test_quick_when_to_stop_reads_losses_previews_and_best_checkpoint(quick):
+    _work, report, _printed = quick
+    stop = report["when_to_stop"]
+    assert [c["step"] for c in stop["curve"]] == [2, 4]
+    best = min(stop["curve"], key=lambda c: c["val_loss"])["step"]
+    # the checkpoint difftune marks best is the lowest held-out loss among its checkpoints (step 2;
+    # step 4 is the end of training, exported rather than checkpointed)
+    assert stop["best_checkpoint_step"] == 2 and stop["lowest_loss_step"] == best
+    assert stop["judge_best_step"] in (2, 4)
+
+
+@pytest.mark.slow
+def test_previews_equal_generate_and_plain_diffusers_pixel_for_pixel(quick):
+    _work, report, _printed = quick
+    by_precision = {p["precision"]: p for p in report["previews"]}
+    for precision in ("no", "bf16"):
+        p = by_precision[precision]
+        assert p["generate_max_diff"] == 0, p
+        assert p["plain_max_diff"] == 0, p
+
+
+def test_judge_best_prefers_fidelity_within_the_drift_limit_then_the_earliest_step():
+    curve = [{"step": 10, "val_loss": 0.30, "fidelity": 0.2, "drift": 0.0},
+             {"step": 20, "val_loss": 0.25, "fidelity": 0.8, "drift": 0.1},
+             {"step": 30, "val_loss": 0.24, "fidelity": 0.8, "drift": 0.2},
+             {"step": 40, "val_loss": 0.26, "fidelity": 1.0, "drift": 0.6}]
+    assert quality.judge_best(curve)["step"] == 20
+    assert quality.judge_best(curve, drift_limit=1.0)["step"] == 40
+
+
+def test_early_stop_step_follows_difftunes_patience_bookkeeping():
+    losses = [0.30, 0.25, 0.26, 0.27, 0.24, 0.28, 0.29, 0.31]
+    curve = [{"step": 10 * (i + 1), "val_loss": v} for i, v in enumerate(losses)]
+    assert quality.early_stop_step(curve, patience=2) == 40  # no improvement at 30 and 40
+    assert quality.early_stop_step(curve, patience=3) == 80  # 50 improves; 60, 70 and 80 do not
+    assert quality.early_stop_step(curve, patience=4) is None
+
+
+def test_summary_reads_the_best_checkpoint_that_the_run_marked(tmp_path):
+    (tmp_path / "best.json").write_text(json.dumps({"checkpoint": "checkpoint-20", "step": 20, "val_loss": 0.25}))
+    curve = [{"step": 10, "val_loss": 0.30, "fidelity": 0.1, "drift": 0.0},
+             {"step": 20, "val_loss": 0.25, "fidelity": 0.9, "drift": 0.0}]
+    summary = quality.summarise_stop(curve, tmp_path, patience=2)
+    assert summary["best_checkpoint_step"] == 20 and summary["judge_best_step"] == 20
+    assert summary["marked_scores"]["fidelity"] == 0.9
