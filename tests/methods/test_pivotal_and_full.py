@@ -74,6 +74,17 @@ def test_full_fine_tune_exports_a_loadable_pipeline_with_ema(train_run, tiny_sd)
     assert "pipeline" in (plain.output_dir / "README.md").read_text()
 
 
+def test_full_fine_tune_with_both_caches_exports_the_vae_and_text_encoder(train_run, tiny_sd):
+    """With latents and text cached the frozen encoders leave training, but the pipeline folder needs them."""
+    from diffusers import StableDiffusionPipeline
+
+    result = train_run(method={"type": "full"}, train={"max_steps": 1, "learning_rate": 1e-3},
+                       data={"cache_latents": True, "cache_text": True})
+    tuned = StableDiffusionPipeline.from_pretrained(result.output_dir / "pipeline")
+    assert tuned.vae is not None and tuned.text_encoder is not None
+    pipeline_image(tuned)  # it draws
+
+
 def _full_method(tiny_sd, run_config, shapes_data, tmp_path, family_cls, **method):
     from difftune.methods import METHODS
     from difftune.models.loading import resolve_source

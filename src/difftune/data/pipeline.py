@@ -153,15 +153,17 @@ def _drop_nonfinite(scan: ScanResult, sizes, cache, cfg, log) -> None:
 
 
 def release_if_cached(config: Config, components) -> bool:
-    """With both caches on, free the VAE and text encoders (kept on the CPU if validation samples).
+    """With both caches on, free the VAE and text encoders (kept on the CPU if something needs them later).
 
     Does nothing the second time (the encoders were released already)."""
     cfg = config.data
     if components.encoders_offloaded or components.vae is None:
         return True
     if cfg.cache_latents and cfg.cache_text and not config.method.train_text_encoder:
-        # Validation samples and the held-out loss still need them: keep them on the CPU then.
-        needed_later = bool(config.validation.prompts or config.validation.samples) or config.validation.holdout is not None
+        # Validation samples and the held-out loss still need them, and so does the `full` method's
+        # export (a whole pipeline folder): keep them on the CPU then.
+        needed_later = (bool(config.validation.prompts or config.validation.samples)
+                        or config.validation.holdout is not None or config.method.type == "full")
         release_frozen_encoders(components, keep_on_cpu=needed_later)
         return True
     return False
