@@ -348,7 +348,7 @@ def tuned_pipeline(model: str, run: Path, method: str, variant: str = "lora"):
     from difftune.models import load_pipeline
 
     if method == "full":
-        pipe, _f, _c = load_pipeline(str(run), "auto", torch.float32)
+        pipe, _f, _c = load_pipeline(str(run / "pipeline"), "auto", torch.float32)  # what the full method exports
         return pipe
     pipe, family, components = load_pipeline(_resolved(model), "auto", torch.float32)
     lora = _adapter_file(run)
@@ -812,6 +812,7 @@ def main(argv: Sequence[str] | None = None, log=print) -> int:
     parser.add_argument("--no-stop", action="store_true", help="skip the when-to-stop run")
     parser.add_argument("--no-previews", action="store_true", help="skip the previews-equal-real-use check")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument("--notes", type=Path, help="Markdown file whose text goes into the report after its header")
     args = parser.parse_args(argv)
     import torch
 
@@ -836,7 +837,7 @@ def main(argv: Sequence[str] | None = None, log=print) -> int:
     if args.doc:
         from quality_doc import write_doc  # benchmarks/quality_doc.py
 
-        write_doc(report, args.doc)
+        write_doc(report, args.doc, args.notes.read_text() if args.notes else "")
     return 0
 
 

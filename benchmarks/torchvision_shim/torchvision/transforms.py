@@ -61,8 +61,11 @@ class RandomCrop(CenterCrop):
 
 
 class RandomHorizontalFlip:
+    def __init__(self, p: float = 0.5):
+        self.p = p
+
     def __call__(self, img: Image.Image) -> Image.Image:
-        return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if random.random() < 0.5 else img
+        return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if random.random() < self.p else img
 
 
 class Lambda:
