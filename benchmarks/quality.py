@@ -521,7 +521,7 @@ def reference_pipeline(model: str, task: Task, out: Path):
 
 
 def when_to_stop(s: Settings, seed: int = 0, every: int | None = None, steps: int | None = None,
-                 patience: int = 3) -> dict:
+                 patience: int = 2) -> dict:
     """The subject task (LoRA, no prior) with a held-out loss, checkpoints and previews every ``every`` steps.
 
     The judge scores the previews written during training (they equal real use: see
@@ -530,9 +530,9 @@ def when_to_stop(s: Settings, seed: int = 0, every: int | None = None, steps: in
     (:class:`~difftune.training.holdout.HeldOutLoss`) over the recorded losses.
     """
     task = next(t for t in TASKS if t.name == "subject-lora")
-    steps = steps or (4 if s.quick else 2 * task.steps)
-    every = every or (2 if s.quick else max(1, steps // 12))
-    prompts = s.prompts(subject_prompts()) + s.prompts(class_prompts()[1:])
+    steps = steps or (4 if s.quick else 2 * s.steps(task))
+    every = every or (2 if s.quick else max(1, steps // 8))
+    prompts = s.prompts(subject_prompts()) + s.prompts(class_prompts()[1:5])
     n_subject = len(s.prompts(subject_prompts()))
     holdout = write_dataset(s.work / "data" / "subject-holdout", subject_holdout_items())
     validation = {"prompts": [p.text for p in prompts], "every": every, "images_per_prompt": len(s.eval_seeds),
@@ -692,25 +692,35 @@ def run(s: Settings, tasks: Sequence[Task], examples: Path | None = None, stop: 
     s.work.mkdir(parents=True, exist_ok=True)
     bench = Bench(s)
     started = time.perf_counter()
+    report = {"rows": [], "quick": s.quick, "seeds": list(s.seeds), "model": s.model, "tasks": [],
+              "steps": {t.name: s.steps(t) for t in tasks}, "threads": s.threads}
+
+    def save() -> None:  # after every row, so a run cut short still leaves what it measured
+        report["rows"] = [r.__dict__ for r in bench.rows]
+        report["seconds"] = time.perf_counter() - started
+        (s.work / "results.json").write_text(json.dumps(report, indent=2))
+
     for task in tasks:
         s.log(f"{task.label}")
         bench.base_row(task)
         for seed in s.seeds:
             bench.run_difftune(task, seed)
+            save()
             if examples and task.reference:
                 bench.run_reference(task, seed, examples)
-    report = {"rows": [r.__dict__ for r in bench.rows], "quick": s.quick, "seeds": list(s.seeds),
-              "model": s.model, "tasks": [t.name for t in tasks]}
+                save()
+        report["tasks"].append(task.name)
+        report["grids"] = {k: str(v) for k, v in write_grids(bench, [t for t in tasks if t.name in report["tasks"]],
+                                                               s.work).items()}
+        save()
     if stop:
         s.log("when to stop")
         report["when_to_stop"] = when_to_stop(s)
+        save()
     if previews:
         s.log("previews equal real use")
         report["previews"] = [previews_match(s, precision=p) for p in ("no", "bf16")]
-    report["seconds"] = time.perf_counter() - started
-    grids = write_grids(bench, tasks, s.work)
-    report["grids"] = {k: str(v) for k, v in grids.items()}
-    (s.work / "results.json").write_text(json.dumps(report, indent=2))
+    save()
     return report
 
 
@@ -822,16 +832,13 @@ def main(argv: Sequence[str] | None = None, log=print) -> int:
     unknown = [n for n in names if n not in TASK_NAMES]
     if unknown:
         parser.error(f"--tasks: unknown {', '.join(unknown)} (known: {', '.join(TASK_NAMES)})")
-    tasks = [t for t in TASKS if t.name in names]
+    tasks = [next(t for t in TASKS if t.name == n) for n in dict.fromkeys(names)]  # in the order given
     s = Settings(model=args.model, work=args.work, seeds=tuple(int(x) for x in args.seeds.split(",")),
                  quick=args.quick, steps_scale=args.steps_scale, num_class_images=args.class_images,
                  threads=args.threads, log=log)
     examples = _examples_dir(args.diffusers_examples) if args.diffusers_examples else None
     report = run(s, tasks, examples, stop=not args.no_stop, previews=not args.no_previews)
-    report["steps"] = {t.name: s.steps(t) for t in tasks}
     report["command"] = "python benchmarks/quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    (s.work / "results.json").write_text(json.dumps(report, indent=2))
-    report["threads"] = args.threads
     (s.work / "results.json").write_text(json.dumps(report, indent=2))
     print_report(report, log)
     if args.doc:
