@@ -310,8 +310,17 @@ def train_task(task: Task, s: Settings, seed: int, out: Path, **kwargs):
         shutil.rmtree(out)
     config = load_config(data=task_config(task, s, seed, data, out, **kwargs))
     started = time.perf_counter()
+    fresh_accelerate_state()
     result = train(config, log=_quiet(s.log))
     return result, time.perf_counter() - started
+
+
+def fresh_accelerate_state() -> None:
+    """accelerate keeps one process-wide state: a run in bf16 and then one in fp32 in the same process
+    (or a run after one that failed) is refused unless it is reset, as the test suite does."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
 
 
 def _quiet(log):
@@ -568,6 +577,7 @@ def _train_with_checkpoints(task, s, seed, out, every, **kwargs):
     raw = task_config(task, s, seed, data, out, **kwargs)
     raw["train"].update(checkpoint_every=every, checkpoints_keep=1)
     started = time.perf_counter()
+    fresh_accelerate_state()
     result = train(load_config(data=raw), log=_quiet(s.log))
     return result, time.perf_counter() - started
 
@@ -657,6 +667,7 @@ def previews_match(s: Settings, seed: int = 0, steps: int | None = None, precisi
         shutil.rmtree(out)
     raw = task_config(task, s, seed, data, out, steps=steps or (1 if s.quick else 50), validation=validation)
     raw["train"]["mixed_precision"] = precision
+    fresh_accelerate_state()
     result = train(load_config(data=raw), log=_quiet(s.log))
     preview = next(p for p in result.samples if p.name != "grid.png")
     gen_dir = s.work / "runs" / f"previews-{precision}-generate"
