@@ -703,38 +703,58 @@ def previews_match(s: Settings, seed: int = 0, steps: int | None = None, precisi
 
 
 def run(s: Settings, tasks: Sequence[Task], examples: Path | None = None, stop: bool = True,
-        previews: bool = True) -> dict:
+        previews: bool = True, budget_minutes: float | None = None) -> dict:
+    """Every task for the first seed (difftune, then the reference), when to stop, previews; then the
+    other seeds, each only if it fits in ``budget_minutes`` (judged by how long the first seed took)."""
     s.work.mkdir(parents=True, exist_ok=True)
     bench = Bench(s)
     started = time.perf_counter()
-    report = {"rows": [], "quick": s.quick, "seeds": list(s.seeds), "model": s.model, "tasks": [],
-              "steps": {t.name: s.steps(t) for t in tasks}, "threads": s.threads}
+    report = {"rows": [], "quick": s.quick, "seeds": [], "seeds_asked": list(s.seeds), "model": s.model,
+              "tasks": [], "steps": {t.name: s.steps(t) for t in tasks}, "threads": s.threads,
+              "eval_seeds": list(s.eval_seeds), "sample_steps": s.sample_steps}
 
     def save() -> None:  # after every row, so a run cut short still leaves what it measured
         report["rows"] = [r.__dict__ for r in bench.rows]
         report["seconds"] = time.perf_counter() - started
         (s.work / "results.json").write_text(json.dumps(report, indent=2))
 
-    for task in tasks:
-        s.log(f"{task.label}")
-        bench.base_row(task)
-        for seed in s.seeds:
+    def one_seed(seed: int) -> None:
+        for task in tasks:
+            s.log(f"{task.label}, seed {seed}")
+            bench.base_row(task)
             bench.run_difftune(task, seed)
             save()
             if examples and task.reference:
                 bench.run_reference(task, seed, examples)
                 save()
-        report["tasks"].append(task.name)
-        report["grids"] = {k: str(v) for k, v in write_grids(bench, [t for t in tasks if t.name in report["tasks"]],
-                                                               s.work).items()}
+            if task.name not in report["tasks"]:
+                report["tasks"].append(task.name)
+        report["seeds"].append(seed)
         save()
+
+    first, *rest = s.seeds
+    seed_started = time.perf_counter()
+    one_seed(first)
+    seed_seconds = time.perf_counter() - seed_started
+    report["grids"] = {k: str(v) for k, v in write_grids(bench, tasks, s.work).items()}
+    save()
     if stop:
         s.log("when to stop")
         report["when_to_stop"] = when_to_stop(s)
         save()
     if previews:
         s.log("previews equal real use")
-        report["previews"] = [previews_match(s, precision=p) for p in ("no", "bf16")]
+        # --quick checks the fp32 run only (the one that must be bit-exact); the full run reports bf16 too
+        report["previews"] = [previews_match(s, precision=p) for p in (("no",) if s.quick else ("no", "bf16"))]
+        save()
+    for seed in rest:
+        elapsed = (time.perf_counter() - started) / 60
+        if budget_minutes is not None and elapsed + seed_seconds / 60 > budget_minutes:
+            s.log(f"seed {seed} skipped: {elapsed:.0f} min spent, a seed takes {seed_seconds / 60:.0f} min, "
+                  f"budget {budget_minutes:g} min")
+            report.setdefault("skipped_seeds", []).append(seed)
+            continue
+        one_seed(seed)
     save()
     return report
 
@@ -838,7 +858,19 @@ def main(argv: Sequence[str] | None = None, log=print) -> int:
     parser.add_argument("--no-previews", action="store_true", help="skip the previews-equal-real-use check")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--notes", type=Path, help="Markdown file whose text goes into the report after its header")
+    parser.add_argument("--budget-minutes", type=float,
+                        help="run the seeds after the first only while they fit in this many minutes")
+    parser.add_argument("--from-results", type=Path,
+                        help="print (and with --doc write) the report of an earlier run's results.json; trains nothing")
     args = parser.parse_args(argv)
+    if args.from_results:
+        report = json.loads(args.from_results.read_text())
+        print_report(report, log)
+        if args.doc:
+            from quality_doc import write_doc  # benchmarks/quality_doc.py
+
+            write_doc(report, args.doc, args.notes.read_text() if args.notes else "")
+        return 0
     import torch
 
     torch.set_num_threads(args.threads)
@@ -852,7 +884,8 @@ def main(argv: Sequence[str] | None = None, log=print) -> int:
                  quick=args.quick, steps_scale=args.steps_scale, num_class_images=args.class_images,
                  threads=args.threads, log=log)
     examples = _examples_dir(args.diffusers_examples) if args.diffusers_examples else None
-    report = run(s, tasks, examples, stop=not args.no_stop, previews=not args.no_previews)
+    report = run(s, tasks, examples, stop=not args.no_stop, previews=not args.no_previews,
+                 budget_minutes=args.budget_minutes)
     report["command"] = "python benchmarks/quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
     (s.work / "results.json").write_text(json.dumps(report, indent=2))
     print_report(report, log)

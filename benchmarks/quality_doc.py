@@ -24,8 +24,12 @@ def write_doc(report: dict, path: Path, notes: str = "") -> Path:
         f"- Date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; {platform.machine()}, "
         f"{os.cpu_count()} cores, torch threads {report.get('threads', 2)}; total wall time "
         f"{report['seconds'] / 60:.0f} min",
-        f"- Base: `{report['model']}`; training seeds {', '.join(map(str, report['seeds']))}; "
-        "every evaluation prompt drawn at seeds 0 and 1, 20 DPM-Solver++ steps, guidance 5, 64 px.",
+        f"- Base: `{report['model']}`; training seeds {', '.join(map(str, report['seeds']))}"
+        + (f" (asked for {', '.join(map(str, report['seeds_asked']))}; seeds "
+           f"{', '.join(map(str, report['skipped_seeds']))} did not fit the time budget)"
+           if report.get("skipped_seeds") else "")
+        + f"; every evaluation prompt drawn at seeds {_seeds_text(report)}, {report.get('sample_steps', 20)} "
+        "DPM-Solver++ steps, guidance 5, 64 px.",
         "",
     ]
     if notes:
@@ -63,7 +67,7 @@ def write_doc(report: dict, path: Path, notes: str = "") -> Path:
     grids = report.get("grids", {})
     if grids:
         lines += ["## Grids", "", "Rows: base, difftune, then the reference where it ran (first training seed); "
-                  "columns: the evaluation prompts at seeds 0 and 1.", ""]
+                  f"columns: the evaluation prompts at seeds {_seeds_text(report)}.", ""]
         for name, grid in grids.items():
             target = images / Path(grid).name
             shutil.copyfile(grid, target)
@@ -71,3 +75,8 @@ def write_doc(report: dict, path: Path, notes: str = "") -> Path:
             lines += [f"**{label}**", "", f"![{name}](quality/{target.name})", ""]
     path.write_text("\n".join(lines).rstrip() + "\n")
     return path
+
+
+def _seeds_text(report: dict) -> str:
+    seeds = [str(x) for x in report.get("eval_seeds", (0, 1))]
+    return ", ".join(seeds[:-1]) + " and " + seeds[-1] if len(seeds) > 1 else seeds[0]
