@@ -315,8 +315,23 @@ def train_task(task: Task, s: Settings, seed: int, out: Path, **kwargs):
     config = load_config(data=task_config(task, s, seed, data, out, **kwargs))
     started = time.perf_counter()
     fresh_accelerate_state()
-    result = train(config, log=_quiet(s.log))
+    result = finished(train(config, log=_quiet(s.log)), config.train.max_steps, out)
     return result, time.perf_counter() - started
+
+
+class Interrupted(Exception):
+    """A training run stopped before its last step (Ctrl-C, SIGTERM): nothing of it may be scored."""
+
+
+def finished(result, steps: int, out: Path):
+    """``result`` if the run trained all its ``steps`` (or early stopping ended it); otherwise raise:
+    an interrupted run exports what it has, and scoring that as the task's result would be a lie."""
+    if result.interrupted is not None:
+        raise Interrupted(f"{out.name}: training was interrupted at step {result.steps} of {steps} "
+                          f"(signal {result.interrupted})")
+    if result.steps < steps and not result.stopped_early:
+        raise Interrupted(f"{out.name}: training ended at step {result.steps} of {steps}")
+    return result
 
 
 def fresh_accelerate_state() -> None:
@@ -582,7 +597,8 @@ def _train_with_checkpoints(task, s, seed, out, every, **kwargs):
     raw["train"].update(checkpoint_every=every, checkpoints_keep=1)
     started = time.perf_counter()
     fresh_accelerate_state()
-    result = train(load_config(data=raw), log=_quiet(s.log))
+    config = load_config(data=raw)
+    result = finished(train(config, log=_quiet(s.log)), config.train.max_steps, out)
     return result, time.perf_counter() - started
 
 
@@ -672,7 +688,8 @@ def previews_match(s: Settings, seed: int = 0, steps: int | None = None, precisi
     raw = task_config(task, s, seed, data, out, steps=steps or (1 if s.quick else 50), validation=validation)
     raw["train"]["mixed_precision"] = precision
     fresh_accelerate_state()
-    result = train(load_config(data=raw), log=_quiet(s.log))
+    config = load_config(data=raw)
+    result = finished(train(config, log=_quiet(s.log)), config.train.max_steps, out)
     preview = next(p for p in result.samples if p.name != "grid.png")
     gen_dir = s.work / "runs" / f"previews-{precision}-generate"
     shutil.rmtree(gen_dir, ignore_errors=True)
@@ -884,8 +901,13 @@ def main(argv: Sequence[str] | None = None, log=print) -> int:
                  quick=args.quick, steps_scale=args.steps_scale, num_class_images=args.class_images,
                  threads=args.threads, log=log)
     examples = _examples_dir(args.diffusers_examples) if args.diffusers_examples else None
-    report = run(s, tasks, examples, stop=not args.no_stop, previews=not args.no_previews,
-                 budget_minutes=args.budget_minutes)
+    try:
+        report = run(s, tasks, examples, stop=not args.no_stop, previews=not args.no_previews,
+                     budget_minutes=args.budget_minutes)
+    except (Interrupted, KeyboardInterrupt) as exc:
+        log(f"quality: stopped ({exc or 'Ctrl-C'}); {s.work / 'results.json'} keeps the rows measured before; "
+            "--from-results reports them")
+        return 130
     report["command"] = "python benchmarks/quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
     (s.work / "results.json").write_text(json.dumps(report, indent=2))
     print_report(report, log)

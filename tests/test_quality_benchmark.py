@@ -92,3 +92,15 @@ def test_summary_reads_the_best_checkpoint_that_the_run_marked(tmp_path):
     summary = quality.summarise_stop(curve, tmp_path, patience=2)
     assert summary["best_checkpoint_step"] == 20 and summary["judge_best_step"] == 20
     assert summary["marked_scores"]["fidelity"] == 0.9
+
+
+def test_an_interrupted_or_short_run_is_never_scored(tmp_path):
+    from difftune.training.state import RunResult
+
+    done = RunResult(tmp_path, [], steps=10)
+    assert quality.finished(done, 10, tmp_path) is done
+    assert quality.finished(RunResult(tmp_path, [], steps=6, stopped_early=True), 10, tmp_path)
+    with pytest.raises(quality.Interrupted, match="interrupted at step 6 of 10"):
+        quality.finished(RunResult(tmp_path, [], steps=6, interrupted=15), 10, tmp_path)
+    with pytest.raises(quality.Interrupted, match="ended at step 6 of 10"):
+        quality.finished(RunResult(tmp_path, [], steps=6), 10, tmp_path)
