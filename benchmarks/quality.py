@@ -288,12 +288,11 @@ def task_config(task: Task, s: Settings, seed: int, data: Path, out: Path, *, st
         "logging": {"report_to": "none"},
         "output": {"dir": str(out)},
     }
-    if task.method["type"] in ("textual_inversion", "pivotal"):
-        # The text encoder runs in the step; with its frozen weights in bf16, CPU autocast stops at its
-        # LayerNorm ("mixed dtype (CPU)"): keep the frozen weights in fp32 (a difftune bug, see docs/quality.md).
-        config["model"]["dtype"] = "fp32"
-    else:
-        config["data"].update(cache_latents=True, cache_text=True, cache_dir=str(s.work / "cache" / task.kind))
+    # Both caches where the method allows them (what a user after speed sets); the token methods run the
+    # text encoder in every step, so they cache latents only.
+    config["data"].update(cache_latents=True, cache_dir=str(s.work / "cache" / task.kind))
+    if task.method["type"] not in ("textual_inversion", "pivotal"):
+        config["data"]["cache_text"] = True
     if task.prior:
         config["prior_preservation"] = {
             "class_prompt": CLASS_PROMPT, "class_data": str(s.work / "class-images"),
