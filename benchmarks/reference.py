@@ -56,7 +56,8 @@ def reference_args(task, s, seed: int, data: Path, out: Path, examples: Path) ->
         return [str(script), *common, "--instance_data_dir", str(instance), "--instance_prompt", f"a {TRIGGER}",
                 "--with_prior_preservation", "--class_data_dir", str(classes), "--class_prompt", CLASS_PROMPT,
                 "--num_class_images", str(s.class_count()), "--prior_loss_weight", "1.0",
-                "--rank", str(task.method.get("rank", 4)), "--checkpointing_steps", "100000"]
+                "--rank", str(task.method.get("rank", 4)), "--checkpointing_steps", "100000",
+                *(["--train_text_encoder"] if task.method.get("train_text_encoder") else [])]
     if task.reference.endswith("textual_inversion.py"):
         images = images_only(data, out.parent / f"{out.name}-images")
         return [str(script), *common, "--train_data_dir", str(images), "--placeholder_token", TOKEN,
