@@ -862,6 +862,33 @@ def print_report(report: dict, log=print) -> None:
     log(f"total {report['seconds']:.0f} s")
 
 
+def merge_reports(reports: list[dict]) -> dict:
+    """One report from runs made side by side (each its own tasks): rows, grids and checks of all, tasks in
+    the benchmark's order; each run's command and wall time are kept in ``parts``."""
+    if len(reports) == 1:
+        return reports[0]
+    merged = {**reports[0], "rows": [], "grids": {}, "steps": {}, "parts": []}
+    seen = set()
+    for r in reports:
+        for row in r["rows"]:
+            key = (row["task"], row["tool"], row["seed"])
+            if key not in seen:
+                seen.add(key)
+                merged["rows"].append(row)
+        merged["grids"].update({k: v for k, v in r.get("grids", {}).items() if k not in merged["grids"]})
+        merged["steps"].update(r.get("steps", {}))
+        for key in ("when_to_stop", "previews"):
+            if r.get(key) and not merged.get(key):
+                merged[key] = r[key]
+        merged["parts"].append({"command": r.get("command", ""), "seconds": r["seconds"]})
+    ran = {row["task"] for row in merged["rows"]}
+    merged["tasks"] = [name for name in TASK_NAMES if name in ran]
+    merged["seeds"] = sorted({row["seed"] for row in merged["rows"] if row["seed"] is not None})
+    merged["seconds"] = max(p["seconds"] for p in merged["parts"])
+    merged.pop("command", None)
+    return merged
+
+
 def main(argv: Sequence[str] | None = None, log=print) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="difftune:shapes", help="base model (default: difftune:shapes)")
@@ -879,11 +906,12 @@ def main(argv: Sequence[str] | None = None, log=print) -> int:
     parser.add_argument("--notes", type=Path, help="Markdown file whose text goes into the report after its header")
     parser.add_argument("--budget-minutes", type=float,
                         help="run the seeds after the first only while they fit in this many minutes")
-    parser.add_argument("--from-results", type=Path,
-                        help="print (and with --doc write) the report of an earlier run's results.json; trains nothing")
+    parser.add_argument("--from-results", type=Path, nargs="+",
+                        help="print (and with --doc write) the report of earlier runs' results.json (several: "
+                             "runs of different tasks made side by side, merged); trains nothing")
     args = parser.parse_args(argv)
     if args.from_results:
-        report = json.loads(args.from_results.read_text())
+        report = merge_reports([json.loads(p.read_text()) for p in args.from_results])
         print_report(report, log)
         if args.doc:
             from quality_doc import write_doc  # benchmarks/quality_doc.py

@@ -104,3 +104,17 @@ def test_an_interrupted_or_short_run_is_never_scored(tmp_path):
         quality.finished(RunResult(tmp_path, [], steps=6, interrupted=15), 10, tmp_path)
     with pytest.raises(quality.Interrupted, match="ended at step 6 of 10"):
         quality.finished(RunResult(tmp_path, [], steps=6), 10, tmp_path)
+
+
+def test_reports_of_runs_made_side_by_side_merge_in_task_order():
+    a = {"rows": [{"task": "colour-ti", "tool": "difftune", "seed": 0, "scores": {}}], "seconds": 60.0,
+         "command": "a", "grids": {"colour-ti": "a.png"}, "steps": {"colour-ti": 3}, "model": "m"}
+    b = {"rows": [{"task": "style-lora", "tool": "base", "seed": None, "scores": {}},
+                  {"task": "style-lora", "tool": "difftune", "seed": 1, "scores": {}},
+                  {"task": "colour-ti", "tool": "difftune", "seed": 0, "scores": {"concept": 1.0}}],
+         "seconds": 120.0, "command": "b", "when_to_stop": {"curve": []}, "model": "m"}
+    merged = quality.merge_reports([a, b])
+    assert merged["tasks"] == ["style-lora", "colour-ti"] and merged["seeds"] == [0, 1]
+    assert len(merged["rows"]) == 3 and merged["rows"][0]["scores"] == {}  # the first report's row is kept
+    assert merged["seconds"] == 120.0 and [p["command"] for p in merged["parts"]] == ["a", "b"]
+    assert merged["when_to_stop"] == {"curve": []} and merged["grids"] == {"colour-ti": "a.png"}
