@@ -750,6 +750,7 @@ def run(s: Settings, tasks: Sequence[Task], examples: Path | None = None, stop: 
                 report["tasks"].append(task.name)
                 report["grids"] = {k: str(v) for k, v in write_grids(
                     bench, [t for t in tasks if t.name in report["tasks"]], s.work).items()}
+                save()
         report["seeds"].append(seed)
         save()
 
