@@ -19,6 +19,9 @@ from difftune.training import checkpoint as ckpt
 
 pytestmark = pytest.mark.slow
 
+#: How long one forked saver may take (it needs well under a second; a hang fails instead of blocking).
+CHILD_SECONDS = 120
+
 # The calls through which a save changes the disk; a kill between any two of them must be safe.
 _HOOKED = [(os, "open"), (os, "close"), (os, "fsync"), (os, "replace"), (os, "rename"), (os, "mkdir"),
            (os, "unlink"), (shutil, "rmtree")]
@@ -76,6 +79,7 @@ def _events_per_save(tmp_path) -> int:
     reader, writer = fork.Pipe(duplex=False)
 
     def count() -> None:
+        torch.set_num_threads(1)  # a forked child must not use the OpenMP pool it inherited (it can hang)
         events = 0
 
         def on_call(before: bool) -> None:
@@ -91,8 +95,9 @@ def _events_per_save(tmp_path) -> int:
 
     child = fork.Process(target=count)
     child.start()
+    assert reader.poll(CHILD_SECONDS), "the counting saver sent nothing (it hung or failed)"
     per_save = reader.recv()
-    child.join()
+    child.join(CHILD_SECONDS)
     return per_save
 
 
@@ -109,7 +114,10 @@ def test_sigkill_during_saves_never_damages_the_newest_checkpoint(tmp_path):
         saved = fork.Value("i", newest, lock=False)
         child = fork.Process(target=_save_until_killed, args=(root, newest, kill_at, saved))
         child.start()
-        child.join()
+        child.join(CHILD_SECONDS)
+        if child.exitcode is None:
+            child.kill()
+            pytest.fail(f"kill {i}: the saver neither reached call event {kill_at} nor ended (hung)")
         assert child.exitcode == -signal.SIGKILL, f"kill {i}: the saver ended without being killed"
 
         # Every folder named like a checkpoint is complete: staging folders and moved-aside copies
