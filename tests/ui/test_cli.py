@@ -7,10 +7,18 @@ import subprocess
 import sys
 import urllib.request
 
+import pytest
 
-def test_difftune_ui_prints_its_url_and_stops_on_ctrl_c(tmp_path):
+
+def _ignoring_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a shell's background job starts it
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+@pytest.mark.parametrize("inherited", [None, _ignoring_sigint], ids=["foreground", "sigint-ignored"])
+def test_difftune_ui_prints_its_url_and_stops_on_ctrl_c(tmp_path, stop, inherited):
     proc = subprocess.Popen([sys.executable, "-m", "difftune", "ui", "--root", str(tmp_path), "--port", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=inherited)
     try:
         lines = [proc.stdout.readline(), proc.stdout.readline()]
         assert lines[0].strip() == f"difftune ui: serving {tmp_path.resolve()}"
@@ -22,7 +30,7 @@ def test_difftune_ui_prints_its_url_and_stops_on_ctrl_c(tmp_path):
         with urllib.request.urlopen(url + "static/style.css", timeout=30) as res:
             style = res.read().decode()
         assert "//" not in page and "url(" not in style  # nothing is fetched from elsewhere
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(stop)
         assert proc.wait(timeout=30) == 0
     finally:
         if proc.poll() is None:

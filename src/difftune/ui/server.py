@@ -23,6 +23,7 @@ import mimetypes
 import os
 import re
 import secrets
+import signal
 import subprocess
 import sys
 import threading
@@ -645,6 +646,10 @@ def url_of(server: ThreadingHTTPServer, app: App) -> str:
     return f"http://{shown}:{port}/" + (f"?token={app.token}" if app.token else "")
 
 
+def _stop(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def serve(root: str | Path, host: str = "127.0.0.1", port: int = 7860, token: str | None = None) -> int:
     """``difftune ui``: serve until Ctrl-C. Runs in progress keep going after the server stops."""
     if not 0 <= port <= 65535:
@@ -662,6 +667,10 @@ def serve(root: str | Path, host: str = "127.0.0.1", port: int = 7860, token: st
     print(f"open {url_of(server, app)}", flush=True)
     if token and not is_loopback(host):
         print("anyone who can reach this address and has the token can start runs; keep the URL private")
+    # Ctrl-C and SIGTERM stop the server the same way, also when it was started with SIGINT ignored
+    # (a shell's background job, a service manager).
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _stop)
     try:
         server.serve_forever(poll_interval=0.5)
     except KeyboardInterrupt:
