@@ -921,7 +921,15 @@ def main(argv: Sequence[str] | None = None, log=print) -> int:
         return 0
     import torch
 
+    threads_before = torch.get_num_threads()
     torch.set_num_threads(args.threads)
+    try:
+        return _main(args, parser, log, argv)
+    finally:  # a caller's process (the test suite) keeps its own thread count: a forked child of a
+        torch.set_num_threads(threads_before)  # process whose OpenMP pool grew can hang in torch
+
+
+def _main(args, parser, log, argv) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     names = [n.strip() for n in args.tasks.split(",") if n.strip()]
     unknown = [n for n in names if n not in TASK_NAMES]

@@ -20,7 +20,8 @@ def quick(tmp_path_factory):
     """One ``--quick`` run of every task, the when-to-stop run and the previews check."""
     work = tmp_path_factory.mktemp("quality")
     lines: list[str] = []
-    assert quality.main(["--quick", "--seeds", "0", "--work", str(work), "--doc", str(work / "quality.md")],
+    assert quality.main(["--quick", "--seeds", "0", "--threads", "1", "--work", str(work),
+                         "--doc", str(work / "quality.md")],
                         log=lines.append) == 0
     return work, json.loads((work / "results.json").read_text()), "\n".join(lines)
 
