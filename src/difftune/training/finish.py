@@ -25,6 +25,8 @@ def finish(run: Run) -> RunResult:
         run.live.finish("stopped")
         run.accelerator.end_training()
         if run.folder is not None:
+            if run.step == 0 and run.is_main:  # stopped before its first step: leave the folder as it was
+                run.folder.discard_new_files()
             run.folder.release()
         return result
     validation = run.config.validation

@@ -8,6 +8,8 @@ step), the checks between steps below, and :func:`~difftune.training.finish.fini
 
 from __future__ import annotations
 
+import signal
+
 from difftune.config.schema import Config
 from difftune.training import checkpoint as ckpt
 from difftune.training import checkpointing, faults
@@ -29,6 +31,8 @@ def train(config: Config, log=print) -> RunResult:
     with faults.out_of_memory_advice(config), StopRequest(log) as stop, \
             RunFolder(config.output, config.train.resume) as folder:  # locked from claim to the end
         run = setup(config, log, folder)
+        if stopped_while_building(run, stop):
+            return finish(run)
         while run.step < run.total_steps:
             outcome = train_step(run, stop)
             if run.guard.should_stop:
@@ -102,6 +106,23 @@ def interrupt(run: Run, stop: StopRequest) -> None:
     run.result.interrupted, run.result.skipped_steps = stop.signum, run.guard.skipped
     run.say(f"stopped by {stop.name} after step {run.step}; checkpoint {folder}. Resume with: "
             f"difftune train {run.paths.root / 'config.toml'} --set train.resume=latest")
+
+
+def stopped_while_building(run: Run, stop: StopRequest) -> bool:
+    """A stop signal while the run was being built (models loading, caches filling): stop before the
+    first step, with nothing trained and nothing saved (a resumed run's checkpoint is still the newest)."""
+    (requested,) = faults.agree(run.accelerator, stop.requested)
+    if not requested:
+        return False
+    run.result.interrupted = stop.signum or signal.SIGTERM  # another process got the signal
+    who = stop.name or "a signal to another process"
+    if run.step:
+        run.say(f"stopped by {who} before the first step: training was not resumed, checkpoint "
+                f"{ckpt.PREFIX}{run.step} is unchanged")
+    else:  # finish() removes the config.toml and logs of a run that never stepped
+        run.say(f"stopped by {who} before the first step: nothing was trained or saved, and {run.paths.root} "
+                "is as it was; run the same command to start again")
+    return True
 
 
 def stop_early(run: Run) -> None:

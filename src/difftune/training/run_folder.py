@@ -133,6 +133,7 @@ class RunFolder:
         except OSError as exc:
             raise DifftuneError(f"output.dir: cannot write in {self.root} ({exc.strerror})") from None
         self._lock(fd)
+        self._found = {p.name for p in self.root.iterdir()} - {p.name for p in self._to_remove}
         for path in self._to_remove:
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
         if self._to_remove:
@@ -160,6 +161,17 @@ class RunFolder:
         names = sorted({str(Path(f).relative_to(self.root)).split(os.sep)[0] for f in files
                         if Path(f).is_relative_to(self.root)})
         (self.root / FINISHED).write_text(json.dumps({"files": names}, indent=2) + "\n", encoding="utf-8")
+
+    def discard_new_files(self) -> list[Path]:
+        """Remove what this run wrote into its folder (a run stopped before its first step, with nothing
+        to keep), leaving the folder as the run found it; return what was removed."""
+        found = getattr(self, "_found", None)
+        if found is None or self.resuming:
+            return []
+        removed = [p for p in sorted(self.root.iterdir()) if p.name not in found and p.name != LOCK]
+        for path in removed:
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        return removed
 
     def release(self) -> None:
         if self._fd is not None:
