@@ -95,10 +95,11 @@ def write_concept_data(folder: Path) -> Path:
     return write_images(folder, items, prefix=TRIGGER)
 
 
-def demo_config(data: Path, known: Path, out: Path, steps: int) -> dict:
+def demo_config(data: Path, known: Path, out: Path, steps: int, settings: dict[str, dict] | None = None) -> dict:
     """The run: a rank-16 LoRA on the UNet and the text encoder (which learns the new word), on the
-    stars in ``data`` and, in equal share, the known shapes in ``known`` (captioned without the trigger)."""
-    return {
+    stars in ``data`` and, in equal share, the known shapes in ``known`` (captioned without the trigger);
+    ``settings`` changes keys per section."""
+    run = {
         "model": {"path": BASE},
         "method": {"type": "lora", "rank": 16, "train_text_encoder": True},
         "data": {"path": str(data), "resolution": 64, "center_crop": True, "random_flip": False,
@@ -111,17 +112,24 @@ def demo_config(data: Path, known: Path, out: Path, steps: int) -> dict:
         "logging": {"report_to": "tensorboard"},
         "output": {"dir": str(out)},
     }
+    for section, keys in (settings or {}).items():
+        run[section] = {**run.get(section, {}), **keys}
+    return run
 
 
-def run_demo(steps: int = STEPS, workdir: str | Path | None = None, log=print) -> DemoResult:
-    """Train the LoRA, draw the before/after grid, print the judge's scores and where everything is."""
+def run_demo(steps: int = STEPS, workdir: str | Path | None = None, log=print,
+             settings: dict[str, dict] | None = None) -> DemoResult:
+    """Train the LoRA, draw the before/after grid, print the judge's scores and where everything is.
+
+    ``settings`` changes keys of the run's config per section (``{"model": {"quantize": "int8"}}``),
+    for benchmarks that measure the same task under another setting."""
     from difftune.run_config import load_config
     from difftune.training.loop import train
 
     if steps < 1:
         from difftune.errors import ConfigError
 
-        raise ConfigError(f"demo --steps: {steps}; give at least 1 training step (default 400)")
+        raise ConfigError(f"demo --steps: {steps}; give at least 1 training step (default {STEPS})")
     work = Path(workdir) if workdir else default_workdir()
     _claim(work, ours=workdir is None)
     data = work / "zorb-images"
@@ -139,7 +147,7 @@ def run_demo(steps: int = STEPS, workdir: str | Path | None = None, log=print) -
         shutil.rmtree(out)
     log(f"teaching {BASE} a new shape: {len(TRAIN_SCENES)} images of a star captioned \"{TRIGGER}\" ({data}), "
         f"beside {KNOWN_SHAPES} images of shapes it knows ({known})")
-    config = load_config(data=demo_config(data, known, out, steps))
+    config = load_config(data=demo_config(data, known, out, steps, settings))
     started = time.perf_counter()
     train(config, log=log)
     train_seconds = time.perf_counter() - started

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from difftune.cli import main
-from difftune.demo import CONCEPT, GRID_PROMPTS, SEEDS, TRAIN_SCENES
+from difftune.demo import BASE, CONCEPT, GRID_PROMPTS, SEEDS, STEPS, TRAIN_SCENES, demo_config
 
 pytestmark = pytest.mark.slow
 
@@ -44,5 +44,15 @@ def test_demo_never_takes_a_folder_it_did_not_make(tmp_path, capsys):
 
 def test_demo_refuses_a_step_count_that_is_none(tmp_path, capsys):
     assert main(["demo", "--steps", "0", "--dir", str(tmp_path / "d")]) == 2
-    assert capsys.readouterr().err.strip() == "difftune: error: demo --steps: 0; give at least 1 training step (default 400)"
+    assert capsys.readouterr().err.strip() == f"difftune: error: demo --steps: 0; give at least 1 training step (default {STEPS})"
     assert not (tmp_path / "d").exists()  # nothing written
+
+
+def test_demo_settings_reach_the_run(tmp_path):
+    """What benchmarks/quantized_demo.py relies on: a changed key is the run's, the rest stays the demo's."""
+    from difftune.run_config import load_config
+
+    data = demo_config(tmp_path / "a", tmp_path / "b", tmp_path / "out", 2, {"method": {"rank": 4}, "model": {"quantize": "int8"}})
+    config = load_config(data=data, check_paths=False)
+    assert config.method.rank == 4 and config.model.quantize == "int8"
+    assert config.method.train_text_encoder and config.train.max_steps == 2 and config.model.path == BASE
