@@ -255,6 +255,21 @@ def sample_rss(child: subprocess.Popen, peak: list[int], stop: threading.Event, 
         stop.wait(0.2)
 
 
+def measure(command: list[str], env: dict, log_path: Path) -> tuple[int, int, list[str], float]:
+    """Run ``command`` with its output in ``log_path``, sampling its resident set: (exit code, peak RSS
+    bytes, why it was stopped if it was, wall seconds)."""
+    started = time.time()
+    with log_path.open("w") as log:
+        child = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        peak, stop, aborted = [0], threading.Event(), []
+        sampler = threading.Thread(target=sample_rss, args=(child, peak, stop, aborted), daemon=True)
+        sampler.start()
+        code = child.wait()
+        stop.set()
+        sampler.join()
+    return code, peak[0], aborted, round(time.time() - started, 1)
+
+
 def run(work: Path, arch: str, precision: str, steps: int) -> dict:
     _, resolution, components = ARCHS[arch]
     model = build_model(work, arch)
@@ -283,19 +298,10 @@ def run(work: Path, arch: str, precision: str, steps: int) -> dict:
     toml = work / f"{arch}-{precision}.toml"
     toml.write_text(dump_toml(config))
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    started = time.time()
-    log = (work / f"{arch}-{precision}.log").open("w")
-    child = subprocess.Popen([sys.executable, "-m", "difftune", "train", str(toml)], env=env, stdout=log,
-                             stderr=subprocess.STDOUT)
-    peak, stop, aborted = [0], threading.Event(), []
-    sampler = threading.Thread(target=sample_rss, args=(child, peak, stop, aborted), daemon=True)
-    sampler.start()
-    code = child.wait()
-    stop.set()
-    sampler.join()
-    log.close()
+    code, peak, aborted, seconds = measure([sys.executable, "-m", "difftune", "train", str(toml)], env,
+                                           work / f"{arch}-{precision}.log")
     row = {"arch": arch, "precision": precision, "resolution": resolution, "date": date.today().isoformat(),
-           "wall_seconds": round(time.time() - started, 1), "sampled_peak_rss_bytes": peak[0],
+           "wall_seconds": seconds, "sampled_peak_rss_bytes": peak,
            "bf16_denoiser_bytes": bf16_bytes(model, [denoiser]), "exit_code": code}
     perf = out / "logs" / "performance.json"
     if aborted or code != 0 or not perf.is_file():
@@ -307,6 +313,57 @@ def run(work: Path, arch: str, precision: str, steps: int) -> dict:
                step_seconds=report["step_seconds"], breakdown=report.get("peak_memory_breakdown_bytes", {}),
                memory_kind=report["peak_memory_kind"])
     return row
+
+
+# --- diffusers' example scripts, for comparison ----------------------------------------------------
+
+#: The diffusers example that trains the same LoRA, per architecture (Flux's loads the bf16
+#: transformer, 23.8 GB, and cannot run in this machine's 24 GB).
+REFERENCE_SCRIPTS = {"sd15": "text_to_image/train_text_to_image_lora.py",
+                     "sdxl": "text_to_image/train_text_to_image_lora_sdxl.py"}
+
+
+def run_reference(work: Path, arch: str, examples: Path, steps: int) -> dict:
+    """The diffusers example script on the same model, image, resolution, rank, batch, bf16 and
+    gradient checkpointing, in a child process whose resident set is sampled like difftune's."""
+    _, resolution, _ = ARCHS[arch]
+    script = examples / REFERENCE_SCRIPTS[arch]
+    out = work / "runs" / f"{arch}-diffusers"
+    shutil.rmtree(out, ignore_errors=True)
+    command = [sys.executable, str(Path(__file__).with_name("run_diffusers_example.py")), str(script),
+               "--pretrained_model_name_or_path", str(build_model(work, arch)),
+               "--train_data_dir", str(dataset(work, resolution)), "--caption_column", "text",
+               "--resolution", str(resolution), "--center_crop", "--train_batch_size", "1",
+               "--max_train_steps", str(steps), "--gradient_checkpointing", "--mixed_precision", "bf16",
+               "--rank", "16", "--learning_rate", "1e-4", "--seed", "0", "--checkpointing_steps", "100000",
+               "--output_dir", str(out), "--report_to", "tensorboard"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", HF_DATASETS_CACHE=str(work / "hf-datasets"))
+    code, peak, aborted, seconds = measure(command, env, work / f"{arch}-diffusers.log")
+    row = {"arch": arch, "tool": "diffusers", "script": REFERENCE_SCRIPTS[arch], "resolution": resolution,
+           "date": date.today().isoformat(), "wall_seconds": seconds, "sampled_peak_rss_bytes": peak,
+           "exit_code": code}
+    if aborted or code != 0 or not (out / "pytorch_lora_weights.safetensors").is_file():
+        tail = (work / f"{arch}-diffusers.log").read_text().strip().splitlines()[-2:]
+        row["failed"] = aborted[0] if aborted else " | ".join(tail)
+    return row
+
+
+def reference_table(rows: list[dict]) -> str:
+    """difftune (bf16 base) beside diffusers' script: whole-command wall time and sampled peak RSS."""
+    lines = ["| model | tool | peak RSS, whole run (GiB) | wall time, load + steps (s) | date |", "|---|---|---|---|---|"]
+    latest = {}
+    for r in rows:
+        if r.get("tool") == "diffusers" or r.get("precision") == "bf16":
+            latest[(r["arch"], r.get("tool", "difftune"))] = r
+    for (arch, tool), r in sorted(latest.items(), key=lambda kv: (list(ARCHS).index(kv[0][0]), kv[0][1] != "difftune")):
+        if not any(x[0] == arch and x[1] == "diffusers" for x in latest):
+            continue
+        name = {"sd15": "SD 1.5 @512", "sdxl": "SDXL @1024", "flux": "Flux.1-dev @512"}[arch]
+        label = f"diffusers `{r['script'].rsplit('/', 1)[1]}`" if tool == "diffusers" else "difftune"
+        result = f"failed: {r['failed']} ||" if "failed" in r else f"{gb(r['sampled_peak_rss_bytes'])} | {r['wall_seconds']:.0f}"
+        lines.append(f"| {name} | {label} | {result} | {r['date']} |")
+    return "\n".join(lines)
 
 
 # --- the table -------------------------------------------------------------------------------------
@@ -344,6 +401,9 @@ def main() -> None:
     parser.add_argument("--write-only", action="store_true", help="only write the random model folders")
     parser.add_argument("--table", action="store_true", help="print the table of WORK/results.json")
     parser.add_argument("--clean", action="store_true", help="delete WORK/models (the random weights)")
+    parser.add_argument("--reference", type=Path, metavar="EXAMPLES",
+                        help="also run diffusers' example script for each --arch (SD 1.5, SDXL) from this "
+                             "diffusers examples/ folder, for comparison with the bf16 row")
     args = parser.parse_args()
     results = args.work / "results.json"
     if args.clean:
@@ -356,15 +416,20 @@ def main() -> None:
             if args.write_only:
                 build_model(args.work, arch)
                 continue
-            for precision in args.precision or PRECISIONS:
+            jobs = [(precision, run) for precision in (args.precision or PRECISIONS)]
+            if args.reference and arch in REFERENCE_SCRIPTS:
+                jobs.append(("diffusers", lambda work, arch, _precision, steps: run_reference(work, arch, args.reference, steps)))
+            for precision, job in jobs:
                 print(f"{arch} {precision}: running (available memory {available_bytes() / 2**30:.1f} GiB)", flush=True)
-                row = run(args.work, arch, precision, args.steps)
+                row = job(args.work, arch, precision, args.steps)
                 print(json.dumps(row), flush=True)
                 # Re-read: another invocation (another architecture) may have added rows meanwhile.
                 rows = json.loads(results.read_text()) if results.is_file() else []
                 rows.append(row)
                 results.write_text(json.dumps(rows, indent=1))
-    print(table(rows))
+    print(table([r for r in rows if "tool" not in r]))
+    print()
+    print(reference_table(rows))
     for arch, text in ANCHORS.items():
         print(f"anchors ({arch}): {text}")
 

@@ -21,12 +21,14 @@ SHIM = Path(__file__).resolve().parent / "torchvision_shim" / "torchvision"
 
 
 def _register_shim() -> None:
-    for name, file in (("torchvision", SHIM / "__init__.py"), ("torchvision.transforms", SHIM / "transforms.py")):
+    for name, file in (("torchvision", SHIM / "__init__.py"), ("torchvision.transforms", SHIM / "transforms.py"),
+                       ("torchvision.transforms.functional", SHIM / "transforms_functional.py")):
         spec = importlib.util.spec_from_file_location(name, file)
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)
     sys.modules["torchvision"].transforms = sys.modules["torchvision.transforms"]
+    sys.modules["torchvision.transforms"].functional = sys.modules["torchvision.transforms.functional"]
 
 
 if __name__ == "__main__":
