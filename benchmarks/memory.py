@@ -26,6 +26,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -343,15 +344,20 @@ def run_reference(work: Path, arch: str, examples: Path, steps: int) -> dict:
     row = {"arch": arch, "tool": "diffusers", "script": REFERENCE_SCRIPTS[arch], "resolution": resolution,
            "date": date.today().isoformat(), "wall_seconds": seconds, "sampled_peak_rss_bytes": peak,
            "exit_code": code}
+    text = (work / f"{arch}-diffusers.log").read_text()
+    rates = re.findall(r"([\d.]+)s/it", text)  # its progress bar: seconds per step, smoothed
+    if rates:
+        row["step_seconds"] = float(rates[-1])
     if aborted or code != 0 or not (out / "pytorch_lora_weights.safetensors").is_file():
-        tail = (work / f"{arch}-diffusers.log").read_text().strip().splitlines()[-2:]
+        tail = text.strip().splitlines()[-2:]
         row["failed"] = aborted[0] if aborted else " | ".join(tail)
     return row
 
 
 def reference_table(rows: list[dict]) -> str:
     """difftune (bf16 base) beside diffusers' script: whole-command wall time and sampled peak RSS."""
-    lines = ["| model | tool | peak RSS, whole run (GiB) | wall time, load + steps (s) | date |", "|---|---|---|---|---|"]
+    lines = ["| model | tool | peak RSS, whole run (GiB) | s/step | wall time, load + steps (s) | date |",
+             "|---|---|---|---|---|---|"]
     latest = {}
     for r in rows:
         if r.get("tool") == "diffusers" or r.get("precision") == "bf16":
@@ -361,7 +367,10 @@ def reference_table(rows: list[dict]) -> str:
             continue
         name = {"sd15": "SD 1.5 @512", "sdxl": "SDXL @1024", "flux": "Flux.1-dev @512"}[arch]
         label = f"diffusers `{r['script'].rsplit('/', 1)[1]}`" if tool == "diffusers" else "difftune"
-        result = f"failed: {r['failed']} ||" if "failed" in r else f"{gb(r['sampled_peak_rss_bytes'])} | {r['wall_seconds']:.0f}"
+        steps = r.get("step_seconds")
+        per_step = "—" if not steps else f"{(sum(steps) / len(steps) if isinstance(steps, list) else steps):.1f}"
+        result = (f"failed: {r['failed']} |||" if "failed" in r
+                  else f"{gb(r['sampled_peak_rss_bytes'])} | {per_step} | {r['wall_seconds']:.0f}")
         lines.append(f"| {name} | {label} | {result} | {r['date']} |")
     return "\n".join(lines)
 
