@@ -149,6 +149,7 @@ def write_component(folder: Path, cls_name: str, config: dict, library: str, see
         model.save_config(folder)
         stem = "diffusion_pytorch_model"
     else:
+        model.config.architectures = [cls_name]  # as a real checkpoint's config names it (diffusers' SDXL example reads it)
         model.config.save_pretrained(folder)
         stem = "model"
     state = model.state_dict()
@@ -413,6 +414,7 @@ def main() -> None:
     parser.add_argument("--reference", type=Path, metavar="EXAMPLES",
                         help="also run diffusers' example script for each --arch (SD 1.5, SDXL) from this "
                              "diffusers examples/ folder, for comparison with the bf16 row")
+    parser.add_argument("--reference-only", action="store_true", help="with --reference: run only the example scripts")
     args = parser.parse_args()
     results = args.work / "results.json"
     if args.clean:
@@ -425,7 +427,7 @@ def main() -> None:
             if args.write_only:
                 build_model(args.work, arch)
                 continue
-            jobs = [(precision, run) for precision in (args.precision or PRECISIONS)]
+            jobs = [] if args.reference_only else [(precision, run) for precision in (args.precision or PRECISIONS)]
             if args.reference and arch in REFERENCE_SCRIPTS:
                 jobs.append(("diffusers", lambda work, arch, _precision, steps: run_reference(work, arch, args.reference, steps)))
             for precision, job in jobs:
