@@ -54,14 +54,18 @@ def test_bucket_batches_hold_one_bucket_and_resume_exactly():
     assert list(itertools.islice(iter(other), 40)) != full
 
 
-def test_bucket_batches_deal_to_processes():
+def test_bucket_batches_split_each_global_batch_between_processes():
+    """Two processes with batch 2 see, together, the global batches of one process with batch 4: each
+    takes its contiguous half, one bucket per global batch; resuming either at any batch continues it."""
     a, _ = _bucket_order(rank=0, world=2)
     b, _ = _bucket_order(rank=1, world=2)
-    single, _ = _bucket_order()
-    one = list(itertools.islice(iter(single), 2 * a.batches_per_epoch))
-    two = [x for pair in zip(itertools.islice(iter(a), a.batches_per_epoch),
-                             itertools.islice(iter(b), b.batches_per_epoch), strict=True) for x in pair]
-    assert two == one[: len(two)]
+    single, _ = _bucket_order(batch=4)
+    assert a.batches_per_epoch == b.batches_per_epoch == single.batches_per_epoch
+    n = 3 * single.batches_per_epoch
+    two = [x + y for x, y in zip(itertools.islice(iter(a), n), itertools.islice(iter(b), n), strict=True)]
+    assert two == list(itertools.islice(iter(single), n))
+    resumed, _ = _bucket_order(rank=1, world=2, start=5)
+    assert list(itertools.islice(iter(resumed), 4)) == [batch[2:] for batch in two[5:9]]
 
 
 def test_plain_plan_matches_the_original_order():

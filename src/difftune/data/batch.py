@@ -52,6 +52,10 @@ class Batch:
     loss_weights: torch.Tensor | None = None
     #: Which images are class images (prior preservation), ``None`` without them.
     is_class_image: torch.Tensor | None = None
+    #: One seed per image for its random draws in the step (latent sample, noise, timestep, template),
+    #: derived from the run's seed, the step and the image's place in the global batch, so a global batch
+    #: draws the same whatever the number of processes it is split over. ``None``: the global torch RNG.
+    seeds: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self.captions)

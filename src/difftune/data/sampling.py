@@ -123,17 +123,19 @@ class BucketBatches:
     """Like :class:`ResumableBatches`, but every batch holds one bucket.
 
     Each epoch takes the plan's order, groups it by bucket (keeping that order), fills a bucket's
-    last batch by wrapping round to its first items (so no image is dropped), and shuffles the
-    batches with a generator seeded by ``(seed, epoch)``. Batches are dealt to processes in turn.
-    Epochs may differ in length when dataset weights are used, so ``start`` is located by
-    counting through the epochs; the result is exactly what an uninterrupted run would see.
+    last global batch (``batch_size`` × processes) by wrapping round to its first items (so no image
+    is dropped), and shuffles the global batches with a generator seeded by ``(seed, epoch)``. Each
+    process takes its contiguous share of each global batch, so the global batches are the same
+    whatever the number of processes. Epochs may differ in length when dataset weights are used, so
+    ``start`` is located by counting through the epochs; the result is exactly what an uninterrupted
+    run would see.
     """
 
     def __init__(self, item_buckets: list[tuple[int, int]], plan: EpochPlan, batch_size: int, seed: int,
                  rank: int = 0, world: int = 1, start: int = 0) -> None:
         self.item_buckets, self.plan = item_buckets, plan
         self.batch_size, self.seed, self.rank, self.world, self.start = batch_size, seed, rank, world, start
-        self.batches_per_epoch = len(self.epoch_batches(0)) // world
+        self.batches_per_epoch = len(self.epoch_batches(0))
         if self.batches_per_epoch == 0:
             raise ValueError(
                 f"the dataset has {plan.size} images, fewer batches than the {world} process(es) need; "
@@ -141,6 +143,8 @@ class BucketBatches:
             )
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """The epoch's global batches (``batch_size`` × processes images, one bucket each)."""
+        size = self.batch_size * self.world
         by_bucket: dict[tuple[int, int], list[int]] = {}
         for i in self.plan.order(epoch):
             by_bucket.setdefault(self.item_buckets[i], []).append(i)
@@ -148,36 +152,28 @@ class BucketBatches:
         for bucket in sorted(by_bucket):
             items = by_bucket[bucket]
             k = 0
-            while len(items) % self.batch_size:
+            while len(items) % size:
                 items.append(items[k])
                 k += 1
-            batches += [items[j: j + self.batch_size] for j in range(0, len(items), self.batch_size)]
+            batches += [items[j: j + size] for j in range(0, len(items), size)]
         perm = torch.randperm(len(batches), generator=_generator(self.seed, epoch, "buckets")).tolist()
         return [batches[p] for p in perm]
 
     def position(self, micro_batch: int) -> tuple[int, int]:
         """(epoch, batch within the epoch) of this process's ``micro_batch``-th micro-batch."""
         epoch, skip = 0, micro_batch
-        while skip >= (per_process := len(self.epoch_batches(epoch)) // self.world):
-            skip -= per_process
+        while skip >= (count := len(self.epoch_batches(epoch))):
+            skip -= count
             epoch += 1
         return epoch, skip
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        epoch, skip = 0, self.start
+        epoch, skip = self.position(self.start)
+        share = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
         while True:
-            batches = self.epoch_batches(epoch)
-            per_process = len(batches) // self.world
-            if skip < per_process:
-                break
-            skip -= per_process
-            epoch += 1
-        while True:
-            for b in range(skip, per_process):
-                yield [(epoch, i) for i in batches[b * self.world + self.rank]]
+            for batch in self.epoch_batches(epoch)[skip:]:
+                yield [(epoch, i) for i in batch[share]]
             epoch, skip = epoch + 1, 0
-            batches = self.epoch_batches(epoch)
-            per_process = len(batches) // self.world
 
 
 def item_sizes(examples, cfg: DataConfig) -> list[tuple[int, int]]:

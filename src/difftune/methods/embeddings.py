@@ -18,6 +18,7 @@ from difftune.data.batch import Batch
 from difftune.errors import ConfigError
 from difftune.fileio import save_safetensors
 from difftune.models.base import Components
+from difftune.seeds import derived_seed
 
 TI_WEIGHT_NAME = "learned_embeds.safetensors"
 
@@ -107,13 +108,16 @@ class PlaceholderEmbeddings:
             self.frozen_new = [w.detach()[self.first_new_row[k]:].clone()
                                for k, w in enumerate(self.embedding_weights(components))]
 
-    def captions(self, captions: list[str]) -> list[str]:
-        """Training prompts: a random template per image (or the caption), with multi-vector tokens expanded."""
+    def captions(self, captions: list[str], seeds: list[int] | None = None) -> list[str]:
+        """Training prompts: a random template per image (or the caption), with multi-vector tokens expanded.
+
+        With ``seeds`` (one per image) each image's template is drawn from its own seed."""
         out = []
-        for caption in captions:
+        for i, caption in enumerate(captions):
             if self.templates:
                 placeholder = " ".join(self.placeholders)
-                index = int(torch.randint(len(self.templates), (1,)).item())
+                g = None if seeds is None else torch.Generator().manual_seed(derived_seed(seeds[i], "template"))
+                index = int(torch.randint(len(self.templates), (1,), generator=g).item())
                 caption = self.templates[index].format(placeholder)
             out.append(self.expand(caption))
         return out
@@ -225,7 +229,7 @@ class LearnsTokens:
                     module.float()
 
     def prepare_batch(self, batch: Batch) -> Batch:
-        return batch.with_captions(self.embeddings.captions(batch.captions))
+        return batch.with_captions(self.embeddings.captions(batch.captions, batch.seeds))
 
     def embeddings_load_snippet(self) -> str:
         """Code that loads the saved embeddings into ``pipe`` (per encoder where there are several)."""

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import torch
 
 from difftune.data.batch import Batch
 from difftune.models.base import Components, ModelFamily
-from difftune.objectives.base import Objective
+from difftune.objectives.base import NoisedBatch, Objective
 
 
 def batch_latents(family: ModelFamily, components: Components, batch: Batch, device: torch.device) -> torch.Tensor:
@@ -42,12 +43,43 @@ def diffusion_losses(family: ModelFamily, components: Components, objective: Obj
     return objective.per_sample_loss(prediction, noised)
 
 
+def seeded_noising(family: ModelFamily, components: Components, objective: Objective, batch: Batch,
+                   device: torch.device) -> NoisedBatch:
+    """The batch's latents sampled and noised image by image, each from its own seed (``batch.seeds``).
+
+    Image ``i`` reseeds the torch RNG with ``batch.seeds[i]`` and draws its latent sample, noise and
+    timestep from it, so what an image gets does not depend on the other images of its batch.
+    """
+    if batch.latent_mean is not None:
+        mean, std = batch.latent_mean.to(device), batch.latent_std.to(device)
+    else:
+        with torch.no_grad():
+            mean, std = (t.to(device) for t in family.latent_distribution(components, batch.pixels.to(device)))
+    # Contiguous: a channels-last VAE's output would make the draws follow its memory layout, which for
+    # one image need not be the layout it has within a batch.
+    mean, std = mean.float().contiguous(), std.float().contiguous()
+    parts = []
+    for i, seed in enumerate(batch.seeds):
+        torch.manual_seed(seed)
+        latent = mean[i:i + 1] + std[i:i + 1] * torch.randn(mean[i:i + 1].shape, device=device)
+        parts.append(objective.noise(latent))
+    return NoisedBatch(*(torch.cat([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(NoisedBatch)))
+
+
 def micro_batch_loss(family: ModelFamily, components: Components, objective: Objective, batch: Batch,
                      device: torch.device, trains_text: bool) -> torch.Tensor:
-    """Mean loss of one micro-batch, with the data's per-image weights (e.g. prior preservation)."""
-    latents = batch_latents(family, components, batch, device)
+    """Mean loss of one micro-batch, with the data's per-image weights (e.g. prior preservation).
+
+    With ``batch.seeds`` each image draws its latent sample, noise and timestep from its own seed."""
     conditioning = batch_conditioning(family, components, batch, device, trains_text)
-    losses = diffusion_losses(family, components, objective, latents, conditioning, batch)
+    if batch.seeds is None:
+        latents = batch_latents(family, components, batch, device)
+        losses = diffusion_losses(family, components, objective, latents, conditioning, batch)
+    else:
+        noised = seeded_noising(family, components, objective, batch, device)
+        prediction = family.predict(components, components.denoiser, noised.noisy_latents, noised.timesteps,
+                                    conditioning, batch)
+        losses = objective.per_sample_loss(prediction, noised)
     if batch.loss_weights is not None:
         losses = losses * batch.loss_weights.to(losses.device)
     return losses.mean()

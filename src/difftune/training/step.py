@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
+from difftune.data.batch import Batch
 from difftune.seeds import derived_seed
 from difftune.training import faults
 from difftune.training.distributed import full_value
@@ -34,6 +36,20 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return derived_seed(seed, step, rank)
 
 
+def sample_seed(seed: int, step: int, index: int) -> int:
+    """The seed of the ``index``-th image of step ``step``'s global batch (over every micro-batch and process)."""
+    return derived_seed(seed, step, "sample", index)
+
+
+def with_sample_seeds(batch: Batch, run: Run, micro: int) -> Batch:
+    """``batch`` with a seed per image from its place in the step's global batch: micro-batch ``micro`` of
+    every process together is one global micro-batch, of which this process holds the ``rank``-th share
+    (the batch order deals it so). The draws of a global batch then do not depend on how it is split."""
+    first = (micro * run.world + run.rank) * len(batch)
+    return dataclasses.replace(batch, seeds=[sample_seed(run.config.train.seed, run.step, first + i)
+                                             for i in range(len(batch))])
+
+
 def train_step(run: Run, stop: StopRequest | None = None) -> StepOutcome:
     """Accumulate ``train.gradient_accumulation`` micro-batches, clip, and step (unless the loss is not finite).
 
@@ -48,7 +64,7 @@ def train_step(run: Run, stop: StopRequest | None = None) -> StepOutcome:
     # in its mixed-precision policy's dtype instead.
     amp_dtype = None if model.strategy.shards else autocast_dtype(run.config)
     for micro in range(train.gradient_accumulation):
-        batch = model.method.prepare_batch(next(run.batches))
+        batch = model.method.prepare_batch(with_sample_seeds(next(run.batches), run, micro))
         last = micro == train.gradient_accumulation - 1
         with contextlib.nullcontext() if last or run.world == 1 else model.strategy.no_sync(acc, model.wrapped):
             with autocast(run.device, amp_dtype):
