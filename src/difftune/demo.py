@@ -181,18 +181,29 @@ def _positions_right(verdicts, prompts) -> int:
                if "position" in p.expected)
 
 
+def grid_prompts() -> list[Prompt]:
+    """The grid's prompt of each image: every prompt of ``GRID_PROMPTS`` once per seed of ``SEEDS``."""
+    return [p for p in GRID_PROMPTS for _ in SEEDS]
+
+
+def judged_grid(pipe, judge) -> tuple[list, list[dict[str, str]]]:
+    """The grid drawn by ``pipe`` (:func:`grid_prompts`, each with its seed) and the judge's verdicts on it."""
+    from difftune.world.evaluate import sample, score
+
+    prompts = grid_prompts()
+    images = sample(pipe, [p.text for p in prompts], [s for _ in GRID_PROMPTS for s in SEEDS])
+    return images, score(judge, images, prompts)[0]
+
+
 def _before_after(run: Path, work: Path, train_seconds: float, log) -> DemoResult:
     from difftune.bases import builtin_path
-    from difftune.world.evaluate import load_pipeline, other_attributes_right, sample, score
+    from difftune.world.evaluate import load_pipeline, other_attributes_right
     from difftune.world.judge import Judge
 
-    prompts = [p for p in GRID_PROMPTS for _ in SEEDS]
-    seeds = [s for _ in GRID_PROMPTS for s in SEEDS]
-    before = sample(load_pipeline(builtin_path(BASE)), [p.text for p in prompts], seeds)
-    after = sample(load_pipeline(builtin_path(BASE), lora=run), [p.text for p in prompts], seeds)
+    prompts = grid_prompts()
     judge = Judge.load()
-    verdicts_before, _ = score(judge, before, prompts)
-    verdicts_after, _ = score(judge, after, prompts)
+    before, verdicts_before = judged_grid(load_pipeline(builtin_path(BASE)), judge)
+    after, verdicts_after = judged_grid(load_pipeline(builtin_path(BASE), lora=run), judge)
     result = DemoResult(
         run=run, grid=work / "demo-grid.png", train_seconds=train_seconds,
         concept_before=sum(v["shape"] == CONCEPT for v in verdicts_before),

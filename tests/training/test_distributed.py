@@ -207,6 +207,7 @@ def test_two_nodes_train_one_lora_run_like_one_node_ddp(world):
     # ... and both equal one process with the whole global batch (2 images per step).
     one = run([sys.executable], write_config(root / "lora-one.toml", model, data, root / "lora-one", data=cached,
                                              train={"checkpoint_every": 0, "batch_size": 2}))
+    assert "batch 2×1×1" in one.stdout
     assert losses(root / "lora-ddp") == pytest.approx(losses(root / "lora-one"), abs=1e-6)
     a = load_file(root / "nodes" / "pytorch_lora_weights.safetensors")
     b = load_file(root / "lora-ddp" / "pytorch_lora_weights.safetensors")
