@@ -246,7 +246,8 @@ def check_distributed(config: Config) -> None:
     if config.method.ema:
         raise ConfigError('method.ema: not with train.distributed = "fsdp" yet (the average would need its own '
                           'shards); set method.ema = false or use train.distributed = "ddp"')
-    if config.validation.prompts:
-        raise ConfigError('validation.prompts: sampling during a train.distributed = "fsdp" run is not supported; '
-                          'remove the prompts and sample the result afterwards with difftune generate '
-                          '(or use train.distributed = "ddp")')
+    for key in ("prompts", "samples"):  # both are sampled on the main process alone, from sharded weights
+        if getattr(config.validation, key):
+            raise ConfigError(f'validation.{key}: sampling during a train.distributed = "fsdp" run is not supported; '
+                              f'remove validation.{key} and sample the result afterwards with difftune generate '
+                              '(or use train.distributed = "ddp")')
