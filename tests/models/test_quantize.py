@@ -240,6 +240,8 @@ def test_bitsandbytes_is_used_on_cuda_when_installed(monkeypatch):
     ({"model": {"quantize_text_encoders": "nf4"}, "method": {"train_text_encoder": True}},
      "model.quantize_text_encoders"),
     ({"model": {"quantize": "int3"}}, "model.quantize: 'int3' is not one of"),
+    ({"model": {"quantize": "nf4"}, "method": {"variant": "dora"}}, 'model.quantize: "nf4" with method.variant = "dora"'),
+    ({"model": {"quantize": "int4"}, "method": {"variant": "dora"}}, 'model.quantize: "int4" with method.variant = "dora"'),
 ])
 def test_quantize_settings_that_cannot_work_are_refused(keys, message, tmp_path):
     (tmp_path / "model_index.json").write_text("{}")  # looks like a model folder; holds no weights

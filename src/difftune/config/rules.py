@@ -61,11 +61,16 @@ def validate_semantics(config: Config, check_paths: bool = True) -> None:
 
 
 def check_memory_options(config: Config) -> None:
-    """Offloading needs gradient checkpointing; trained text encoders cannot be quantised."""
+    """Offloading needs gradient checkpointing; trained text encoders cannot be quantised; DoRA needs an
+    8-bit (or unquantised) base."""
     m = config.model
     if m.offload != "none" and not config.train.gradient_checkpointing:
         raise ConfigError(f'model.offload: "{m.offload}" needs train.gradient_checkpointing = true (without it '
                           "every block's weights are kept for the backward pass, so nothing would be offloaded)")
+    if m.quantize in ("int4", "nf4") and config.method.variant == "dora":
+        raise ConfigError(f'model.quantize: "{m.quantize}" with method.variant = "dora"; DoRA reads the base weight '
+                          "to scale its update, and peft cannot dequantise 4-bit weights for it. Use "
+                          'model.quantize = "int8" or "fp8" with DoRA, or another variant on a 4-bit base')
     if m.quantize_text_encoders != "none" and config.method.train_text_encoder:
         raise ConfigError(f'model.quantize_text_encoders: "{m.quantize_text_encoders}" with '
                           "method.train_text_encoder; trained encoders cannot be quantised. Set one of them off")
