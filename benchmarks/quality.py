@@ -508,15 +508,9 @@ class Bench:
     def run_difftune(self, task: Task, seed: int) -> Row:
         out = self.s.work / "runs" / f"{task.name}-difftune-{seed}"
         self.s.log(f"  {task.name}: difftune, seed {seed}, {self.s.steps(task)} steps")
-        result, seconds = train_task(task, self.s, seed, out)
+        _, seconds = train_task(task, self.s, seed, out)
         pipe = tuned_pipeline(self.s.model, out, task.method["type"], task.method.get("variant", "lora"))
-        scores, images = self.score_pipe(task, pipe)
-        scores["train_seconds"] = seconds
-        row = Row(task.name, "difftune", seed, scores)
-        self.rows.append(row)
-        self.images.setdefault((task.name, "difftune"), images)
-        del result
-        return row
+        return self.record(task, "difftune", seed, pipe, seconds)
 
     def run_reference(self, task: Task, seed: int, examples: Path) -> Row | None:
         from reference import run_reference  # benchmarks/reference.py
@@ -525,12 +519,15 @@ class Bench:
         self.s.log(f"  {task.name}: diffusers example, seed {seed}, {self.s.steps(task)} steps")
         data = write_dataset(self.s.work / "data" / task.kind, task.items())
         seconds = run_reference(task, self.s, seed, data, out, examples)
-        pipe = reference_pipeline(self.s.model, task, out)
+        return self.record(task, "reference", seed, reference_pipeline(self.s.model, task, out), seconds)
+
+    def record(self, task: Task, tool: str, seed: int, pipe, seconds: float) -> Row:
+        """Judge what ``tool`` trained, keep its scores and train time, and its images for the grid."""
         scores, images = self.score_pipe(task, pipe)
         scores["train_seconds"] = seconds
-        row = Row(task.name, "reference", seed, scores)
+        row = Row(task.name, tool, seed, scores)
         self.rows.append(row)
-        self.images.setdefault((task.name, "reference"), images)
+        self.images.setdefault((task.name, tool), images)
         return row
 
 

@@ -38,6 +38,12 @@ def diffusion_losses(family: ModelFamily, components: Components, objective: Obj
     Random timesteps and noise unless given (the held-out loss fixes both).
     """
     noised = objective.noise(latents.float(), timesteps=timesteps, noise=noise)
+    return predicted_losses(family, components, objective, noised, conditioning, batch)
+
+
+def predicted_losses(family: ModelFamily, components: Components, objective: Objective, noised: NoisedBatch,
+                     conditioning: dict[str, torch.Tensor], batch: Batch) -> torch.Tensor:
+    """Per-image loss of the denoiser's prediction on already noised latents."""
     prediction = family.predict(components, components.denoiser, noised.noisy_latents, noised.timesteps,
                                 conditioning, batch)
     return objective.per_sample_loss(prediction, noised)
@@ -72,14 +78,9 @@ def micro_batch_loss(family: ModelFamily, components: Components, objective: Obj
 
     With ``batch.seeds`` each image draws its latent sample, noise and timestep from its own seed."""
     conditioning = batch_conditioning(family, components, batch, device, trains_text)
-    if batch.seeds is None:
-        latents = batch_latents(family, components, batch, device)
-        losses = diffusion_losses(family, components, objective, latents, conditioning, batch)
-    else:
-        noised = seeded_noising(family, components, objective, batch, device)
-        prediction = family.predict(components, components.denoiser, noised.noisy_latents, noised.timesteps,
-                                    conditioning, batch)
-        losses = objective.per_sample_loss(prediction, noised)
+    noised = (objective.noise(batch_latents(family, components, batch, device).float()) if batch.seeds is None
+              else seeded_noising(family, components, objective, batch, device))
+    losses = predicted_losses(family, components, objective, noised, conditioning, batch)
     if batch.loss_weights is not None:
         losses = losses * batch.loss_weights.to(losses.device)
     return losses.mean()

@@ -92,6 +92,8 @@ class RunFolder:
         self.resuming = bool(resume) and (resume != "latest" or any((self.requested / "checkpoints").glob("step-*")))
         self._fd: int | None = None
         self._to_remove: list[Path] = []
+        #: Names in the folder when this run claimed it (``None`` before the claim).
+        self._found: set[str] | None = None
 
     def __enter__(self) -> RunFolder:
         return self
@@ -134,8 +136,7 @@ class RunFolder:
             raise DifftuneError(f"output.dir: cannot write in {self.root} ({exc.strerror})") from None
         self._lock(fd)
         self._found = {p.name for p in self.root.iterdir()} - {p.name for p in self._to_remove}
-        for path in self._to_remove:
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        _remove(self._to_remove)
         if self._to_remove:
             log(f"output.existing = \"overwrite\": removed the previous run's {len(self._to_remove)} file(s) and "
                 f"folder(s) in {self.root}")
@@ -165,15 +166,18 @@ class RunFolder:
     def discard_new_files(self) -> list[Path]:
         """Remove what this run wrote into its folder (a run stopped before its first step, with nothing
         to keep), leaving the folder as the run found it; return what was removed."""
-        found = getattr(self, "_found", None)
-        if found is None or self.resuming:
+        if self._found is None or self.resuming:
             return []
-        removed = [p for p in sorted(self.root.iterdir()) if p.name not in found and p.name != LOCK]
-        for path in removed:
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        removed = [p for p in sorted(self.root.iterdir()) if p.name not in self._found and p.name != LOCK]
+        _remove(removed)
         return removed
 
     def release(self) -> None:
         if self._fd is not None:
             os.close(self._fd)  # closing the descriptor releases the lock
             self._fd = None
+
+
+def _remove(paths: list[Path]) -> None:
+    for path in paths:
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
