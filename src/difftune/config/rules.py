@@ -248,9 +248,6 @@ def check_distributed(config: Config) -> None:
     if config.method.type not in FSDP_METHODS:
         raise ConfigError(f'train.distributed: "fsdp" shards the methods {", ".join(FSDP_METHODS)}, not '
                           f'{config.method.type!r}; use train.distributed = "ddp"')
-    if config.method.ema:
-        raise ConfigError('method.ema: not with train.distributed = "fsdp" yet (the average would need its own '
-                          'shards); set method.ema = false or use train.distributed = "ddp"')
     for key in ("prompts", "samples"):  # both are sampled on the main process alone, from sharded weights
         if getattr(config.validation, key):
             raise ConfigError(f'validation.{key}: sampling during a train.distributed = "fsdp" run is not supported; '

@@ -18,19 +18,36 @@ PREFIX = "ema/"
 
 
 class WeightsEMA:
-    """EMA of the parameters ``params`` (``role.name`` → parameter, in a fixed order)."""
+    """EMA of the parameters ``params`` (``role.name`` → parameter, in a fixed order).
+
+    Sharded parameters (FSDP2 DTensors) are averaged shard by shard: each process keeps the average of
+    its own local shards, with no communication per step; :meth:`sharded_state` presents them as
+    DTensors laid out like the parameters, so ``torch.distributed.checkpoint`` saves and reloads them
+    over any number of processes, and swapping them in lets the export gather them like the weights.
+    """
 
     def __init__(self, params: dict[str, nn.Parameter], decay: float) -> None:
         from diffusers.training_utils import EMAModel
 
         self.names = list(params)
         self.params = list(params.values())
-        self.model = EMAModel(self.params, decay=decay)
+        with torch.no_grad():
+            self.model = EMAModel([_local(p) for p in self.params], decay=decay)
 
     def step(self) -> None:
-        """Move the average toward the current weights (after each optimizer step)."""
-        self.model.to(device=self.params[0].device)
-        self.model.step(self.params)
+        """Move the average toward the current weights (after each optimizer step); the update is
+        diffusers' ``EMAModel.step``, applied to each process's part of each parameter."""
+        model = self.model
+        model.to(device=_local(self.params[0]).device)
+        model.optimization_step += 1
+        decay = model.get_decay(model.optimization_step)
+        model.cur_decay_value = decay
+        with torch.no_grad():
+            for shadow, p in zip(model.shadow_params, self.params, strict=True):
+                if p.requires_grad:
+                    shadow.sub_((1 - decay) * (shadow - _local(p)))
+                else:
+                    shadow.copy_(_local(p))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = {f"{PREFIX}{n}": p.detach().clone() for n, p in zip(self.names, self.model.shadow_params, strict=True)}
@@ -43,22 +60,51 @@ class WeightsEMA:
             raise ValueError(f"checkpoint has no EMA weights for {missing[:3] or ['its step']} (was it saved without "
                              "method.ema?)")
         self.model.optimization_step = int(state[f"{PREFIX}optimization_step"])
-        self.model.shadow_params = [state[f"{PREFIX}{n}"].to(p.device).clone()
+        self.model.shadow_params = [state[f"{PREFIX}{n}"].to(_local(p).device).clone()
                                     for n, p in zip(self.names, self.params, strict=True)]
+
+    def sharded_state(self) -> dict[str, object]:
+        """The average for ``torch.distributed.checkpoint``: ``{"weights": {name: tensor}, "step": tensor}``,
+        each tensor sharing memory with the average, a DTensor laid out like its parameter if that is one
+        (loading writes into them; :meth:`loaded_sharded` takes the step back)."""
+        from torch.distributed.tensor import DTensor
+
+        weights = {}
+        for name, p, shadow in zip(self.names, self.params, self.model.shadow_params, strict=True):
+            if isinstance(p, DTensor):
+                shadow = DTensor.from_local(shadow, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+            weights[name] = shadow
+        return {"weights": weights, "step": torch.tensor(self.model.optimization_step)}
+
+    def loaded_sharded(self, state: dict[str, object]) -> None:
+        """Take over what ``torch.distributed.checkpoint`` loaded into :meth:`sharded_state`'s tensors."""
+        with torch.no_grad():
+            for name, shadow in zip(self.names, self.model.shadow_params, strict=True):
+                loaded = _local(state["weights"][name])
+                if loaded.data_ptr() != shadow.data_ptr():
+                    shadow.copy_(loaded)
+        self.model.optimization_step = int(state["step"])
 
     @contextlib.contextmanager
     def swapped_in(self) -> Iterator[None]:
-        """The EMA weights in place of the trained ones; the trained ones come back exactly afterwards."""
-        saved = [p.detach().clone() for p in self.params]
+        """The EMA weights in place of the trained ones; the trained ones come back exactly afterwards
+        (sharded parameters: each process swaps its own shards)."""
         with torch.no_grad():
+            saved = [_local(p).clone() for p in self.params]
             for p, shadow in zip(self.params, self.model.shadow_params, strict=True):
-                p.copy_(shadow.to(p.device))
+                _local(p).copy_(shadow.to(_local(p).device))
         try:
             yield
         finally:
             with torch.no_grad():
                 for p, value in zip(self.params, saved, strict=True):
-                    p.copy_(value)
+                    _local(p).copy_(value)
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's part of a sharded (DTensor) tensor, sharing its memory; anything else as it is.
+    (Call under ``torch.no_grad()`` to write into it.)"""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 #: Prefix of the EMA tensors in checkpoints of full fine-tuning written before the EMA covered every

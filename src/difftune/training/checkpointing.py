@@ -67,7 +67,7 @@ def restore_before_wrapping(state: ckpt.TrainingState, method, components, optim
     configured = [{k: g[k] for k in HYPER_PARAMETERS if k in g} for g in optimizer.param_groups]
     base_lrs = list(scheduler.base_lrs)
     if state.sharded is not None:  # written by an FSDP run: loads sharded over any number of processes, or whole
-        load_sharded(state.sharded, method.trainable_modules(components), optimizer)
+        load_sharded(state.sharded, method.trainable_modules(components), optimizer, method.ema)
         scheduler_state = state.scheduler
     elif sharded_run:
         raise DifftuneError("train.resume: the checkpoint was written by a train.distributed "
@@ -176,7 +176,8 @@ def save(run: Run, step: int | None = None, *, scheduler_state: dict | None = No
     root = run.paths.checkpoints
     state = _training_state(run, step, scheduler_state) if run.is_main else None
     model = run.model
-    sharded = (lambda folder: save_sharded(folder, model.wrapped, run.optimizer)) if model.strategy.shards else None
+    sharded = ((lambda folder: save_sharded(folder, model.wrapped, run.optimizer, model.method.ema))
+               if model.strategy.shards else None)
     try:
         folder = ckpt.save_checkpoint(root, step, state, info.to_json(), rank=run.rank,
                                       barrier=run.accelerator.wait_for_everyone, sharded=sharded)

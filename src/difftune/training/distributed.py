@@ -222,29 +222,38 @@ def gathered(modules: dict[str, nn.Module], skeletons: dict[str, nn.Module], is_
     return out
 
 
-def _state_dicts(modules: dict[str, nn.Module], optimizer) -> dict:
+def _state_dicts(modules: dict[str, nn.Module], optimizer, ema=None) -> dict:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
     model, optim = get_state_dict(nn.ModuleDict(modules), optimizer,
                                   options=StateDictOptions(ignore_frozen_params=True))
-    return {"model": model, "optimizer": optim}
+    state = {"model": model, "optimizer": optim}
+    if ema is not None:
+        state["ema"] = ema.sharded_state()
+    return state
 
 
-def save_sharded(folder, modules: dict[str, nn.Module], optimizer) -> None:
-    """Every process writes its shard of the trained weights and optimizer state into ``folder``
-    (``torch.distributed.checkpoint``; a collective)."""
+def save_sharded(folder, modules: dict[str, nn.Module], optimizer, ema=None) -> None:
+    """Every process writes its shard of the trained weights, optimizer state and (``ema``) moving average
+    into ``folder`` (``torch.distributed.checkpoint``; a collective)."""
     import torch.distributed.checkpoint as dcp
 
-    dcp.save(_state_dicts(modules, optimizer), checkpoint_id=folder)
+    dcp.save(_state_dicts(modules, optimizer, ema), checkpoint_id=folder)
 
 
-def load_sharded(folder, modules: dict[str, nn.Module], optimizer) -> None:
-    """Load a sharded checkpoint into the modules and optimizer as this run holds them: sharded over any
-    number of processes, or whole in one process."""
+def load_sharded(folder, modules: dict[str, nn.Module], optimizer, ema=None) -> None:
+    """Load a sharded checkpoint into the modules, optimizer and ``ema`` as this run holds them: sharded
+    over any number of processes, or whole in one process."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-    state = _state_dicts(modules, optimizer)
+    state = _state_dicts(modules, optimizer, ema)
+    if ema is not None and not any(key.startswith("ema.") for key in dcp.FileSystemReader(folder).read_metadata()
+                                   .state_dict_metadata):
+        raise DifftuneError("method.ema: cannot resume: the checkpoint has no EMA weights (was it saved without "
+                            "method.ema?); resume without method.ema, or start afresh")
     dcp.load(state, checkpoint_id=folder)
     set_state_dict(nn.ModuleDict(modules), optimizer, model_state_dict=state["model"],
                    optim_state_dict=state["optimizer"], options=StateDictOptions(ignore_frozen_params=True))
+    if ema is not None:
+        ema.loaded_sharded(state["ema"])

@@ -137,6 +137,7 @@ def setup(config: Config, log=print, output: RunFolder | None = None) -> Run:
     components = loaded.components
     data, held_out, fingerprint = _data(config, loaded, accelerator, say)
     skeletons = _shard(config, strategy, method, components, accelerator, log)
+    method.start_ema(components)  # after sharding: FSDP replaces the parameters (the EMA averages its shards)
     steps = total_steps(config.train, data.order.batches_per_epoch)
     lr = learning_rate(config.train, accelerator.num_processes)
     optimizer = build_optimizer(method.param_groups(components, lr), config.train, accelerator.device)
@@ -224,7 +225,6 @@ def _model(config: Config, accelerator, log) -> tuple[LoadedModel, Method, objec
     method = METHODS.get(config.method.type).build(config.method, family)
     torch.manual_seed(config.train.seed)  # new weights (LoRA A matrices, ...) start from the seed too
     method.prepare(components)
-    method.start_ema(components)
     for note in method.notes if accelerator.is_main_process else ():
         log(note)
     objective = OBJECTIVES.get(family.objective)(family.objective_settings(components), config.train)
