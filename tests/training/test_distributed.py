@@ -196,6 +196,7 @@ def test_two_nodes_train_one_lora_run_like_one_node_ddp(world):
     counts = held(stdout)
     assert sorted(counts) == [0, 1] and all(abs(local / total - 0.5) < 0.02 for local, total in counts.values())
     assert stdout.count("done: 4 steps") == 1  # one run, written once
+    assert "frozen parameters" not in stdout  # with both caches the VAE and text encoder only fill them: whole
     # The caches were filled once, half by each process: 4 latents and 4 captions in all.
     assert "latent cache" in stdout and ": 0 reused, 2 computed by process 0 of 2" in stdout
     assert len(list((root / "cache" / "latents").rglob("*.safetensors"))) == 4

@@ -248,8 +248,3 @@ def check_distributed(config: Config) -> None:
     if config.method.type not in FSDP_METHODS:
         raise ConfigError(f'train.distributed: "fsdp" shards the methods {", ".join(FSDP_METHODS)}, not '
                           f'{config.method.type!r}; use train.distributed = "ddp"')
-    for key in ("prompts", "samples"):  # both are sampled on the main process alone, from sharded weights
-        if getattr(config.validation, key):
-            raise ConfigError(f'validation.{key}: sampling during a train.distributed = "fsdp" run is not supported; '
-                              f'remove validation.{key} and sample the result afterwards with difftune generate '
-                              '(or use train.distributed = "ddp")')

@@ -378,8 +378,11 @@ class TrainConfig:
         "How several processes share the work (launch them with `torchrun` or `accelerate launch`, "
         "docs/scaling.md): `ddp` (every process holds the whole model, gradients are averaged) or `fsdp` "
         "(PyTorch's FSDP2 `fully_shard` per block of each trained module: every process holds 1/N of its "
-        "weights, gradients and optimizer state; checkpoints are sharded). `fsdp` needs 2 or more processes, "
-        "method `full` or `lora`, and no validation prompts during training; with `mixed_precision = \"bf16\"` "
+        "weights, gradients and optimizer state, and of the frozen VAE and text encoders when they run every "
+        "step, without `data.cache_latents` / `data.cache_text`; checkpoints are sharded). `fsdp` needs 2 or "
+        "more processes "
+        "and method `full` or `lora` (validation images are sampled by every process, the main one writes them); "
+        "with `mixed_precision = \"bf16\"` "
         "the blocks compute in bf16 and reduce gradients in fp32. The start of the run logs the strategy in effect.",
         choices=("ddp", "fsdp"),
     )

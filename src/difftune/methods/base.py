@@ -19,6 +19,9 @@ class Method(ABC):
     """A fine-tuning method. Subclasses are registered in ``difftune.methods.METHODS``, with their config rules."""
 
     name: str = ""
+    #: True if the export writes the frozen parts too (a whole pipeline folder): a sharded run gathers
+    #: the frozen modules it sharded (they run every step without caches) before exporting.
+    exports_frozen_modules: bool = False
 
     def __init__(self, cfg: MethodConfig, family: ModelFamily) -> None:
         #: The run's ``[method]`` section.

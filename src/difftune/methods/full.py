@@ -28,6 +28,7 @@ class FullFineTune(Method):
     """Every weight of the denoiser (optionally the text encoders), with optional EMA; saves a pipeline folder."""
 
     name = "full"
+    exports_frozen_modules = True
 
     def prepare(self, components: Components) -> None:
         if self.cfg.save_single_file and not self.family.writes_single_file:

@@ -56,10 +56,16 @@ class Components:
     denoiser_config: dict[str, Any] | None = None
 
     def with_modules(self, modules: dict[str, nn.Module]) -> Components:
-        """A view with some parts replaced, by role (``denoiser``, ``text_encoder``, ``text_encoder_2``...)."""
+        """A view with some parts replaced, by role (``denoiser``, ``vae``, ``text_encoder``, ``text_encoder_2``...)."""
         encoders = [modules.get(name, encoder) for name, encoder in zip(self.encoder_names, self.text_encoders,
                                                                          strict=True)]
-        return dataclasses.replace(self, denoiser=modules.get("denoiser", self.denoiser), text_encoders=encoders)
+        return dataclasses.replace(self, denoiser=modules.get("denoiser", self.denoiser), vae=modules.get("vae", self.vae),
+                                   text_encoders=encoders)
+
+    def by_role(self) -> dict[str, nn.Module | None]:
+        """Every part by role: ``denoiser``, ``vae``, then the text encoders by their pipeline names."""
+        return {"denoiser": self.denoiser, "vae": self.vae, **dict(zip(self.encoder_names, self.text_encoders,
+                                                                        strict=True))}
 
 
 def vae_shift(vae) -> float:

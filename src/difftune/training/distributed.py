@@ -146,6 +146,22 @@ def shard(modules: dict[str, nn.Module], mixed: torch.dtype | None, cpu_offload:
         fully_shard(module, mp_policy=policy, offload_policy=offload)
 
 
+def shard_frozen(modules: dict[str, nn.Module]) -> None:
+    """``fully_shard`` frozen modules that run every step (forward only: no gradients, no optimizer state)
+    per block, then the module itself, each resharded after every forward (the module's own weights
+    too: there is no backward to free them). Their ``encode`` / ``decode`` methods (a VAE's) gather the
+    weights like ``forward``."""
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    for module in modules.values():
+        for block in blocks(module):
+            fully_shard(block, reshard_after_forward=True)
+        fully_shard(module, reshard_after_forward=True)
+        for name in ("encode", "decode"):
+            if callable(getattr(module, name, None)):
+                register_fsdp_forward_method(module, name)
+
+
 def check_sharded(modules: Iterable[nn.Module], world: int) -> tuple[int, int]:
     """(parameters this process holds, parameters in total) of sharded modules; raises if any parameter
     is not sharded over all ``world`` processes (FSDP asked for but not running)."""

@@ -61,25 +61,35 @@ def finish(run: Run) -> RunResult:
 
 def gathered_for_export(run: Run) -> Components:
     """What the export writes: the model as it trained, or (FSDP) with the trained modules' full weights
-    gathered on the main process (every process takes part)."""
+    (and, for a whole pipeline, the sharded frozen modules') gathered on the main process (every process
+    takes part)."""
     model = run.model
     if not model.strategy.shards:
         return model.components
-    return model.components.with_modules(gathered(model.wrapped, model.skeletons, run.is_main))
+    modules = dict(model.wrapped)
+    if model.method.exports_frozen_modules:  # and the frozen modules sharded because they run every step
+        parts = model.components.by_role()
+        modules.update({role: parts[role] for role in model.skeletons if role not in modules})
+    return model.components.with_modules(gathered(modules, model.skeletons, run.is_main))
 
 
 def validate(run: Run) -> None:
-    """Sample the validation prompts with the current weights (main process), into ``samples/step-N``."""
-    if run.is_main:
+    """Sample the validation prompts with the current weights into ``samples/step-N`` (the main process
+    writes and logs them). FSDP: every process samples the same images from the sharded modules (each
+    forward of a sharded module needs every process; see docs/scaling.md), and only the main process keeps them."""
+    sharded = run.model.strategy.shards
+    if run.is_main or sharded:
         model, config = run.model, run.config
         trained = {name: run.accelerator.unwrap_model(m) for name, m in model.wrapped.items()}
         view = model.components.with_modules(trained)
         with run.evaluating():
-            run.result.samples = run_validation(
+            saved = run_validation(
                 model.family, model.components, view.denoiser, view.text_encoders, run.samples, run.device,
                 autocast_dtype(config), run.paths.samples, run.step, run.accelerator.trackers,
-                extra={k: v for k, v in model.objective.sampling.items() if k != "scheduler"},
+                extra={k: v for k, v in model.objective.sampling.items() if k != "scheduler"}, write=run.is_main,
             )
+        if run.is_main:
+            run.result.samples = saved
     run.accelerator.wait_for_everyone()
 
 

@@ -38,6 +38,7 @@ from difftune.training.distributed import (
     check_sharded,
     on_main_then_agree,
     shard,
+    shard_frozen,
     skeleton,
 )
 from difftune.training.faults import NonFiniteGuard
@@ -199,8 +200,9 @@ def _start(config: Config, root: Path, log) -> tuple[RunPaths, object, Strategy,
 
 def _shard(config: Config, strategy: Strategy, method: Method, components: Components, accelerator,
            log) -> dict[str, torch.nn.Module]:
-    """FSDP: shard the trained modules in place (before the optimizer sees their parameters) and check
-    what this process holds; return their skeletons (the export gathers the weights into them)."""
+    """FSDP: shard the trained modules in place (before the optimizer sees their parameters), and the
+    frozen ones that run every step, and check what this process holds; return their skeletons (the
+    export gathers the weights into them)."""
     if not strategy.shards:
         return {}
     trainable = method.trainable_modules(components)
@@ -209,7 +211,30 @@ def _shard(config: Config, strategy: Strategy, method: Method, components: Compo
     local, total = check_sharded(trainable.values(), strategy.world)
     log(f"fsdp: process {accelerator.process_index} holds {local:,} of {total:,} parameters of "
         f"{', '.join(trainable)} ({100 * local / total:.1f}%)")
+    frozen = frozen_every_step(config, components, trainable)
+    if frozen:
+        skeletons.update({role: skeleton(module) for role, module in frozen.items()})
+        shard_frozen(frozen)
+        local, total = check_sharded(frozen.values(), strategy.world)
+        log(f"fsdp: process {accelerator.process_index} holds {local:,} of {total:,} frozen parameters of "
+            f"{', '.join(frozen)} ({100 * local / total:.1f}%; they run every step)")
     return skeletons
+
+
+def frozen_every_step(config: Config, components: Components, trainable: dict) -> dict[str, torch.nn.Module]:
+    """The frozen modules a step runs, by role: the VAE without ``data.cache_latents``, text encoders that
+    do not train without ``data.cache_text`` (unquantised). With the caches they only fill them (each
+    process a different share), so they stay whole there and are released."""
+    if components.encoders_offloaded:
+        return {}
+    parts = components.by_role()
+    frozen = {}
+    if not config.data.cache_latents and parts["vae"] is not None:
+        frozen["vae"] = parts["vae"]
+    if not config.data.cache_text and config.model.quantize_text_encoders == "none":
+        frozen.update({role: parts[role] for role in components.encoder_names
+                       if parts[role] is not None and role not in trainable})
+    return frozen
 
 
 def _model(config: Config, accelerator, log) -> tuple[LoadedModel, Method, object]:

@@ -33,9 +33,10 @@ def sample_images(pipeline, samples: list[ValidationSample], device: torch.devic
 
 def run_validation(family, components, denoiser, text_encoders, samples: list[ValidationSample],
                    device: torch.device, autocast_dtype, out_dir: Path, step: int, trackers,
-                   extra: dict | None = None) -> list[Path]:
+                   extra: dict | None = None, write: bool = True) -> list[Path]:
     """Save each image (``NN-seedS.png``, NN the sample's index) and a grid under ``out_dir/step-N`` and log
-    them; returns the saved paths.
+    them; returns the saved paths. ``write=False``: sample only (the other processes of a sharded run,
+    whose every forward the main process's sampling needs), save and log nothing.
 
     Call it with the modules in eval mode (a run does, inside ``Run.evaluating()``).
     """
@@ -45,6 +46,8 @@ def run_validation(family, components, denoiser, text_encoders, samples: list[Va
     finally:
         del pipeline
         gc.collect()
+    if not write:
+        return []
     folder = out_dir / f"step-{step}"
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
