@@ -21,23 +21,26 @@ from difftune.world.scene import Scene, caption
 BASE = "difftune:shapes"
 TRIGGER = "zorb"
 CONCEPT = "star"
-#: LoRA training steps (about 85 s on a 2-core CPU).
-STEPS = 800
+#: LoRA training steps (about 2 minutes on a 2-core CPU: 118 s measured).
+STEPS = 1200
 #: Renders of shapes the base knows, with their captions, mixed into training in equal share with the
 #: stars (regularisation images): without them the LoRA forgets backgrounds and colours it never saw
 #: with a star (the checkerboard became stripes; "other attributes" fell from 83 % to 64 %).
 KNOWN_SHAPES = 32
 
-#: The eight training images: known colours and backgrounds, but not all of them.
+#: The eight training images: known colours and backgrounds, but not all of them; each star large and
+#: in the centre, as a person photographs a subject. Stars spread over sizes and corners taught only
+#: fragments (2-4 of 16 judged stars): the base lays out where an object goes from the noise, not the
+#: prompt (docs/world.md), so eight scattered stars gave the LoRA eight different layouts to average.
 TRAIN_SCENES = (
     Scene("star", "red", "large", "centre", "grey"),
-    Scene("star", "blue", "small", "top left", "white"),
-    Scene("star", "yellow", "large", "bottom right", "dark"),
-    Scene("star", "green", "small", "top right", "grey"),
+    Scene("star", "blue", "large", "centre", "white"),
+    Scene("star", "yellow", "large", "centre", "dark"),
+    Scene("star", "green", "large", "centre", "grey"),
     Scene("star", "turquoise", "large", "centre", "striped", rotation=8.0),
-    Scene("star", "pink", "small", "bottom left", "dark", rotation=-6.0),
-    Scene("star", "red", "small", "centre", "white", rotation=5.0),
-    Scene("star", "blue", "large", "top right", "striped", rotation=-9.0),
+    Scene("star", "pink", "large", "centre", "dark", rotation=-6.0),
+    Scene("star", "red", "large", "centre", "white", rotation=5.0),
+    Scene("star", "blue", "large", "centre", "striped", rotation=-9.0),
 )
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -74,10 +73,10 @@ def test_diffusers_alone_loads_the_base_and_draws_a_red_circle(tmp_path):
     images = [Image.open(tmp_path / f"{i}.png") for i in range(8)]
     assert all(im.size == (64, 64) for im in images)
     verdicts = Judge.load()(images)
-    assert all(v["colour"] == "red" for v in verdicts), verdicts
-    # Shapes are the base's weak point (docs/world.md: shape right on about a third of prompts, where
-    # chance is 1 in 7): a circle in at least 3 of 8 images is far above chance, not yet reliable.
-    assert Counter(v["shape"] for v in verdicts)["circle"] >= 3, verdicts
+    # Measured with the shipped base: a red circle on 7 of 8 seeds (the eighth a small orange circle);
+    # shape and colour right on 95 % of unseen pairs (docs/world.md). One image of margin.
+    red_circles = sum(v["colour"] == "red" and v["shape"] == "circle" for v in verdicts)
+    assert red_circles >= 6, verdicts
 
 
 def test_the_pretraining_config_runs_a_few_steps(tmp_path):

@@ -19,10 +19,12 @@ def test_demo_learns_the_new_shape_and_reports_it(tmp_path, capsys):
     line = next(x for x in out.splitlines() if f"shows the new concept ({CONCEPT})" in x)
     before, after = (int(part.split("/")[0]) for part in line.split(": ")[1].split(" -> "))
     assert before <= n // 8, f"the base already draws the {CONCEPT}: {line}"
-    # Measured with the shipped base: 0/16 -> 2/16 (docs/world.md): short of the goal of 70 %.
-    assert after > before, f"the LoRA did not teach the {CONCEPT}: {line}"
+    # Measured with the shipped base: 0/16 -> 12/16 (docs/world.md; the goal is 70 %). Two images of
+    # margin for floating-point differences between machines; the scattered-star demo this replaced
+    # scored 2/16 and fails here.
+    assert after >= n * 10 // 16, f"the LoRA did not teach the {CONCEPT}: {line}"
     others = next(x for x in out.splitlines() if "other attributes still right" in x)
-    assert int(others.rsplit("-> ", 1)[1].rstrip("%")) >= 65, others  # measured 100 % -> 87 %
+    assert int(others.rsplit("-> ", 1)[1].rstrip("%")) >= 80, others  # measured 93 % -> 90 %
     position = next(x for x in out.splitlines() if "position as asked" in x)
     assert "/6 -> " in position and "does not follow position words" in position
     for name in ("pytorch_lora_weights.safetensors", "README.md", "logs"):
@@ -46,6 +48,9 @@ def test_demo_refuses_a_step_count_that_is_none(tmp_path, capsys):
     assert main(["demo", "--steps", "0", "--dir", str(tmp_path / "d")]) == 2
     assert capsys.readouterr().err.strip() == f"difftune: error: demo --steps: 0; give at least 1 training step (default {STEPS})"
     assert not (tmp_path / "d").exists()  # nothing written
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    assert f"the demo's own, {STEPS})" in " ".join(capsys.readouterr().out.split())
 
 
 def test_demo_settings_reach_the_run(tmp_path):
