@@ -91,16 +91,18 @@ def style_items(n: int = 20) -> list:
 
 
 def subject_items() -> list:
-    """Five stars (known colours and backgrounds, not all of them), the shape word replaced by ``sks``."""
+    """Five stars (known colours and backgrounds, not all of them), the shape word replaced by ``sks``:
+    large and centred, as a subject is photographed (scattered over sizes and corners, five stars
+    taught this base fragments: docs/world.md, "The demo")."""
     from difftune.world.scene import caption
 
     Scene = _scenes()
     scenes = (
         Scene("star", "red", "large", "centre", "grey"),
-        Scene("star", "blue", "small", "top left", "white"),
-        Scene("star", "yellow", "large", "bottom right", "dark", rotation=8.0),
-        Scene("star", "green", "small", "top right", "grey", rotation=-6.0),
-        Scene("star", "pink", "large", "bottom left", "white", rotation=5.0),
+        Scene("star", "blue", "large", "centre", "white"),
+        Scene("star", "yellow", "large", "centre", "dark", rotation=8.0),
+        Scene("star", "green", "large", "centre", "grey", rotation=-6.0),
+        Scene("star", "pink", "large", "centre", "white", rotation=5.0),
     )
     return [(s, caption(s, seed=i, shape_word=TRIGGER)) for i, s in enumerate(scenes)]
 
@@ -110,9 +112,9 @@ def subject_holdout_items() -> list:
     from difftune.world.scene import caption
 
     Scene = _scenes()
-    scenes = (Scene("star", "orange", "large", "top left", "striped"),
-              Scene("star", "turquoise", "small", "centre", "checkerboard", rotation=7.0),
-              Scene("star", "purple", "large", "bottom right", "dark", rotation=-4.0))
+    scenes = (Scene("star", "orange", "large", "centre", "striped"),
+              Scene("star", "turquoise", "large", "centre", "checkerboard", rotation=7.0),
+              Scene("star", "purple", "large", "centre", "dark", rotation=-4.0))
     return [(s, caption(s, seed=100 + i, shape_word=TRIGGER)) for i, s in enumerate(scenes)]
 
 
