@@ -72,6 +72,7 @@ def test_full_fine_tune_exports_a_loadable_pipeline_with_ema(train_run, tiny_sd)
     assert not torch.equal(ema_w, plain_w) and not torch.equal(ema_w, base_w)
     assert (ema_w - base_w).abs().sum() < (plain_w - base_w).abs().sum()
     assert "pipeline" in (plain.output_dir / "README.md").read_text()
+    assert f"done: 2 steps; pipeline in {plain.output_dir}" in plain.messages  # not "adapter"
 
 
 def test_full_fine_tune_with_both_caches_exports_the_vae_and_text_encoder(train_run, tiny_sd):

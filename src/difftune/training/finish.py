@@ -50,7 +50,8 @@ def finish(run: Run) -> RunResult:
         write_card(run)
         if run.folder is not None:
             run.folder.mark_finished([*result.files, run.paths.root / "README.md"])
-        run.say(f"done: {run.step} steps; adapter in {run.paths.root}")
+        what = "pipeline" if run.model.method.exports_frozen_modules else "adapter"  # full: the whole model
+        run.say(f"done: {run.step} steps; {what} in {run.paths.root}")
         run.live.finish("done")
     run.accelerator.wait_for_everyone()  # every process ends together, with no collective in flight
     run.accelerator.end_training()
