@@ -125,3 +125,19 @@ def test_frozen_modules_that_run_every_step_are_sharded(ema_runs):
         base = load_file(next((model / part).glob("*.safetensors")))
         exported = load_file(next((root / "fsdp" / "pipeline" / part).glob("*.safetensors")))
         assert exported.keys() == base.keys() and all(torch.equal(exported[k], base[k]) for k in base)
+
+
+@pytest.mark.slow
+def test_only_the_main_process_loads_the_denoiser(ema_runs):
+    """The other processes build the denoiser on the meta device (no memory) and receive their shards from
+    the main process, which alone reads the weights; the run still trains as one process does (the
+    losses and the EMA export above)."""
+    import re
+
+    sharded = ema_runs[4]
+    found = re.findall(r"fsdp: process (\d) loaded ([\d,]+) of ([\d,]+) parameters of the denoiser from the model",
+                       sharded.stdout)
+    loaded = {int(rank): (int(a.replace(",", "")), int(b.replace(",", ""))) for rank, a, b in found}
+    assert sorted(loaded) == [0, 1]
+    total = loaded[0][1]
+    assert total > 0 and loaded[0] == (total, total) and loaded[1] == (0, total)

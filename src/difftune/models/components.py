@@ -175,9 +175,8 @@ class ModelParts:
 def load_components(family, parts: ModelParts, source: ModelSource, dtype: torch.dtype, which: str = "all"):
     """Load the components of ``family`` from a diffusers folder, Hub id or single file.
 
-    ``which`` is ``"all"``, ``"frozen"`` (all but the denoiser) or ``"denoiser"`` (only the denoiser); a
-    single file always loads whole.
-
+    ``which`` is ``"all"``, ``"frozen"`` (all but the denoiser), ``"denoiser"`` (only the denoiser) or
+    ``"meta_denoiser"`` (only the denoiser's structure, on the meta device); a single file loads whole.
     With quantisation the frozen parts are read, cast and quantised one tensor at a time
     (:mod:`difftune.models.streaming`); a single file is converted whole first, then quantised.
     """
@@ -193,6 +192,8 @@ def load_components(family, parts: ModelParts, source: ModelSource, dtype: torch
     vae_dtype = parts.vae_dtype or dtype
     names = ["text_encoder" + (f"_{i + 1}" if i else "") for i in range(len(parts.encoders))]
     tokenizer_names = [n.replace("text_encoder", "tokenizer") for n in names]
+    if which == "meta_denoiser" and source.kind != "single_file":
+        return _meta_denoiser(family, parts.denoiser, source, dtype, names)
     if source.kind == "single_file":
         pipe = pipeline_from_single_file(
             family.pipeline_class(), source, dtype, denoiser_name=family.denoiser_name, denoiser_cls=parts.denoiser,
@@ -231,6 +232,19 @@ def load_components(family, parts: ModelParts, source: ModelSource, dtype: torch
             source.path, subfolder=family.denoiser_name, **({"revision": source.revision} if source.revision else {})))
     return Components(denoiser=denoiser, vae=vae, text_encoders=encoders, tokenizers=tokenizers,
                       noise_scheduler=scheduler, source=source, encoder_names=names, denoiser_config=config)
+
+
+def _meta_denoiser(family, cls: Any, source: ModelSource, dtype: torch.dtype, names: list[str]):
+    """Components holding only the denoiser, built from its config on the meta device (no memory): a
+    sharded run's other processes receive their shards of its weights from the main process."""
+    from difftune.models.base import Components
+
+    config = cls.load_config(source.path, subfolder=family.denoiser_name,
+                             **({"revision": source.revision} if source.revision else {}))
+    with torch.device("meta"):
+        denoiser = cls.from_config(config).to(dtype)
+    return Components(denoiser=denoiser, vae=None, text_encoders=[None] * len(names), tokenizers=[None] * len(names),
+                      noise_scheduler=None, source=source, encoder_names=names)
 
 
 def denoiser_config(components) -> Any:

@@ -162,6 +162,26 @@ def shard_frozen(modules: dict[str, nn.Module]) -> None:
                 register_fsdp_forward_method(module, name)
 
 
+def materialised(module: nn.Module) -> tuple[int, int]:
+    """(parameters of ``module`` that hold memory, all its parameters): not those on the meta device."""
+    params = list(module.parameters())
+    return sum(p.numel() for p in params if not p.is_meta), sum(p.numel() for p in params)
+
+
+def receive_shards(module: nn.Module, full: dict, device: torch.device) -> None:
+    """After :func:`shard`: fill a sharded module built on the meta device with this process's shard of
+    the weights the main process loaded (``full``, its whole state dict; empty on the others), and every
+    buffer with the main process's (a collective)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if any(p.is_meta for p in module.parameters()) or any(b.is_meta for b in module.buffers()):
+        module.to_empty(device=device)
+    set_model_state_dict(module, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    with torch.no_grad():
+        for buffer in module.buffers():
+            torch.distributed.broadcast(buffer, src=0)
+
+
 def check_sharded(modules: Iterable[nn.Module], world: int) -> tuple[int, int]:
     """(parameters this process holds, parameters in total) of sharded modules; raises if any parameter
     is not sharded over all ``world`` processes (FSDP asked for but not running)."""

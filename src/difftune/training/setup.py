@@ -36,7 +36,9 @@ from difftune.training.distributed import (
     Strategy,
     check_launch,
     check_sharded,
+    materialised,
     on_main_then_agree,
+    receive_shards,
     shard,
     shard_frozen,
     skeleton,
@@ -79,16 +81,30 @@ def load_model(config: Config, device: torch.device, *, is_main: bool = True, ba
     """
     family, source = resolve_family(config.model, config.train)
     check_train_keys(family.objective, family.title, config.train)  # before any weights load
+    denoiser = "denoiser" if is_main or not loads_once(config, source) else "meta_denoiser"
     if encode is not None and encodes_first(config, source):
         components = family.load(source, dtype=weight_dtype(config), which="frozen")
         _move_encoders(components, device)
         data = encode(family, components)
         release_if_cached(config, components)
-        components.denoiser = family.load(source, dtype=weight_dtype(config), which="denoiser").denoiser
+        components.denoiser = family.load(source, dtype=weight_dtype(config), which=denoiser).denoiser
         return LoadedModel(family, components, [], data)
+    if denoiser == "meta_denoiser":  # the main process loads the weights, this one receives its shards
+        components = family.load(source, dtype=weight_dtype(config), which="frozen")
+        components.denoiser = family.load(source, dtype=weight_dtype(config), which=denoiser).denoiser
+        components.denoiser_config = None
+        return LoadedModel(family, components, [])
     components = family.load(source, dtype=weight_dtype(config))
     classes = prior.class_examples(config, family, components, device, is_main=is_main, barrier=barrier, log=log)
     return LoadedModel(family, components, classes)
+
+
+def loads_once(config: Config, source: ModelSource) -> bool:
+    """FSDP: whether only the main process reads the denoiser's weights (the others build it on the meta
+    device, shard it and receive their shards). Needs a diffusers folder or Hub id, an unquantised,
+    not offloaded denoiser, and no class images to make (they are made with the denoiser)."""
+    return (config.train.distributed == "fsdp" and source.kind != "single_file" and config.model.quantize == "none"
+            and config.model.offload == "none" and not config.prior_preservation.class_prompt)
 
 
 def encodes_first(config: Config, source: ModelSource) -> bool:
@@ -207,7 +223,16 @@ def _shard(config: Config, strategy: Strategy, method: Method, components: Compo
         return {}
     trainable = method.trainable_modules(components)
     skeletons = {role: skeleton(module) for role, module in trainable.items()}
+    once = loads_once(config, components.source)
+    if once:
+        loaded, total = materialised(components.denoiser)
+        log(f"fsdp: process {accelerator.process_index} loaded {loaded:,} of {total:,} parameters of the denoiser "
+            "from the model (the main process loads it once and sends each process its shard)")
+    full = components.denoiser.state_dict() if once and accelerator.is_main_process else {}
     shard(trainable, autocast_dtype(config), config.train.fsdp_cpu_offload)
+    if once:
+        receive_shards(components.denoiser, full, accelerator.device)
+        del full
     local, total = check_sharded(trainable.values(), strategy.world)
     log(f"fsdp: process {accelerator.process_index} holds {local:,} of {total:,} parameters of "
         f"{', '.join(trainable)} ({100 * local / total:.1f}%)")
