@@ -14,13 +14,14 @@ PROMPT = caption(STAR, full=True, shape_word="zorb")
 SEEDS = (0, 1, 2, 3)
 
 
-def _config(data, out, steps: int) -> dict:
+def _config(data, out, steps: int, resume: str | None = None) -> dict:
     return {
         "model": {"path": "difftune:shapes"},
         "method": {"type": "lora", "rank": 16, "train_text_encoder": True},
         "data": {"path": str(data), "resolution": 64, "repeats": 4, "random_flip": False, "cache_latents": True},
         "train": {"max_steps": steps, "learning_rate": 1e-3, "batch_size": 4, "lr_scheduler": "constant",
-                  "mixed_precision": "bf16", "checkpoint_every": 100, "log_every": 50, "seed": 0},
+                  "mixed_precision": "bf16", "checkpoint_every": 100, "log_every": 50, "seed": 0,
+                  **({"resume": resume} if resume else {})},
         "output": {"dir": str(out)},
     }
 
@@ -45,8 +46,7 @@ def test_a_lora_on_the_base_learns_a_shape_it_never_saw_across_a_resume(tmp_path
     first = train(load_config(data=_config(data, out, 150)), log=lambda _: None)
     assert first.steps == 150
     # The same config with a larger max_steps continues the finished run from its last checkpoint.
-    second = train(load_config(data={**_config(data, out, 300), "train": {
-        **_config(data, out, 300)["train"], "resume": "latest"}}), log=lambda _: None)
+    second = train(load_config(data=_config(data, out, 300, resume="latest")), log=lambda _: None)
     assert second.steps == 300 and second.losses and min(step for step, _ in second.losses) > 150  # resumed
 
     base = builtin_path("shapes")
