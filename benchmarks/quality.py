@@ -49,6 +49,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -60,6 +61,9 @@ COLOUR = "brown"
 TOKEN = "<brn>"
 #: DreamBooth's class prompt: a known shape the subject is compared with (the base draws it well).
 CLASS_PROMPT = "a cross"
+#: The class noun of the ``subject-noun-*`` tasks, written as the DreamBooth paper does ("a sks dog"):
+#: captions say "a red sks diamond", the class prompt is "a diamond", drift is measured on diamonds.
+CLASS_NOUN = "diamond"
 RESOLUTION = 64
 
 
@@ -90,10 +94,11 @@ def style_items(n: int = 20) -> list:
     return items
 
 
-def subject_items() -> list:
-    """Five stars (known colours and backgrounds, not all of them), the shape word replaced by ``sks``:
-    large and centred, as a subject is photographed (scattered over sizes and corners, five stars
-    taught this base fragments: docs/world.md, "The demo")."""
+def subject_items(word: str = TRIGGER) -> list:
+    """Five stars (known colours and backgrounds, not all of them), the shape word replaced by ``word``
+    (``sks``, or ``sks diamond`` for the class-noun tasks): large and centred, as a subject is
+    photographed (scattered over sizes and corners, five stars taught this base fragments:
+    docs/world.md, "The demo")."""
     from difftune.world.scene import caption
 
     Scene = _scenes()
@@ -104,7 +109,7 @@ def subject_items() -> list:
         Scene("star", "green", "large", "centre", "grey", rotation=-6.0),
         Scene("star", "pink", "large", "centre", "white", rotation=5.0),
     )
-    return [(s, caption(s, seed=i, shape_word=TRIGGER)) for i, s in enumerate(scenes)]
+    return [(s, caption(s, seed=i, shape_word=word)) for i, s in enumerate(scenes)]
 
 
 def subject_holdout_items() -> list:
@@ -148,7 +153,7 @@ def style_prompts() -> list:
             for (shape, colour), bg in zip(g.held_out_pairs(), backgrounds, strict=True)]
 
 
-def subject_prompts() -> list:
+def subject_prompts(word: str = TRIGGER) -> list:
     """The subject in colours and on backgrounds none of its five images had (size, position unsaid)."""
     from difftune.world.evaluate import prompt_for
 
@@ -156,20 +161,25 @@ def subject_prompts() -> list:
     pairs = (("purple", "dark"), ("orange", "grey"), ("turquoise", "white"), ("blue", "dark"),
              ("red", "white"), ("green", "dark"), ("yellow", "grey"), ("pink", "grey"))
     return [prompt_for(Scene(SUBJECT, c, "large", "centre", bg), mention=("colour", "background"),
-                       shape_word=TRIGGER) for c, bg in pairs]
+                       shape_word=word) for c, bg in pairs]
 
 
-def class_prompts() -> list:
-    """Known shapes in the colours and backgrounds of the subject's captions: where drift would show."""
+def class_prompts(noun: str | None = None) -> list:
+    """Where drift would show, in the colours and backgrounds of the subject's captions: the class
+    prompt and the seven known shapes; with a class ``noun`` (captions "a red sks diamond"), the
+    class prompt "a diamond" and diamonds in those seven colours and backgrounds (what the DreamBooth
+    paper measures: the class word itself drifting toward the subject)."""
     from difftune.world import grammar as g
     from difftune.world.evaluate import Prompt, prompt_for
 
     Scene = _scenes()
     colours = ("red", "blue", "yellow", "green", "pink", "red", "blue")
     backgrounds = ("grey", "white", "dark", "grey", "white", "dark", "grey")
+    shapes = g.SHAPES if noun is None else (noun,) * len(g.SHAPES)
     prompts = [prompt_for(Scene(shape, c, "large", "centre", bg), mention=("colour", "background"))
-               for shape, c, bg in zip(g.SHAPES, colours, backgrounds, strict=True)]
-    return [Prompt(CLASS_PROMPT, {"shape": "cross"}), *prompts]
+               for shape, c, bg in zip(shapes, colours, backgrounds, strict=True)]
+    first = Prompt(CLASS_PROMPT, {"shape": "cross"}) if noun is None else Prompt(f"a {noun}", {"shape": noun})
+    return [first, *prompts]
 
 
 def colour_prompts() -> list:
@@ -201,9 +211,28 @@ class Task:
     steps: int
     prior: bool = False
     reference: str | None = None  # diffusers example that does the same
+    noun: str | None = None  # subject tasks: the class noun after the trigger word ("a sks diamond")
 
     def concept(self) -> tuple[str, str]:
         return {"style": ("style", STYLE), "subject": ("shape", SUBJECT), "token": ("colour", COLOUR)}[self.kind]
+
+    @property
+    def key(self) -> str:
+        """Tasks with the same key train on the same data and are scored on the same prompts."""
+        return self.kind if self.noun is None else f"{self.kind}-{self.noun}"
+
+    @property
+    def word(self) -> str:
+        """What the subject's captions and prompts call it."""
+        return TRIGGER if self.noun is None else f"{TRIGGER} {self.noun}"
+
+    @property
+    def class_prompt(self) -> str:
+        return CLASS_PROMPT if self.noun is None else f"a {self.noun}"
+
+    def class_folder(self, work: Path) -> Path:
+        """Class images generated once per class prompt and shared by the tasks (and the reference)."""
+        return work / ("class-images" if self.noun is None else f"class-images-{self.noun}")
 
 
 #: Settings follow `difftune demo` on this base (rank 16, lr 1e-3; the subject's new word is learnt by a
@@ -227,6 +256,15 @@ TASKS: tuple[Task, ...] = (
     Task("colour-pivotal", "token", "new colour, pivotal tuning", colour_items,
          {"type": "pivotal", "rank": 16, "token": [TOKEN], "initializer_token": ["orange"], "templates": "none",
           "text_learning_rate": 5e-3}, 1e-3, 300),
+    # The DreamBooth paper's language drift: the class noun in every caption, with and without prior
+    # preservation on that noun's class images.
+    Task("subject-noun-lora", "subject", f"subject as 'a {TRIGGER} {CLASS_NOUN}', DreamBooth LoRA",
+         partial(subject_items, f"{TRIGGER} {CLASS_NOUN}"),
+         SUBJECT_LORA, 1e-3, 300, noun=CLASS_NOUN),
+    Task("subject-noun-lora-prior", "subject",
+         f"subject as 'a {TRIGGER} {CLASS_NOUN}', DreamBooth LoRA + prior preservation",
+         partial(subject_items, f"{TRIGGER} {CLASS_NOUN}"),
+         SUBJECT_LORA, 1e-3, 300, prior=True, reference="dreambooth/train_dreambooth_lora.py", noun=CLASS_NOUN),
 )
 TASK_NAMES = tuple(t.name for t in TASKS)
 BATCH = 4
@@ -235,7 +273,9 @@ GUIDANCE = 5.0
 
 
 def prompts_for(task: Task) -> list:
-    return {"style": style_prompts, "subject": subject_prompts, "token": colour_prompts}[task.kind]()
+    if task.kind == "subject":
+        return subject_prompts(task.word)
+    return {"style": style_prompts, "token": colour_prompts}[task.kind]()
 
 
 @dataclass
@@ -295,12 +335,12 @@ def task_config(task: Task, s: Settings, seed: int, data: Path, out: Path, *, st
     }
     # Both caches where the method allows them (what a user after speed sets); the token methods run the
     # text encoder in every step, so they cache latents only.
-    config["data"].update(cache_latents=True, cache_dir=str(s.work / "cache" / task.kind))
+    config["data"].update(cache_latents=True, cache_dir=str(s.work / "cache" / task.key))
     if task.method["type"] not in ("textual_inversion", "pivotal") and not task.method.get("train_text_encoder"):
         config["data"]["cache_text"] = True
     if task.prior:
         config["prior_preservation"] = {
-            "class_prompt": CLASS_PROMPT, "class_data": str(s.work / "class-images"),
+            "class_prompt": task.class_prompt, "class_data": str(task.class_folder(s.work)),
             "num_class_images": s.class_count(), "sample_steps": s.sample_steps, "guidance_scale": GUIDANCE,
             "sample_batch_size": 8}
     if validation:
@@ -313,7 +353,7 @@ def train_task(task: Task, s: Settings, seed: int, out: Path, **kwargs):
     from difftune import load_config
     from difftune.training.loop import train
 
-    data = write_dataset(s.work / "data" / task.kind, task.items())
+    data = write_dataset(s.work / "data" / task.key, task.items())
     if out.exists():
         shutil.rmtree(out)
     config = load_config(data=task_config(task, s, seed, data, out, **kwargs))
@@ -490,8 +530,8 @@ class Bench:
         images, flat, _ = draw(pipe, prompts, self.s.eval_seeds, self.s.sample_steps)
         scores = concept_scores(task, self.judge(images), flat)
         if task.kind == "subject":
-            cls = self.s.prompts(class_prompts())
-            _, base_verdicts = self.base_images("class", cls)
+            cls = self.s.prompts(class_prompts(task.noun))
+            _, base_verdicts = self.base_images(f"class-{task.noun}" if task.noun else "class", cls)
             tuned, _, _ = draw(pipe, cls, self.s.eval_seeds, self.s.sample_steps)
             scores.update(drift_scores(base_verdicts, self.judge(tuned)))
         return scores, images
@@ -500,7 +540,7 @@ class Bench:
         if any(r.task == task.name and r.tool == "base" for r in self.rows):
             return
         prompts = self.s.prompts(prompts_for(task))
-        images, verdicts = self.base_images(task.kind, prompts)
+        images, verdicts = self.base_images(task.key, prompts)
         scores = concept_scores(task, verdicts, [p for p in prompts for _ in self.s.eval_seeds])
         if task.kind == "subject":
             scores.update(prior_kept=1.0, drift=0.0)
@@ -519,7 +559,7 @@ class Bench:
 
         out = self.s.work / "runs" / f"{task.name}-reference-{seed}"
         self.s.log(f"  {task.name}: diffusers example, seed {seed}, {self.s.steps(task)} steps")
-        data = write_dataset(self.s.work / "data" / task.kind, task.items())
+        data = write_dataset(self.s.work / "data" / task.key, task.items())
         seconds = run_reference(task, self.s, seed, data, out, examples)
         return self.record(task, "reference", seed, reference_pipeline(self.s.model, task, out), seconds)
 
@@ -591,7 +631,7 @@ def _train_with_checkpoints(task, s, seed, out, every, **kwargs):
     from difftune import load_config
     from difftune.training.loop import train
 
-    data = write_dataset(s.work / "data" / task.kind, task.items())
+    data = write_dataset(s.work / "data" / task.key, task.items())
     if out.exists():
         shutil.rmtree(out)
     raw = task_config(task, s, seed, data, out, **kwargs)
@@ -680,7 +720,7 @@ def previews_match(s: Settings, seed: int = 0, steps: int | None = None, precisi
     validation = {"prompts": [prompt], "every": 0, "images_per_prompt": 1, "seed": seed, "steps": s.sample_steps,
                   "guidance_scale": GUIDANCE}
     out = s.work / "runs" / f"previews-{precision}"
-    data = write_dataset(s.work / "data" / task.kind, task.items())
+    data = write_dataset(s.work / "data" / task.key, task.items())
     from difftune import load_config
     from difftune.training.loop import train
 

@@ -9,7 +9,7 @@ into difftune. What each script can read differs from difftune:
 - ``train_text_to_image_lora.py`` reads the task's folder with its ``metadata.jsonl`` captions
   (``datasets``' imagefolder): the same images and captions difftune trains on;
 - ``train_dreambooth_lora.py`` takes one ``--instance_prompt`` for every image (no per-image
-  captions), so it gets ``"a sks"`` while difftune trains on the images' captions; its class images
+  captions), so it gets ``"a sks"`` (``"a sks diamond"`` in the class-noun tasks) while difftune trains on the images' captions; its class images
   are difftune's (the same base, prompt, steps and seeds), copied into its ``--class_data_dir``;
 - ``textual_inversion.py`` writes its own captions from templates ("a photo of a <brn>", ...;
   ``--learnable_property object``) where difftune reads the captions that contain the token.
@@ -39,7 +39,7 @@ def images_only(folder: Path, target: Path) -> Path:
 
 
 def reference_args(task, s, seed: int, data: Path, out: Path, examples: Path) -> list[str]:
-    from quality import BATCH, CLASS_PROMPT, RESOLUTION, TOKEN, TRIGGER
+    from quality import BATCH, RESOLUTION, TOKEN
 
     common = ["--pretrained_model_name_or_path", _model_folder(s.model), "--output_dir", str(out),
               "--resolution", str(RESOLUTION), "--center_crop", "--train_batch_size", str(BATCH),
@@ -52,9 +52,9 @@ def reference_args(task, s, seed: int, data: Path, out: Path, examples: Path) ->
                 "--rank", str(task.method.get("rank", 4))]
     if task.reference.endswith("train_dreambooth_lora.py"):
         instance = images_only(data, out.parent / f"{out.name}-instance")
-        classes = images_only(s.work / "class-images", out.parent / f"{out.name}-class")
-        return [str(script), *common, "--instance_data_dir", str(instance), "--instance_prompt", f"a {TRIGGER}",
-                "--with_prior_preservation", "--class_data_dir", str(classes), "--class_prompt", CLASS_PROMPT,
+        classes = images_only(task.class_folder(s.work), out.parent / f"{out.name}-class")
+        return [str(script), *common, "--instance_data_dir", str(instance), "--instance_prompt", f"a {task.word}",
+                "--with_prior_preservation", "--class_data_dir", str(classes), "--class_prompt", task.class_prompt,
                 "--num_class_images", str(s.class_count()), "--prior_loss_weight", "1.0",
                 "--rank", str(task.method.get("rank", 4)), "--checkpointing_steps", "100000",
                 *(["--train_text_encoder"] if task.method.get("train_text_encoder") else [])]
@@ -77,7 +77,7 @@ def run_reference(task, s, seed: int, data: Path, out: Path, examples: Path) -> 
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    if task.prior and not (s.work / "class-images").is_dir():
+    if task.prior and not task.class_folder(s.work).is_dir():
         raise RuntimeError("the reference DreamBooth run reuses difftune's class images: run difftune first")
     args = reference_args(task, s, seed, data, out, examples)
     env = {**os.environ, "OMP_NUM_THREADS": str(s.threads), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}

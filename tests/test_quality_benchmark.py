@@ -119,3 +119,33 @@ def test_reports_of_runs_made_side_by_side_merge_in_task_order():
     assert len(merged["rows"]) == 3 and merged["rows"][0]["scores"] == {}  # the first report's row is kept
     assert merged["seconds"] == 120.0 and [p["command"] for p in merged["parts"]] == ["a", "b"]
     assert merged["when_to_stop"] == {"curve": []} and merged["grids"] == {"colour-ti": "a.png"}
+
+
+def test_class_noun_tasks_put_the_noun_in_captions_prompts_class_prompt_and_the_reference(tmp_path):
+    """The DreamBooth paper's setting ("a sks diamond", class prompt "a diamond"): every caption and
+    prompt names the noun, prior preservation uses the noun's own class images, drift is measured on
+    that noun, and diffusers' script gets the same instance and class prompts."""
+    from reference import reference_args
+
+    plain, noun = (next(t for t in quality.TASKS if t.name == n) for n in ("subject-lora-prior",
+                                                                            "subject-noun-lora-prior"))
+    assert all(" sks diamond" in text for _scene, text in noun.items())
+    assert not any("diamond" in text for _scene, text in plain.items())
+    assert all("sks diamond" in p.text and p.expected["shape"] == "star" for p in quality.prompts_for(noun))
+    drift = quality.class_prompts(noun.noun)
+    assert drift[0].text == "a diamond" and {p.expected["shape"] for p in drift} == {"diamond"}
+
+    s = quality.Settings(work=tmp_path, quick=True)
+    config = quality.task_config(noun, s, 0, tmp_path / "data", tmp_path / "out")
+    prior = config["prior_preservation"]
+    assert prior["class_prompt"] == "a diamond"
+    assert Path(prior["class_data"]) == tmp_path / "class-images-diamond" != plain.class_folder(tmp_path)
+    assert config["data"]["cache_dir"] != quality.task_config(plain, s, 0, tmp_path, tmp_path)["data"]["cache_dir"]
+
+    for folder in (tmp_path / "data", tmp_path / "class-images-diamond"):
+        folder.mkdir()
+        (folder / "a.png").write_bytes(b"")
+    args = reference_args(noun, s, 0, tmp_path / "data", tmp_path / "ref", tmp_path)
+    assert args[args.index("--instance_prompt") + 1] == "a sks diamond"
+    assert args[args.index("--class_prompt") + 1] == "a diamond"
+    assert Path(args[args.index("--class_data_dir") + 1]).name == "ref-class"
