@@ -16,6 +16,9 @@ scored by the world's judge (``difftune.world.judge``) on prompts the training d
   colours and backgrounds no training image had; prior preservation = images of the known shapes
   judged against the base's for the same prompts and seeds (language drift: how many turned into
   the subject); diversity = distinct (size, position) of the subject when the prompt names neither;
+- the DreamBooth paper's setting (``subject-noun-lora``, ``subject-noun-lora-prior``): the same star
+  captioned with a class noun after the token ("a red sks diamond"), prior preservation on "a diamond",
+  drift measured on diamonds (language drift: the class word taken over by the subject);
 - textual inversion and pivotal tuning: the held-out colour ``brown`` as the new token ``<brn>``,
   scored on shapes and backgrounds it was never shown with (composition);
 - when to stop: the subject task scored by the judge at regular steps (from the previews written
@@ -287,6 +290,9 @@ class Settings:
     #: Seeds each evaluation prompt is drawn with.
     eval_seeds: tuple[int, ...] = (0, 1)
     num_class_images: int = 24
+    #: Cache text embeddings where the method allows it (``--no-text-cache``: encode every step, as the
+    #: reference scripts do).
+    cache_text: bool = True
     steps_scale: float = 1.0
     threads: int = 2
     log: Callable = print
@@ -336,7 +342,8 @@ def task_config(task: Task, s: Settings, seed: int, data: Path, out: Path, *, st
     # Both caches where the method allows them (what a user after speed sets); the token methods run the
     # text encoder in every step, so they cache latents only.
     config["data"].update(cache_latents=True, cache_dir=str(s.work / "cache" / task.key))
-    if task.method["type"] not in ("textual_inversion", "pivotal") and not task.method.get("train_text_encoder"):
+    if (s.cache_text and task.method["type"] not in ("textual_inversion", "pivotal")
+            and not task.method.get("train_text_encoder")):
         config["data"]["cache_text"] = True
     if task.prior:
         config["prior_preservation"] = {
@@ -937,6 +944,8 @@ def main(argv: Sequence[str] | None = None, log=print) -> int:
     parser.add_argument("--tasks", default=",".join(TASK_NAMES), help=f"comma-separated: {', '.join(TASK_NAMES)}")
     parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply every task's steps")
     parser.add_argument("--class-images", type=int, default=24, help="prior-preservation class images")
+    parser.add_argument("--no-text-cache", action="store_true",
+                        help="encode the captions in every step instead of caching their embeddings")
     parser.add_argument("--work", type=Path, default=Path("quality-work"), help="folder for data, runs, grids")
     parser.add_argument("--doc", type=Path, help="write the Markdown report here (e.g. docs/quality.md)")
     parser.add_argument("--diffusers-examples", type=Path, help="diffusers checkout (or its examples/ folder)")
@@ -977,6 +986,7 @@ def _main(args, parser, log, argv) -> int:
     tasks = [next(t for t in TASKS if t.name == n) for n in dict.fromkeys(names)]  # in the order given
     s = Settings(model=args.model, work=args.work, seeds=tuple(int(x) for x in args.seeds.split(",")),
                  quick=args.quick, steps_scale=args.steps_scale, num_class_images=args.class_images,
+                 cache_text=not args.no_text_cache,
                  threads=args.threads, log=log)
     examples = _examples_dir(args.diffusers_examples) if args.diffusers_examples else None
     try:

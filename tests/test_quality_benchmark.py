@@ -149,3 +149,12 @@ def test_class_noun_tasks_put_the_noun_in_captions_prompts_class_prompt_and_the_
     assert args[args.index("--instance_prompt") + 1] == "a sks diamond"
     assert args[args.index("--class_prompt") + 1] == "a diamond"
     assert Path(args[args.index("--class_data_dir") + 1]).name == "ref-class"
+
+
+def test_text_cache_is_on_where_the_method_allows_and_off_when_asked(tmp_path):
+    style, subject = (next(t for t in quality.TASKS if t.name == n) for n in ("style-lora", "subject-lora"))
+    cached = quality.Settings(work=tmp_path)
+    assert quality.task_config(style, cached, 0, tmp_path, tmp_path)["data"]["cache_text"] is True
+    assert "cache_text" not in quality.task_config(subject, cached, 0, tmp_path, tmp_path)["data"]  # trains the TE
+    uncached = quality.Settings(work=tmp_path, cache_text=False)
+    assert "cache_text" not in quality.task_config(style, uncached, 0, tmp_path, tmp_path)["data"]
