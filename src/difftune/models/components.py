@@ -228,8 +228,7 @@ def load_components(family, parts: ModelParts, source: ModelSource, dtype: torch
         scheduler = load_subfolder(parts.scheduler, source, "scheduler")
     config = None
     if denoiser is None:  # what encoding may need to know of it (Flux: the T5 length), from its config
-        config = dict(parts.denoiser.load_config(
-            source.path, subfolder=family.denoiser_name, **({"revision": source.revision} if source.revision else {})))
+        config = dict(_read_denoiser_config(family, parts.denoiser, source))
     return Components(denoiser=denoiser, vae=vae, text_encoders=encoders, tokenizers=tokenizers,
                       noise_scheduler=scheduler, source=source, encoder_names=names, denoiser_config=config)
 
@@ -239,12 +238,17 @@ def _meta_denoiser(family, cls: Any, source: ModelSource, dtype: torch.dtype, na
     sharded run's other processes receive their shards of its weights from the main process."""
     from difftune.models.base import Components
 
-    config = cls.load_config(source.path, subfolder=family.denoiser_name,
-                             **({"revision": source.revision} if source.revision else {}))
+    config = _read_denoiser_config(family, cls, source)
     with torch.device("meta"):
         denoiser = cls.from_config(config).to(dtype)
     return Components(denoiser=denoiser, vae=None, text_encoders=[None] * len(names), tokenizers=[None] * len(names),
                       noise_scheduler=None, source=source, encoder_names=names)
+
+
+def _read_denoiser_config(family, cls: Any, source: ModelSource) -> Any:
+    """The denoiser's config file, read from the model folder or Hub id (no weights)."""
+    return cls.load_config(source.path, subfolder=family.denoiser_name,
+                           **({"revision": source.revision} if source.revision else {}))
 
 
 def denoiser_config(components) -> Any:
