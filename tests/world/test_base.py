@@ -97,3 +97,25 @@ def test_the_pretraining_config_runs_a_few_steps(tmp_path):
     assert pipe.unet.config.block_out_channels == StableDiffusionPipeline.from_pretrained(
         builtin_path("shapes")).unet.config.block_out_channels
     assert (out / "samples").is_dir()
+
+
+def test_the_autoencoder_command_refuses_a_codec_that_changes_colours(tmp_path):
+    """The `vae` command judges each world colour's encode/decode round trip and stops with a clear
+    error, not a finished-looking folder, when a colour does not survive (an earlier codec drew red
+    as orange, and the base pretrained on it drew red wrong)."""
+    from diffusers import AutoencoderKL
+
+    from difftune.world.autoencoder import COLOUR_CHECK_N, colour_round_trips
+
+    result = subprocess.run(
+        [sys.executable, "-c", "import sys; from difftune.world.__main__ import main; "
+         "from difftune.world import autoencoder as a; "
+         "import functools; a.train_autoencoder = functools.partial(a.train_autoencoder, pool_size=16); "
+         "sys.argv = ['x', 'vae', sys.argv[1], '--steps', '2']; main()", str(tmp_path / "vae")],
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert "changes colours" in result.stderr and "survives" in result.stderr and "--steps" in result.stderr
+    # The check itself: a codec that keeps colours passes it on every colour the judge knows.
+    kept = colour_round_trips(AutoencoderKL.from_pretrained(builtin_path("shapes") / "vae"), n=COLOUR_CHECK_N)
+    assert set(kept) >= {"red", "orange", "brown"} and kept["red"] == COLOUR_CHECK_N

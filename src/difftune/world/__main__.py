@@ -24,9 +24,12 @@ def _data(args) -> None:
 
 
 def _vae(args) -> None:
-    from difftune.world.autoencoder import train_autoencoder
+    from difftune.world.autoencoder import ColourLossError, train_autoencoder
 
-    train_autoencoder(args.out, steps=args.steps, seed=args.seed)
+    try:
+        train_autoencoder(args.out, steps=args.steps, seed=args.seed)
+    except ColourLossError as error:
+        raise SystemExit(f"error: {error}") from None
 
 
 def _init(args) -> None:
@@ -67,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_data)
     p = sub.add_parser("vae", help="train the autoencoder (pretraining scenes and generic images)")
     p.add_argument("out")
-    p.add_argument("--steps", type=int, default=4000)
+    p.add_argument("--steps", type=int, default=5000)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_vae)
     p = sub.add_parser("init", help="write the random-initialised base that difftune pretrains")
