@@ -55,6 +55,9 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
+from difftune.config.loader import _set_dotted, all_keys, parse_override
+from difftune.errors import ConfigError
+
 HERE = Path(__file__).resolve().parent
 
 TRIGGER = "sks"
@@ -294,6 +297,9 @@ class Settings:
     #: reference scripts do).
     cache_text: bool = True
     steps_scale: float = 1.0
+    #: ``--set KEY=VALUE`` overrides applied to every difftune run (the reference scripts' runs are not
+    #: changed), e.g. ``train.max_grad_norm=none``.
+    overrides: tuple[str, ...] = ()
     threads: int = 2
     log: Callable = print
 
@@ -352,6 +358,9 @@ def task_config(task: Task, s: Settings, seed: int, data: Path, out: Path, *, st
             "sample_batch_size": 8}
     if validation:
         config["validation"] = validation
+    for text in s.overrides:
+        key, value = parse_override(text)
+        _set_dotted(config, key, value)
     return config
 
 
@@ -952,6 +961,9 @@ def main(argv: Sequence[str] | None = None, log=print) -> int:
     parser.add_argument("--no-stop", action="store_true", help="skip the when-to-stop run")
     parser.add_argument("--no-previews", action="store_true", help="skip the previews-equal-real-use check")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="a difftune config override for every difftune run, as `difftune train --set` "
+                             "(repeatable; the reference scripts are not changed), e.g. train.max_grad_norm=none")
     parser.add_argument("--notes", type=Path, help="Markdown file whose text goes into the report after its header")
     parser.add_argument("--budget-minutes", type=float,
                         help="run the seeds after the first only while they fit in this many minutes")
@@ -984,9 +996,16 @@ def _main(args, parser, log, argv) -> int:
     if unknown:
         parser.error(f"--tasks: unknown {', '.join(unknown)} (known: {', '.join(TASK_NAMES)})")
     tasks = [next(t for t in TASKS if t.name == n) for n in dict.fromkeys(names)]  # in the order given
+    for text in args.overrides:
+        try:
+            key, _ = parse_override(text)
+        except ConfigError as exc:
+            parser.error(str(exc))
+        if key not in all_keys():
+            parser.error(f"--set {key}: not a difftune config key (see `difftune reference`)")
     s = Settings(model=args.model, work=args.work, seeds=tuple(int(x) for x in args.seeds.split(",")),
                  quick=args.quick, steps_scale=args.steps_scale, num_class_images=args.class_images,
-                 cache_text=not args.no_text_cache,
+                 cache_text=not args.no_text_cache, overrides=tuple(args.overrides),
                  threads=args.threads, log=log)
     examples = _examples_dir(args.diffusers_examples) if args.diffusers_examples else None
     try:

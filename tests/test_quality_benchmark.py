@@ -158,3 +158,21 @@ def test_text_cache_is_on_where_the_method_allows_and_off_when_asked(tmp_path):
     assert "cache_text" not in quality.task_config(subject, cached, 0, tmp_path, tmp_path)["data"]  # trains the TE
     uncached = quality.Settings(work=tmp_path, cache_text=False)
     assert "cache_text" not in quality.task_config(style, uncached, 0, tmp_path, tmp_path)["data"]
+
+
+def test_set_overrides_reach_every_difftune_run_and_bad_keys_are_refused(tmp_path, capsys):
+    from difftune import load_config
+
+    style = next(t for t in quality.TASKS if t.name == "style-lora")
+    s = quality.Settings(work=tmp_path, overrides=("train.max_grad_norm=none", "method.rank=4"))
+    raw = quality.task_config(style, s, 0, tmp_path, tmp_path / "out")
+    assert raw["train"]["max_grad_norm"] == "none" and raw["method"]["rank"] == 4
+    (tmp_path / "data").mkdir()
+    raw["data"]["path"] = str(tmp_path / "data")
+    config = load_config(data=raw, check_paths=False)
+    assert config.train.max_grad_norm is None and config.method.rank == 4  # "none" unsets, as on the CLI
+    for bad, said in (("train.max_grad_nrom=1", "train.max_grad_nrom"), ("nokeyvalue", "KEY=VALUE")):
+        with pytest.raises(SystemExit) as exc:
+            quality.main(["--set", bad, "--tasks", "style-lora", "--work", str(tmp_path / "w")])
+        assert exc.value.code == 2 and said in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()  # refused before anything ran
