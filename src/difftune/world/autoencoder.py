@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from difftune.world import grammar as g
 from difftune.world.render import render
 from difftune.world.scene import PRETRAINING, Pool
 
@@ -76,8 +77,6 @@ def _generic_colour(rng: random.Random) -> tuple[int, int, int]:
     """Half uniform random colours, half a pretraining colour moved a little: the codec must keep
     the world's own colours exactly (an earlier codec, trained on uniform colours only, drew red
     as orange), and still draw every other colour."""
-    from difftune.world import grammar as g
-
     if rng.random() < 0.5:
         return tuple(rng.randrange(256) for _ in range(3))
     base = rng.choice(list(g.COLOURS.values()))
@@ -88,7 +87,6 @@ def generic_image(rng: random.Random, size: int = 64):
     """A random image that is no world scene: 1-3 irregular polygons, ellipses or strokes in random colours."""
     from PIL import Image, ImageDraw
 
-    from difftune.world import grammar as g
     from difftune.world.render import SUPERSAMPLE, background_image
 
     big = size * SUPERSAMPLE
@@ -194,8 +192,6 @@ def train_autoencoder(out: str | Path, *, steps: int = 5000, batch_size: int = 1
     log("colours kept through encode/decode (judged, "
         f"{COLOUR_CHECK_N} renders each): " + ", ".join(f"{c} {k}/{COLOUR_CHECK_N}" for c, k in kept.items()))
     log(f"wrote {out} in {time.perf_counter() - started:.0f} s")
-    from difftune.world import grammar as g
-
     weak = {c: k for c, k in kept.items() if k < COLOUR_CHECK_MIN * COLOUR_CHECK_N}
     lost = {c: k for c, k in weak.items() if c in g.COLOURS}
     if lost:
@@ -222,9 +218,10 @@ class ColourLossError(RuntimeError):
 @torch.no_grad()
 def colour_round_trips(vae, seed: int = 2, n: int = COLOUR_CHECK_N) -> dict[str, int]:
     """For each world colour (held-out brown included), how many of ``n`` renders the judge still
-    sees in that colour after encode/decode. Renders the judge misreads even before the round
-    trip cannot happen: the judge is right on all fresh renders of plain shapes."""
-    from difftune.world import grammar as g
+    sees in that colour after encode/decode (on fresh renders the judge reads colour 100 % right,
+    so a miss is the codec's)."""
+    from PIL import Image
+
     from difftune.world.judge import Judge
 
     judge = Judge.load()
@@ -234,8 +231,6 @@ def colour_round_trips(vae, seed: int = 2, n: int = COLOUR_CHECK_N) -> dict[str,
         x = render_batch(pool, random.Random(f"vae-colour/{seed}/{colour}"), n)
         recon = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
         pixels = ((recon + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-        from PIL import Image
-
         verdicts = judge([Image.fromarray(p) for p in pixels])
         kept[colour] = sum(v["colour"] == colour for v in verdicts)
     return kept
