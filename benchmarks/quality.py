@@ -55,7 +55,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from difftune.config.loader import _set_dotted, all_keys, parse_override
+from difftune.config.loader import all_keys, parse_override, set_dotted
 from difftune.errors import ConfigError
 
 HERE = Path(__file__).resolve().parent
@@ -360,7 +360,7 @@ def task_config(task: Task, s: Settings, seed: int, data: Path, out: Path, *, st
         config["validation"] = validation
     for text in s.overrides:
         key, value = parse_override(text)
-        _set_dotted(config, key, value)
+        set_dotted(config, key, value)
     return config
 
 

@@ -60,7 +60,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def _set_dotted(data: dict, key: str, value: Any) -> None:
+def set_dotted(data: dict, key: str, value: Any) -> None:
+    """Set ``data[a][b][c] = value`` for ``key = "a.b.c"``, creating sections as needed."""
     parts = key.split(".")
     node = data
     for part in parts[:-1]:
@@ -99,7 +100,7 @@ def parse_config(path: str | Path | None = None, overrides: list[str] | None = N
         key, value = parse_override(text)
         if key not in all_keys():
             raise ConfigError(f"--set {key}: unknown key{_closest(key, all_keys())}")
-        _set_dotted(raw, key, value)
+        set_dotted(raw, key, value)
     config = build_config(raw, registered)
     validate_semantics(config, check_paths=check_paths)
     return config
