@@ -55,7 +55,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from difftune.config.loader import all_keys, parse_override, set_dotted
+from difftune.config.loader import apply_overrides
 from difftune.errors import ConfigError
 
 HERE = Path(__file__).resolve().parent
@@ -358,10 +358,7 @@ def task_config(task: Task, s: Settings, seed: int, data: Path, out: Path, *, st
             "sample_batch_size": 8}
     if validation:
         config["validation"] = validation
-    for text in s.overrides:
-        key, value = parse_override(text)
-        set_dotted(config, key, value)
-    return config
+    return apply_overrides(config, list(s.overrides))
 
 
 def train_task(task: Task, s: Settings, seed: int, out: Path, **kwargs):
@@ -996,13 +993,10 @@ def _main(args, parser, log, argv) -> int:
     if unknown:
         parser.error(f"--tasks: unknown {', '.join(unknown)} (known: {', '.join(TASK_NAMES)})")
     tasks = [next(t for t in TASKS if t.name == n) for n in dict.fromkeys(names)]  # in the order given
-    for text in args.overrides:
-        try:
-            key, _ = parse_override(text)
-        except ConfigError as exc:
-            parser.error(str(exc))
-        if key not in all_keys():
-            parser.error(f"--set {key}: not a difftune config key (see `difftune reference`)")
+    try:
+        apply_overrides({}, args.overrides)  # refused before anything runs
+    except ConfigError as exc:
+        parser.error(str(exc))
     s = Settings(model=args.model, work=args.work, seeds=tuple(int(x) for x in args.seeds.split(",")),
                  quick=args.quick, steps_scale=args.steps_scale, num_class_images=args.class_images,
                  cache_text=not args.no_text_cache, overrides=tuple(args.overrides),

@@ -72,6 +72,16 @@ def set_dotted(data: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply ``--set section.key=value`` strings to a raw config dict; unknown keys are refused."""
+    for text in overrides:
+        key, value = parse_override(text)
+        if key not in all_keys():
+            raise ConfigError(f"--set {key}: unknown key{_closest(key, all_keys())}")
+        set_dotted(raw, key, value)
+    return raw
+
+
 def read_toml(path: str | Path) -> dict:
     path = Path(path)
     if path.is_dir():
@@ -96,11 +106,7 @@ def parse_config(path: str | Path | None = None, overrides: list[str] | None = N
     raw = dict(data or {})
     if path is not None:
         raw = read_toml(path)
-    for text in overrides or []:
-        key, value = parse_override(text)
-        if key not in all_keys():
-            raise ConfigError(f"--set {key}: unknown key{_closest(key, all_keys())}")
-        set_dotted(raw, key, value)
+    apply_overrides(raw, overrides or [])
     config = build_config(raw, registered)
     validate_semantics(config, check_paths=check_paths)
     return config
