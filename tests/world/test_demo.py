@@ -19,12 +19,12 @@ def test_demo_learns_the_new_shape_and_reports_it(tmp_path, capsys):
     line = next(x for x in out.splitlines() if f"shows the new concept ({CONCEPT})" in x)
     before, after = (int(part.split("/")[0]) for part in line.split(": ")[1].split(" -> "))
     assert before <= n // 8, f"the base already draws the {CONCEPT}: {line}"
-    # Measured with the shipped base: 0/16 -> 12/16 (docs/world.md; the goal is 70 %). Two images of
-    # margin for floating-point differences between machines; the scattered-star demo this replaced
-    # scored 2/16 and fails here.
-    assert after >= n * 10 // 16, f"the LoRA did not teach the {CONCEPT}: {line}"
+    # Measured with the shipped base: 0/16 -> 13/16, others 100 % -> 100 % (docs/world.md). The
+    # asserts are the goals (the star on >= 70 %: 12 of 16; others >= 85 %), one image below the
+    # measurement for floating-point differences between machines; the scattered-star demo scored 2/16.
+    assert after >= 12 * n // 16, f"the LoRA did not teach the {CONCEPT}: {line}"
     others = next(x for x in out.splitlines() if "other attributes still right" in x)
-    assert int(others.rsplit("-> ", 1)[1].rstrip("%")) >= 80, others  # measured 93 % -> 90 %
+    assert int(others.rsplit("-> ", 1)[1].rstrip("%")) >= 85, others  # measured 100 % -> 100 %
     position = next(x for x in out.splitlines() if "position as asked" in x)
     assert "/6 -> " in position and "does not follow position words" in position
     for name in ("pytorch_lora_weights.safetensors", "README.md", "logs"):
