@@ -12,13 +12,12 @@ scored by the world's judge (``difftune.world.judge``) on prompts the training d
 - style (LoRA, DoRA, LoKr): the held-out ``outline`` style from 20 images of known shapes and
   colours; scored on shape/colour pairs held out of pretraining *and* of the training images;
 - subject (DreamBooth LoRA with and without prior preservation, full fine-tune with prior
-  preservation): the held-out ``star`` from 5 images, bound to the rare token ``sks``; scored on
-  colours and backgrounds no training image had; prior preservation = images of the known shapes
-  judged against the base's for the same prompts and seeds (language drift: how many turned into
-  the subject); diversity = distinct (size, position) of the subject when the prompt names neither;
-- the DreamBooth paper's setting (``subject-noun-lora``, ``subject-noun-lora-prior``): the same star
-  captioned with a class noun after the token ("a red sks diamond"), prior preservation on "a diamond",
-  drift measured on diamonds (language drift: the class word taken over by the subject);
+  preservation), as the DreamBooth paper sets it: the held-out ``star`` from 5 images, bound to the
+  rare token ``sks`` before a class noun ("a red sks diamond on a grey background"); scored on
+  colours and backgrounds no training image had; prior preservation on the class prompt "a diamond"
+  = diamonds judged against the base's for the same prompts and seeds (kept, or drifted to the
+  subject: the class word taken over, the paper's language drift); diversity = distinct (size,
+  position) of the subject when the prompt names neither;
 - textual inversion and pivotal tuning: the held-out colour ``brown`` as the new token ``<brn>``,
   scored on shapes and backgrounds it was never shown with (composition);
 - when to stop: the subject task scored by the judge at regular steps (from the previews written
@@ -65,10 +64,8 @@ SUBJECT = "star"
 STYLE = "outline"
 COLOUR = "brown"
 TOKEN = "<brn>"
-#: DreamBooth's class prompt: a known shape the subject is compared with (the base draws it well).
-CLASS_PROMPT = "a cross"
-#: The class noun of the ``subject-noun-*`` tasks, written as the DreamBooth paper does ("a sks dog"):
-#: captions say "a red sks diamond", the class prompt is "a diamond", drift is measured on diamonds.
+#: The subject tasks' class noun, written as the DreamBooth paper does ("a sks dog"): captions say
+#: "a red sks diamond", the class prompt is "a diamond", drift is measured on diamonds.
 CLASS_NOUN = "diamond"
 RESOLUTION = 64
 
@@ -83,26 +80,34 @@ def _scenes():
 
 
 def style_items(n: int = 20) -> list:
-    """``n`` outline drawings of known shapes and colours, never a pair the evaluation asks for."""
+    """``n`` outline drawings of known shapes, colours and backgrounds in equal shares, never a pair the
+    evaluation asks for, each captioned in full; large and centred (turned a little), as the subject's
+    images are. Measured at 600-1,000 steps, with this base: drawings scattered over sizes and corners
+    taught it fragments (the outline on 29 % of the prompts: docs/world.md, "The demo", says why), and
+    drawings sampled as pretraining is (8 of 20 on the dark background, whose captions often leave the
+    background out) taught it that an outline is drawn on dark (other attributes 60 %)."""
     import random
 
     from difftune.world import grammar as g
-    from difftune.world.scene import PRETRAINING, caption
+    from difftune.world.scene import caption
 
+    Scene = _scenes()
     rng = random.Random("quality/style")
     held = set(g.held_out_pairs())
+    colours = list(g.COLOURS)
     items = []
-    while len(items) < n:
-        scene = PRETRAINING.sample(rng).with_(style=STYLE)
-        if (scene.shape, scene.colour) in held:
-            continue
-        items.append((scene, caption(scene, rng=rng)))
+    for i in range(n):
+        shape = g.SHAPES[i % len(g.SHAPES)]
+        colour = next(c for k in range(len(colours)) if (shape, c := colours[(3 * i + k) % len(colours)]) not in held)
+        scene = Scene(shape, colour, "large", "centre", g.BACKGROUNDS[i % len(g.BACKGROUNDS)], style=STYLE,
+                      rotation=0.0 if shape == "circle" else rng.uniform(-10.0, 10.0))
+        items.append((scene, caption(scene, seed=i, full=True)))
     return items
 
 
 def subject_items(word: str = TRIGGER) -> list:
     """Five stars (known colours and backgrounds, not all of them), the shape word replaced by ``word``
-    (``sks``, or ``sks diamond`` for the class-noun tasks): large and centred, as a subject is
+    (the tasks give ``sks diamond``): large and centred, as a subject is
     photographed (scattered over sizes and corners, five stars taught this base fragments:
     docs/world.md, "The demo")."""
     from difftune.world.scene import caption
@@ -126,7 +131,7 @@ def subject_holdout_items() -> list:
     scenes = (Scene("star", "orange", "large", "centre", "striped"),
               Scene("star", "turquoise", "large", "centre", "checkerboard", rotation=7.0),
               Scene("star", "purple", "large", "centre", "dark", rotation=-4.0))
-    return [(s, caption(s, seed=100 + i, shape_word=TRIGGER)) for i, s in enumerate(scenes)]
+    return [(s, caption(s, seed=100 + i, shape_word=f"{TRIGGER} {CLASS_NOUN}")) for i, s in enumerate(scenes)]
 
 
 def colour_items() -> list:
@@ -170,22 +175,20 @@ def subject_prompts(word: str = TRIGGER) -> list:
                        shape_word=word) for c, bg in pairs]
 
 
-def class_prompts(noun: str | None = None) -> list:
-    """Where drift would show, in the colours and backgrounds of the subject's captions: the class
-    prompt and the seven known shapes; with a class ``noun`` (captions "a red sks diamond"), the
-    class prompt "a diamond" and diamonds in those seven colours and backgrounds (what the DreamBooth
-    paper measures: the class word itself drifting toward the subject)."""
+def class_prompts(noun: str = CLASS_NOUN) -> list:
+    """Where drift would show: the class prompt ("a diamond") and the class ``noun`` in seven colours and
+    backgrounds of the subject's captions (what the DreamBooth paper measures: the class word itself
+    drifting toward the subject)."""
     from difftune.world import grammar as g
     from difftune.world.evaluate import Prompt, prompt_for
 
     Scene = _scenes()
     colours = ("red", "blue", "yellow", "green", "pink", "red", "blue")
     backgrounds = ("grey", "white", "dark", "grey", "white", "dark", "grey")
-    shapes = g.SHAPES if noun is None else (noun,) * len(g.SHAPES)
+    shapes = (noun,) * len(g.SHAPES)
     prompts = [prompt_for(Scene(shape, c, "large", "centre", bg), mention=("colour", "background"))
                for shape, c, bg in zip(shapes, colours, backgrounds, strict=True)]
-    first = Prompt(CLASS_PROMPT, {"shape": "cross"}) if noun is None else Prompt(f"a {noun}", {"shape": noun})
-    return [first, *prompts]
+    return [Prompt(f"a {noun}", {"shape": noun}), *prompts]
 
 
 def colour_prompts() -> list:
@@ -234,7 +237,7 @@ class Task:
 
     @property
     def class_prompt(self) -> str:
-        return CLASS_PROMPT if self.noun is None else f"a {self.noun}"
+        return f"a {self.noun}"
 
     def class_folder(self, work: Path) -> Path:
         """Class images generated once per class prompt and shared by the tasks (and the reference)."""
@@ -242,35 +245,36 @@ class Task:
 
 
 #: Settings follow `difftune demo` on this base (rank 16, lr 1e-3; the subject's new word is learnt by a
-#: LoRA on the text encoder too), at 300 steps so that a seed of every task fits the hour on 2 cores.
+#: LoRA on the text encoder too). Steps per kind, so that three seeds of every task, with the reference
+#: scripts, fit the hour on 2 cores: style 800, subject 1,000, colour 800. Pivotal tuning's LoRA learns at
+#: 1e-4 and its token at 1e-2 (600 steps, seed 0: with the LoRA at 1e-3 the colour came out on 25 % with
+#: 75 % of the other attributes right; at 1e-4, 56 % / 94 %, and with the token at 1e-2, 62 % / 94 %).
+STYLE_STEPS, SUBJECT_STEPS, COLOUR_STEPS = 800, 1000, 800
 SUBJECT_LORA = {"type": "lora", "rank": 16, "train_text_encoder": True}
+NOUN_ITEMS = partial(subject_items, f"{TRIGGER} {CLASS_NOUN}")
 TASKS: tuple[Task, ...] = (
-    Task("style-lora", "style", "style, LoRA", style_items, {"type": "lora", "rank": 16}, 1e-3, 300,
+    Task("style-lora", "style", "style, LoRA", style_items, {"type": "lora", "rank": 16}, 1e-3, STYLE_STEPS,
          reference="text_to_image/train_text_to_image_lora.py"),
     Task("style-dora", "style", "style, DoRA", style_items, {"type": "lora", "rank": 16, "variant": "dora"}, 1e-3,
-         300),
+         STYLE_STEPS),
     Task("style-lokr", "style", "style, LoKr", style_items, {"type": "lora", "rank": 16, "variant": "lokr"}, 1e-3,
-         300),
-    Task("subject-lora", "subject", "subject, DreamBooth LoRA", subject_items, SUBJECT_LORA, 1e-3, 300),
-    Task("subject-lora-prior", "subject", "subject, DreamBooth LoRA + prior preservation", subject_items,
-         SUBJECT_LORA, 1e-3, 300, prior=True, reference="dreambooth/train_dreambooth_lora.py"),
-    Task("subject-full-prior", "subject", "subject, full fine-tune + prior preservation", subject_items,
-         {"type": "full"}, 5e-5, 300, prior=True),
+         STYLE_STEPS),
+    # DreamBooth as the paper sets it: every caption names the class noun after the token ("a red sks
+    # diamond"), prior preservation draws "a diamond", and language drift is measured on diamonds.
+    Task("subject-lora", "subject", f"subject as 'a {TRIGGER} {CLASS_NOUN}', DreamBooth LoRA", NOUN_ITEMS,
+         SUBJECT_LORA, 1e-3, SUBJECT_STEPS, noun=CLASS_NOUN),
+    Task("subject-lora-prior", "subject", f"subject as 'a {TRIGGER} {CLASS_NOUN}', DreamBooth LoRA + prior preservation",
+         NOUN_ITEMS, SUBJECT_LORA, 1e-3, SUBJECT_STEPS, prior=True, reference="dreambooth/train_dreambooth_lora.py",
+         noun=CLASS_NOUN),
+    Task("subject-full-prior", "subject",
+         f"subject as 'a {TRIGGER} {CLASS_NOUN}', full fine-tune + prior preservation", NOUN_ITEMS,
+         {"type": "full"}, 5e-5, SUBJECT_STEPS, prior=True, noun=CLASS_NOUN),
     Task("colour-ti", "token", "new colour, textual inversion", colour_items,
          {"type": "textual_inversion", "token": [TOKEN], "initializer_token": ["orange"], "templates": "none"},
-         5e-3, 300, reference="textual_inversion/textual_inversion.py"),
+         5e-3, COLOUR_STEPS, reference="textual_inversion/textual_inversion.py"),
     Task("colour-pivotal", "token", "new colour, pivotal tuning", colour_items,
          {"type": "pivotal", "rank": 16, "token": [TOKEN], "initializer_token": ["orange"], "templates": "none",
-          "text_learning_rate": 5e-3}, 1e-3, 300),
-    # The DreamBooth paper's language drift: the class noun in every caption, with and without prior
-    # preservation on that noun's class images.
-    Task("subject-noun-lora", "subject", f"subject as 'a {TRIGGER} {CLASS_NOUN}', DreamBooth LoRA",
-         partial(subject_items, f"{TRIGGER} {CLASS_NOUN}"),
-         SUBJECT_LORA, 1e-3, 300, noun=CLASS_NOUN),
-    Task("subject-noun-lora-prior", "subject",
-         f"subject as 'a {TRIGGER} {CLASS_NOUN}', DreamBooth LoRA + prior preservation",
-         partial(subject_items, f"{TRIGGER} {CLASS_NOUN}"),
-         SUBJECT_LORA, 1e-3, 300, prior=True, reference="dreambooth/train_dreambooth_lora.py", noun=CLASS_NOUN),
+          "text_learning_rate": 1e-2}, 1e-4, COLOUR_STEPS),
 )
 TASK_NAMES = tuple(t.name for t in TASKS)
 BATCH = 4
@@ -544,7 +548,7 @@ class Bench:
         scores = concept_scores(task, self.judge(images), flat)
         if task.kind == "subject":
             cls = self.s.prompts(class_prompts(task.noun))
-            _, base_verdicts = self.base_images(f"class-{task.noun}" if task.noun else "class", cls)
+            _, base_verdicts = self.base_images(f"class-{task.noun}", cls)
             tuned, _, _ = draw(pipe, cls, self.s.eval_seeds, self.s.sample_steps)
             scores.update(drift_scores(base_verdicts, self.judge(tuned)))
         return scores, images
@@ -604,18 +608,19 @@ def reference_pipeline(model: str, task: Task, out: Path):
 
 def when_to_stop(s: Settings, seed: int = 0, every: int | None = None, steps: int | None = None,
                  patience: int = 2) -> dict:
-    """The subject task (LoRA, no prior) with a held-out loss, checkpoints and previews every ``every`` steps.
+    """The subject task (LoRA + prior preservation) with a held-out loss, checkpoints and previews every
+    ``every`` steps, for twice the task's steps.
 
     The judge scores the previews written during training (they equal real use: see
     :func:`previews_match`); difftune's best checkpoint is read from ``checkpoints/best.json``, and
     where early stopping with ``patience`` would stop from difftune's own bookkeeping
     (:class:`~difftune.training.holdout.HeldOutLoss`) over the recorded losses.
     """
-    task = next(t for t in TASKS if t.name == "subject-lora")
+    task = next(t for t in TASKS if t.name == "subject-lora-prior")
     steps = steps or (4 if s.quick else 2 * s.steps(task))
     every = every or (2 if s.quick else max(1, steps // 8))
-    prompts = s.prompts(subject_prompts()) + s.prompts(class_prompts()[1:5])
-    n_subject = len(s.prompts(subject_prompts()))
+    prompts = s.prompts(subject_prompts(task.word)) + s.prompts(class_prompts(task.noun)[1:5])
+    n_subject = len(s.prompts(subject_prompts(task.word)))
     holdout = write_dataset(s.work / "data" / "subject-holdout", subject_holdout_items())
     validation = {"prompts": [p.text for p in prompts], "every": every, "images_per_prompt": len(s.eval_seeds),
                   "seed": s.eval_seeds[0], "steps": s.sample_steps, "guidance_scale": GUIDANCE,
@@ -637,7 +642,7 @@ def when_to_stop(s: Settings, seed: int = 0, every: int | None = None, steps: in
         curve.append({"step": step, "val_loss": loss,
                       "fidelity": sum(v["shape"] == SUBJECT for v in subject) / len(subject),
                       "drift": sum(v["shape"] == SUBJECT for v in others) / max(len(others), 1)})
-    return summarise_stop(curve, out / "checkpoints", patience)
+    return {**summarise_stop(curve, out / "checkpoints", patience), "task": task.name, "steps": steps}
 
 
 def _train_with_checkpoints(task, s, seed, out, every, **kwargs):
@@ -729,7 +734,7 @@ def previews_match(s: Settings, seed: int = 0, steps: int | None = None, precisi
     from difftune.inference.generate import GenerateSettings, generate
 
     task = next(t for t in TASKS if t.name == "subject-lora")
-    prompt = subject_prompts()[0].text
+    prompt = subject_prompts(task.word)[0].text
     validation = {"prompts": [prompt], "every": 0, "images_per_prompt": 1, "seed": seed, "steps": s.sample_steps,
                   "guidance_scale": GUIDANCE}
     out = s.work / "runs" / f"previews-{precision}"
@@ -893,6 +898,48 @@ def tables(report: dict) -> str:
             out.append(f"| {label}{seeds} | " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out)
+
+
+#: The issue's goals: the concept on at least this share of the unseen combinations, the other attributes
+#: at least this share right.
+GOAL_CONCEPT, GOAL_OTHERS = 0.70, 0.85
+
+
+def _mean_sd(rows: list[dict], task: str, tool: str, key: str) -> tuple[float, float] | None:
+    values = [r["scores"][key] for r in rows if r["task"] == task and r["tool"] == tool and key in r["scores"]]
+    return spread(values) if values else None
+
+
+def goals(report: dict) -> str:
+    """A Markdown table: per task, difftune's concept and others against the goals, and against the reference
+    on every score (at least as good within the seed spread: mean no worse than the reference's by more than
+    the two standard deviations together) and in train time (faster: lower mean)."""
+    rows = report["rows"]
+    out = ["| task | concept ≥ 70 % | others ≥ 85 % | ≥ the reference on every score (within the spread) "
+           "| faster than the reference |", "|---|---|---|---|---|"]
+    for name in report["tasks"]:
+        task = next(t for t in TASKS if t.name == name)
+        concept, others = (_mean_sd(rows, name, "difftune", k) for k in ("concept", "others"))
+        if concept is None or others is None:
+            continue
+        cells = [f"{'met' if concept[0] >= GOAL_CONCEPT else '**not met**'} ({concept[0]:.0%})",
+                 f"{'met' if others[0] >= GOAL_OTHERS else '**not met**'} ({others[0]:.0%})"]
+        if any(r["task"] == name and r["tool"] == "reference" for r in rows):
+            behind = []
+            for key, (title, higher, kind) in SCORES.items():
+                mine, ref = _mean_sd(rows, name, "difftune", key), _mean_sd(rows, name, "reference", key)
+                if key == "train_seconds" or mine is None or ref is None:
+                    continue
+                gap = (ref[0] - mine[0]) if higher else (mine[0] - ref[0])
+                if gap > mine[1] + ref[1] + 1e-9:
+                    behind.append(f"{title}: {fmt(mine[0], kind)} vs {fmt(ref[0], kind)}")
+            cells.append("yes" if not behind else "**no** — " + "; ".join(behind))
+            mine, ref = (_mean_sd(rows, name, tool, "train_seconds") for tool in ("difftune", "reference"))
+            cells.append(f"{'yes' if mine[0] < ref[0] else '**no**'} ({mine[0]:.0f} s vs {ref[0]:.0f} s)")
+        else:
+            cells += ["— (no script)", "—"]
+        out.append(f"| {task.label} | " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
 
 
 def _steps_text(report: dict, task: Task) -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 
 def write_doc(report: dict, path: Path, notes: str = "") -> Path:
-    from quality import TASKS, tables
+    from quality import TASKS, goals, tables
 
     path = Path(path)
     images = path.parent / "quality"
@@ -36,18 +36,26 @@ def write_doc(report: dict, path: Path, notes: str = "") -> Path:
     ]
     if notes:
         lines += [notes.strip(), ""]
-    lines += ["## Scores", "",
+    lines += ["## Against the goals", "",
+              "The issue's goals, checked from the scores below: the concept on ≥ 70 % of the unseen "
+              "combinations with the other attributes ≥ 85 % right; against diffusers' script, difftune at "
+              "least as good on every score within the seed spread (its mean no lower than the script's by more "
+              "than the two standard deviations together; for drift, no higher), and faster.", "",
+              goals(report),
+              "## Scores", "",
               "Mean ± standard deviation over the training seeds. *concept shown*: images the judge says show "
               "the new concept (style, shape or colour); *other attributes right*: the other attributes the "
-              "prompt states; *class images kept*: known-shape prompts whose shape is the base's at the same "
-              "seed; *drifted*: of those, turned into the subject; *subject poses*: distinct (size, position) "
-              "of the subject when the prompt names neither.", "", tables(report)]
+              "prompt states; *class images kept*: class-noun prompts (\"a diamond\", diamonds in seven colours "
+              "and backgrounds) whose shape is the base's at the same seed; *drifted*: of those, turned into the "
+              "subject; *subject poses*: distinct (size, position) of the subject when the prompt names neither; "
+              "*train time*: the training run's wall time (the script's: its whole process).", "", tables(report)]
     stop = report.get("when_to_stop")
     if stop:
         lines += ["## When to stop", "",
-                  "The subject LoRA (no prior preservation), held-out loss on 3 stars it never trains on, "
-                  "previews scored by the judge at the same steps (fidelity on the subject prompts, drift on "
-                  "the known-shape prompts).", "",
+                  f"The subject task (DreamBooth LoRA + prior preservation, training seed 0) for "
+                  f"{stop.get('steps', '?')} steps (twice the task's), held-out loss on 3 stars it never trains "
+                  "on, previews scored by the judge at the same steps (fidelity on the subject prompts, drift on "
+                  "four of the class-noun prompts).", "",
                   "| step | held-out loss | subject fidelity | drift |", "|---|---|---|---|"]
         for c in stop["curve"]:
             lines.append(f"| {c['step']} | {c['val_loss']:.5f} | {c['fidelity']:.0%} | {c['drift']:.0%} |")

@@ -121,17 +121,19 @@ def test_reports_of_runs_made_side_by_side_merge_in_task_order():
     assert merged["when_to_stop"] == {"curve": []} and merged["grids"] == {"colour-ti": "a.png"}
 
 
-def test_class_noun_tasks_put_the_noun_in_captions_prompts_class_prompt_and_the_reference(tmp_path):
+def test_subject_tasks_put_the_class_noun_in_captions_prompts_class_prompt_and_the_reference(tmp_path):
     """The DreamBooth paper's setting ("a sks diamond", class prompt "a diamond"): every caption and
     prompt names the noun, prior preservation uses the noun's own class images, drift is measured on
     that noun, and diffusers' script gets the same instance and class prompts."""
     from reference import reference_args
 
-    plain, noun = (next(t for t in quality.TASKS if t.name == n) for n in ("subject-lora-prior",
-                                                                            "subject-noun-lora-prior"))
-    assert all(" sks diamond" in text for _scene, text in noun.items())
-    assert not any("diamond" in text for _scene, text in plain.items())
-    assert all("sks diamond" in p.text and p.expected["shape"] == "star" for p in quality.prompts_for(noun))
+    subjects = [t for t in quality.TASKS if t.kind == "subject"]
+    assert {t.name for t in subjects} == {"subject-lora", "subject-lora-prior", "subject-full-prior"}
+    noun = next(t for t in subjects if t.name == "subject-lora-prior")
+    for task in subjects:
+        assert all(" sks diamond" in text for _scene, text in task.items())
+        assert all("sks diamond" in p.text and p.expected["shape"] == "star" for p in quality.prompts_for(task))
+    assert all(" sks diamond" in text for _scene, text in quality.subject_holdout_items())
     drift = quality.class_prompts(noun.noun)
     assert drift[0].text == "a diamond" and {p.expected["shape"] for p in drift} == {"diamond"}
 
@@ -139,8 +141,9 @@ def test_class_noun_tasks_put_the_noun_in_captions_prompts_class_prompt_and_the_
     config = quality.task_config(noun, s, 0, tmp_path / "data", tmp_path / "out")
     prior = config["prior_preservation"]
     assert prior["class_prompt"] == "a diamond"
-    assert Path(prior["class_data"]) == tmp_path / "class-images-diamond" != plain.class_folder(tmp_path)
-    assert config["data"]["cache_dir"] != quality.task_config(plain, s, 0, tmp_path, tmp_path)["data"]["cache_dir"]
+    assert Path(prior["class_data"]) == tmp_path / "class-images-diamond"
+    style = next(t for t in quality.TASKS if t.name == "style-lora")
+    assert config["data"]["cache_dir"] != quality.task_config(style, s, 0, tmp_path, tmp_path)["data"]["cache_dir"]
 
     for folder in (tmp_path / "data", tmp_path / "class-images-diamond"):
         folder.mkdir()
