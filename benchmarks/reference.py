@@ -9,7 +9,8 @@ into difftune. What each script can read differs from difftune:
 - ``train_text_to_image_lora.py`` reads the task's folder with its ``metadata.jsonl`` captions
   (``datasets``' imagefolder): the same images and captions difftune trains on;
 - ``train_dreambooth_lora.py`` takes one ``--instance_prompt`` for every image (no per-image
-  captions), so it gets ``"a sks"`` (``"a sks diamond"`` in the class-noun tasks) while difftune trains on the images' captions; its class images
+  captions): ``"a sks diamond"``, while difftune trains on the images' captions (``--instance-prompt``
+  gives difftune that prompt too); its class images
   are difftune's (the same base, prompt, steps and seeds), copied into its ``--class_data_dir``;
 - ``textual_inversion.py`` writes its own captions from templates ("a photo of a <brn>", ...;
   ``--learnable_property object``) where difftune reads the captions that contain the token.

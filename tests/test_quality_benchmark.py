@@ -139,6 +139,11 @@ def test_subject_tasks_put_the_class_noun_in_captions_prompts_class_prompt_and_t
 
     s = quality.Settings(work=tmp_path, quick=True)
     config = quality.task_config(noun, s, 0, tmp_path / "data", tmp_path / "out")
+    # difftune trains on the captions; --instance-prompt gives it the one prompt diffusers' script gets (below)
+    assert "instance_prompt" not in config["data"]
+    one = quality.task_config(noun, quality.Settings(work=tmp_path, quick=True, instance_prompt=True), 0, tmp_path,
+                              tmp_path)["data"]
+    assert (one["instance_prompt"], one["caption_source"]) == ("a sks diamond", "instance_prompt")
     prior = config["prior_preservation"]
     assert prior["class_prompt"] == "a diamond"
     assert Path(prior["class_data"]) == tmp_path / "class-images-diamond"
@@ -179,3 +184,22 @@ def test_set_overrides_reach_every_difftune_run_and_bad_keys_are_refused(tmp_pat
             quality.main(["--set", bad, "--tasks", "style-lora", "--work", str(tmp_path / "w")])
         assert exc.value.code == 2 and said in capsys.readouterr().err
     assert not (tmp_path / "w").exists()  # refused before anything ran
+
+
+def test_goals_table_checks_the_figures_and_the_reference_within_the_seed_spread():
+    def row(task, tool, seed, **scores):
+        return {"task": task, "tool": tool, "seed": seed, "scores": scores}
+
+    rows = [row("style-lora", "difftune", s, concept=c, others=o, train_seconds=60.0)
+            for s, c, o in ((0, 0.8, 0.90), (1, 0.7, 0.80), (2, 0.75, 0.85))]
+    rows += [row("style-lora", "reference", s, concept=c, others=0.99, train_seconds=100.0)
+             for s, c in ((0, 0.70), (1, 0.80), (2, 0.75))]
+    rows += [row("style-dora", "difftune", s, concept=0.5, others=0.9, train_seconds=50.0) for s in (0, 1)]
+    table = quality.goals({"rows": rows, "tasks": ["style-lora", "style-dora"]})
+    lora, dora = (line for line in table.splitlines() if line.startswith("| style"))
+    # concept 75 % meets 70 %; others 85 % meets 85 %; the concept ties the script; others are 14 points
+    # behind with a spread of 5 + 0: reported, with both figures; 60 s against 100 s is faster
+    assert lora.split(" | ")[1:3] == ["met (75%)", "met (85%)"]
+    assert "**no** — other attributes right: 85% vs 99%" in lora and "concept" not in lora.split("**no**")[1]
+    assert lora.rstrip(" |").endswith("yes (60 s vs 100 s)")
+    assert dora.split(" | ")[1] == "**not met** (50%)" and "— (no script)" in dora
