@@ -958,7 +958,7 @@ def print_report(report: dict, log=print) -> None:
     log(tables(report))
     stop = report.get("when_to_stop")
     if stop:
-        log("when to stop (subject LoRA): step, held-out loss, fidelity, drift")
+        log(f"when to stop ({stop.get('task', 'subject')}, {stop.get('steps', '?')} steps): step, held-out loss, fidelity, drift")
         for c in stop["curve"]:
             log(f"  {c['step']:5d}  {c['val_loss']:.5f}  {c['fidelity']:.0%}  {c['drift']:.0%}")
         log(f"  best checkpoint marked at step {stop['marked_step']}, early stopping (patience "

@@ -62,7 +62,10 @@ def write_doc(report: dict, path: Path, notes: str = "") -> Path:
         lines += ["", f"- difftune's best checkpoint (`checkpoints/best.json`): step {stop['marked_step']}",
                   f"- early stopping with `validation.patience = {stop['patience']}`: "
                   + (f"step {stop['early_stop_step']}" if stop["early_stop_step"] else "would not stop"),
-                  f"- the judge's best step (highest fidelity with drift ≤ 25%): {stop['judge_best_step']}", ""]
+                  "- the judge's best step (highest fidelity with drift ≤ 25%"
+                  + ("" if any(c["drift"] <= 0.25 for c in stop["curve"]) else
+                     "; no step had drift that low, so the highest fidelity at any drift")
+                  + f"): {stop['judge_best_step']}", ""]
     previews = report.get("previews")
     if previews:
         lines += ["## Previews equal real use", "",
