@@ -205,7 +205,7 @@ COMMANDS: dict[str, tuple[Callable, str, Callable[[argparse.ArgumentParser], Non
     "init": (cmd_init, "print a commented starter config", None),
     "demo": (cmd_demo, "teach the embedded base a new shape with a LoRA; before/after grid and scores (no download, CPU)",
              lambda p: (p.add_argument("--steps", type=int, default=None,
-                                         help="LoRA training steps (default: the demo's own, 1200)"),
+                                         help="LoRA training steps (default: the demo's own, 1600)"),
                         p.add_argument("--dir", default=None, help="work folder (default: a cache folder)"))),
     "data": (cmd_data, "check or prepare a dataset (difftune data check|prepare ...)", _add_data_args),
     "cache": (cmd_cache, "fill the latent/text caches of a config ahead of training", _add_config_args),
