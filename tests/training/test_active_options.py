@@ -81,3 +81,23 @@ def test_the_block_states_each_group_its_given_rate_not_the_warm_up_start(tmp_pa
     setup(load_config(data=raw), log=messages.append)
     block = next(m for m in messages if m.startswith("active options:"))
     assert "learning rates: denoiser 0.001, text_encoder 0.001" in block, block
+
+
+def test_a_key_unset_with_none_trains_shows_and_stays_unset_in_the_runs_config(
+        tmp_path, tiny_sd, shapes_data, run_config):
+    """``--set train.max_grad_norm=none`` (no clipping; the default is 1.0): the run starts (the options block
+    once raised "cannot write None as TOML"), shows it, and the run's config.toml reads back unset, not 1.0."""
+    from difftune.config.loader import apply_overrides
+
+    raw = apply_overrides(run_config(tiny_sd, shapes_data, tmp_path / "out", train={"max_steps": 1}),
+                          ["train.max_grad_norm=none"])
+    messages = []
+    run = setup(load_config(data=raw), log=messages.append)
+    block = next(m for m in messages if m.startswith("active options:"))
+    assert "max_grad_norm = none" in block
+    train_step(run)
+    finish(run)
+    written = (tmp_path / "out" / "config.toml").read_text()
+    assert 'max_grad_norm = "none"' in written
+    again = load_config(path=str(tmp_path / "out" / "config.toml"), check_paths=False)
+    assert again.train.max_grad_norm is None and again.train.snr_gamma is None  # unset stays unset

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from difftune.config.loader import toml_value
+from difftune.config.loader import UNSET, toml_value
 from difftune.config.schema import SECTIONS, Config
 
 
@@ -41,6 +41,8 @@ def non_default(config: Config) -> list[tuple[str, object]]:
 
 def _show(value: object) -> str:
     """A value as it is written in TOML (tables of a list without their unset keys)."""
+    if value is None:  # a key unset from its default, as ``--set`` writes it
+        return UNSET
     if isinstance(value, list) and value and dataclasses.is_dataclass(value[0]):
         value = [{k: v for k, v in dataclasses.asdict(x).items() if v not in (None, [], "")} for x in value]
     return toml_value(value)

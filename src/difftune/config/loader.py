@@ -248,7 +248,9 @@ def _build_table(prefix: str, cls: type, value: dict, keys: list[str] | None = N
 
 
 def config_to_dict(config: Config) -> dict:
-    """The resolved config as a plain mapping (``None`` values are dropped, as TOML has no null)."""
+    """The resolved config as a plain mapping. TOML has no null: ``None`` values are dropped, except a key
+    unset from a default that is not ``None`` (``train.max_grad_norm = "none"``), which is written as
+    :data:`UNSET` so that reading the mapping back unsets it again instead of restoring the default."""
 
     def strip(value: Any) -> Any:
         if isinstance(value, dict):
@@ -257,7 +259,17 @@ def config_to_dict(config: Config) -> dict:
             return [strip(v) for v in value]
         return value
 
-    return strip(dataclasses.asdict(config))
+    data = strip(dataclasses.asdict(config))
+    for section in dataclasses.fields(config):
+        values = getattr(config, section.name)
+        if not dataclasses.is_dataclass(values):
+            continue
+        hints = typing.get_type_hints(type(values))
+        for f in dataclasses.fields(values):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if getattr(values, f.name) is None and default is not None and str not in typing.get_args(hints[f.name]):
+                data[section.name][f.name] = UNSET
+    return data
 
 
 def flat_config(config: Config) -> dict[str, object]:
