@@ -233,7 +233,7 @@ class Task:
     @property
     def word(self) -> str:
         """What the subject's captions and prompts call it."""
-        return TRIGGER if self.noun is None else f"{TRIGGER} {self.noun}"
+        return f"{TRIGGER} {self.noun}"
 
     @property
     def class_prompt(self) -> str:
@@ -241,7 +241,7 @@ class Task:
 
     def class_folder(self, work: Path) -> Path:
         """Class images generated once per class prompt and shared by the tasks (and the reference)."""
-        return work / ("class-images" if self.noun is None else f"class-images-{self.noun}")
+        return work / f"class-images-{self.noun}"
 
 
 #: Settings follow `difftune demo` on this base (rank 16, lr 1e-3; the subject's new word is learnt by a

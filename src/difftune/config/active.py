@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from difftune.config.loader import UNSET, toml_value
-from difftune.config.schema import SECTIONS, Config
+from difftune.config.schema import SECTIONS, Config, field_default
 
 
 @dataclass
@@ -32,7 +32,7 @@ def non_default(config: Config) -> list[tuple[str, object]]:
     for name in SECTIONS:
         section = getattr(config, name)
         for f in dataclasses.fields(section):
-            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            default = field_default(f)
             value = getattr(section, f.name)
             if value != default:
                 out.append((f"{name}.{f.name}", value))

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from difftune.config.rules import validate_semantics
-from difftune.config.schema import CONFIG_VERSION, SECTIONS, Config
+from difftune.config.schema import CONFIG_VERSION, SECTIONS, Config, field_default
 from difftune.errors import ConfigError
 
 #: Names registered elsewhere that a field may take (``registry`` in its metadata), e.g.
@@ -266,7 +266,7 @@ def config_to_dict(config: Config) -> dict:
             continue
         hints = typing.get_type_hints(type(values))
         for f in dataclasses.fields(values):
-            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            default = field_default(f)
             if getattr(values, f.name) is None and default is not None and str not in typing.get_args(hints[f.name]):
                 data[section.name][f.name] = UNSET
     return data

@@ -6,12 +6,11 @@ own rules — run after these, in :mod:`difftune.run_config`.
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from pathlib import Path
 
 from difftune.config.resolve import parse_colour, resolutions, resolve_datasets
-from difftune.config.schema import Config
+from difftune.config.schema import Config, field_default
 from difftune.errors import ConfigError
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -203,7 +202,7 @@ def check_holdout(config: Config, check_paths: bool) -> None:
 
 def _is_default(section, key: str) -> bool:
     f = type(section).__dataclass_fields__[key]
-    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    default = field_default(f)
     return getattr(section, key) == default
 
 

@@ -6,10 +6,16 @@ they cannot drift from what the validator accepts.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
 CONFIG_VERSION = 1
+
+
+def field_default(f: dataclasses.Field):
+    """A config field's default value (its factory's result for list and table keys)."""
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
 def opt(

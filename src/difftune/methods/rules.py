@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from difftune.config.schema import MethodConfig
+from difftune.config.schema import MethodConfig, field_default
 from difftune.errors import ConfigError
 
 #: Keys every method reads.
@@ -30,7 +30,7 @@ def check_keys(cfg: MethodConfig, keys: tuple[str, ...], users: dict[str, tuple[
     """
     allowed = set(COMMON_KEYS) | set(keys)
     for f in dataclasses.fields(cfg):
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        default = field_default(f)
         if f.name not in allowed and getattr(cfg, f.name) != default:
             for_ = " and ".join(f'"{m}"' for m, k in users.items() if f.name in k)
             raise ConfigError(
@@ -46,7 +46,7 @@ def check_keys(cfg: MethodConfig, keys: tuple[str, ...], users: dict[str, tuple[
          cfg.variant in ("lora", "dora")),
     ):
         f = MethodConfig.__dataclass_fields__[key]
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        default = field_default(f)
         if not ok and getattr(cfg, key) != default:
             raise ConfigError(f"method.{key}: only applies with {needs}; set that, or remove method.{key}")
     for key in cfg.block_lr:
