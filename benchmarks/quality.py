@@ -2,7 +2,7 @@
 
     nice -n 5 python benchmarks/quality.py [--model difftune:shapes] [--quick] [--seeds 0,1,2]
         [--tasks style-lora,subject-lora-prior,...] [--work DIR] [--doc docs/quality.md]
-        [--diffusers-examples DIR] [--threads N]
+        [--diffusers-examples DIR] [--threads N] [--precision auto|no|bf16]
 
 Fixed tasks on the embedded base (``--model``, default ``difftune:shapes``; any SD 1.x diffusers
 folder works), each trained through difftune's library API (``difftune.load_config`` and
@@ -38,6 +38,9 @@ cannot be installed beside the CPU torch wheel). Their results are scored the sa
 harness and the judge run (the test suite runs it) and says nothing about quality.
 Results go to ``--work`` (``results.json``, grids per task); ``--doc`` writes the Markdown report.
 Thread count: ``--threads`` (default 2) sets torch's intra-op threads for the whole run.
+Precision: ``--precision`` (default ``auto``: bf16 where this machine runs it natively, fp32 elsewhere,
+as ``train.mixed_precision = "auto"`` picks) for difftune's runs and the scripts' ``--mixed_precision``
+alike; on a CPU without AVX-512 BF16 / AMX, bf16 is emulated and tens of times slower.
 """
 
 from __future__ import annotations
@@ -309,11 +312,18 @@ class Settings:
     #: changed), e.g. ``train.max_grad_norm=none``.
     overrides: tuple[str, ...] = ()
     threads: int = 2
+    #: Autocast of every training run, difftune's and the scripts': ``no`` (fp32) or ``bf16``; ``auto`` is
+    #: resolved in ``__post_init__`` as ``train.mixed_precision = "auto"`` resolves it on this machine.
+    precision: str = "auto"
     log: Callable = print
 
     def __post_init__(self) -> None:
         if self.quick:
             self.eval_seeds = self.eval_seeds[:1]
+        if self.precision == "auto":
+            from difftune.training.precision import resolve_mixed_precision
+
+            self.precision = resolve_mixed_precision("auto")
 
     @property
     def sample_steps(self) -> int:
@@ -348,7 +358,7 @@ def task_config(task: Task, s: Settings, seed: int, data: Path, out: Path, *, st
         "data": {"path": str(data), "resolution": RESOLUTION, "center_crop": True, "random_flip": False,
                  "repeats": 1},
         "train": {"max_steps": steps or s.steps(task), "learning_rate": task.learning_rate, "batch_size": BATCH,
-                  "lr_scheduler": "constant", "mixed_precision": "bf16", "checkpoint_every": 0, "log_every": 25,
+                  "lr_scheduler": "constant", "mixed_precision": s.precision, "checkpoint_every": 0, "log_every": 25,
                   "seed": seed},
         "logging": {"report_to": "none"},
         "output": {"dir": str(out)},
@@ -400,6 +410,20 @@ def finished(result, steps: int, out: Path):
     if result.steps < steps and not result.stopped_early:
         raise Interrupted(f"{out.name}: training ended at step {result.steps} of {steps}")
     return result
+
+
+def cpu_name() -> str:
+    """The CPU's model name and whether it runs bf16 natively (what decides ``--precision auto``)."""
+    import platform
+
+    from difftune.compat import cpu_has_native_bf16
+
+    try:
+        name = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("model name")), "")
+    except OSError:
+        name = ""
+    return f"{name or platform.machine()}, {'native' if cpu_has_native_bf16() else 'no native'} bf16"
 
 
 def fresh_accelerate_state() -> None:
@@ -793,7 +817,8 @@ def run(s: Settings, tasks: Sequence[Task], examples: Path | None = None, stop: 
     bench = Bench(s)
     started = time.perf_counter()
     report = {"rows": [], "quick": s.quick, "seeds": [], "seeds_asked": list(s.seeds), "model": s.model,
-              "tasks": [], "steps": {t.name: s.steps(t) for t in tasks}, "threads": s.threads,
+              "tasks": [], "steps": {t.name: s.steps(t) for t in tasks}, "threads": s.threads, "precision": s.precision,
+              "cpu": cpu_name(),
               "eval_seeds": list(s.eval_seeds), "sample_steps": s.sample_steps}
 
     def save() -> None:  # after every row, so a run cut short still leaves what it measured
@@ -974,6 +999,10 @@ def merge_reports(reports: list[dict]) -> dict:
     the benchmark's order; each run's command and wall time are kept in ``parts``."""
     if len(reports) == 1:
         return reports[0]
+    precisions = {r.get("precision", "bf16") for r in reports}
+    if len(precisions) > 1:  # fp32 and bf16 scores side by side in one table would compare unlike runs
+        raise SystemExit(f"--from-results: these runs trained in different precisions ({', '.join(sorted(precisions))}); "
+                         "merge only runs made with the same --precision")
     merged = {**reports[0], "rows": [], "grids": {}, "steps": {}, "parts": []}
     seen = set()
     for r in reports:
@@ -1015,6 +1044,9 @@ def main(argv: Sequence[str] | None = None, log=print) -> int:
     parser.add_argument("--no-stop", action="store_true", help="skip the when-to-stop run")
     parser.add_argument("--no-previews", action="store_true", help="skip the previews-equal-real-use check")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument("--precision", choices=("auto", "no", "bf16"), default="auto",
+                        help="autocast of every training run, difftune's and the scripts' (default auto: bf16 where "
+                             "this machine runs it natively, else no = fp32)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="a difftune config override for every difftune run, as `difftune train --set` "
                              "(repeatable; the reference scripts are not changed), e.g. train.max_grad_norm=none")
@@ -1058,7 +1090,7 @@ def _main(args, parser, log, argv) -> int:
                  quick=args.quick, steps_scale=args.steps_scale, num_class_images=args.class_images,
                  cache_text=not args.no_text_cache, instance_prompt=args.instance_prompt,
                  overrides=tuple(args.overrides),
-                 threads=args.threads, log=log)
+                 threads=args.threads, precision=args.precision, log=log)
     examples = _examples_dir(args.diffusers_examples) if args.diffusers_examples else None
     try:
         report = run(s, tasks, examples, stop=not args.no_stop, previews=not args.no_previews,

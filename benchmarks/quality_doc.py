@@ -23,8 +23,9 @@ def write_doc(report: dict, path: Path, notes: str = "") -> Path:
         *([f"- Command: `{report.get('command', '')}`"] if "parts" not in report else
           ["- Run as processes side by side (each its tasks), their reports merged:"]
           + [f"  - `{p['command']}` ({p['seconds'] / 60:.0f} min)" for p in report["parts"]]),
-        f"- Date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; {platform.machine()}, "
-        f"{os.cpu_count()} cores, torch threads {report.get('threads', 2)}; total wall time "
+        f"- Date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; {report.get('cpu', platform.machine())}, "
+        f"{os.cpu_count()} cores, torch threads {report.get('threads', 2)}, training precision "
+        f"{ {'no': 'fp32', 'bf16': 'bf16 autocast'}.get(report.get('precision', 'bf16'))}; total wall time "
         f"{report['seconds'] / 60:.0f} min" + (" (the longest process)" if "parts" in report else ""),
         f"- Base: `{report['model']}`; training seeds {', '.join(map(str, report['seeds']))}"
         + (f" (asked for {', '.join(map(str, report['seeds_asked']))}; seeds "

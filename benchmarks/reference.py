@@ -2,7 +2,7 @@
 
 Each script runs in a child process through ``run_diffusers_example.py`` (which registers the
 PIL/NumPy stand-in for the ``torchvision.transforms`` they import) with the task's steps,
-resolution, batch size, learning rate (constant, no warm-up), LoRA rank, bf16 and seed. The scripts
+resolution, batch size, learning rate (constant, no warm-up), LoRA rank, precision and seed. The scripts
 are read from a diffusers checkout given with ``--diffusers-examples``; nothing of them is copied
 into difftune. What each script can read differs from difftune:
 
@@ -45,7 +45,7 @@ def reference_args(task, s, seed: int, data: Path, out: Path, examples: Path) ->
     common = ["--pretrained_model_name_or_path", _model_folder(s.model), "--output_dir", str(out),
               "--resolution", str(RESOLUTION), "--center_crop", "--train_batch_size", str(BATCH),
               "--max_train_steps", str(s.steps(task)), "--learning_rate", str(task.learning_rate),
-              "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--mixed_precision", "bf16",
+              "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--mixed_precision", s.precision,
               "--seed", str(seed), "--dataloader_num_workers", "0", "--report_to", "tensorboard"]
     script = examples / task.reference
     if task.reference.endswith("train_text_to_image_lora.py"):

@@ -90,6 +90,9 @@ def test_env_prints_every_version_for_a_bug_report(tmp_path):
     out = result.stdout
     assert f"- Python: {sys.version.split()[0]}" in out
     assert f"- torch: {torch.__version__}" in out and "device: cpu" in out and "CUDA: no" in out
+    from difftune.compat import cpu_has_native_bf16
+
+    assert ("CPU bf16: native" if cpu_has_native_bf16() else "CPU bf16: emulated") in out
     for name, module in [("diffusers", diffusers), ("transformers", transformers), ("peft", peft)]:
         assert f"- {name}: {module.__version__}" in out
     assert "- accelerate: " in out and "- difftune: " in out

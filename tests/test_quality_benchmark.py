@@ -159,6 +159,31 @@ def test_subject_tasks_put_the_class_noun_in_captions_prompts_class_prompt_and_t
     assert Path(args[args.index("--class_data_dir") + 1]).name == "ref-class"
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_difftune_and_the_scripts_train_in_the_precision_this_machine_runs_natively(tmp_path, monkeypatch, native):
+    """--precision auto: bf16 where the CPU runs it natively, fp32 where torch would emulate it (tens of times
+    slower); difftune's config and the script's --mixed_precision get the same; reports of different
+    precisions are not merged into one table."""
+    from reference import reference_args
+
+    from difftune.training import precision
+
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    style = next(t for t in quality.TASKS if t.name == "style-lora")
+    s = quality.Settings(work=tmp_path, quick=True)
+    expected = "bf16" if native else "no"
+    assert s.precision == expected
+    assert quality.task_config(style, s, 0, tmp_path, tmp_path)["train"]["mixed_precision"] == expected
+    args = reference_args(style, s, 0, tmp_path, tmp_path / "ref", tmp_path)
+    assert args[args.index("--mixed_precision") + 1] == expected
+    assert quality.Settings(work=tmp_path, precision="bf16").precision == "bf16"  # asked for: kept
+    rows = [{"task": "style-lora", "tool": "difftune", "seed": 0, "scores": {}}]
+    reports = [{"rows": rows, "seconds": 1.0, "precision": p, "model": "m"} for p in ("no", "bf16")]
+    with pytest.raises(SystemExit, match="different precisions"):
+        quality.merge_reports(reports)
+
+
 def test_text_cache_is_on_where_the_method_allows_and_off_when_asked(tmp_path):
     style, subject = (next(t for t in quality.TASKS if t.name == n) for n in ("style-lora", "subject-lora"))
     cached = quality.Settings(work=tmp_path)

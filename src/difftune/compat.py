@@ -14,6 +14,7 @@ import logging
 import os
 import platform
 from dataclasses import dataclass
+from pathlib import Path
 
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
@@ -191,6 +192,24 @@ def _range_note(req: Requirement | None, version: str | None) -> str:
     return version if inside else f"{version}  (outside difftune's supported range {req.specifier})"
 
 
+#: CPU flags of native bf16 arithmetic (AVX-512 BF16 dot products, AMX tiles).
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_native_bf16() -> bool:
+    """True on CPUs whose flags include AVX-512 BF16 or AMX-BF16 (read from /proc/cpuinfo)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            return any(flag in flags for flag in BF16_CPU_FLAGS)
+    return False
+
+
 def _torch_line() -> str:
     version = installed_version("torch")
     if version is None:
@@ -209,6 +228,8 @@ def _torch_line() -> str:
     parts.append("MPS: yes" if mps is not None and mps.is_available() else "MPS: no")
     device = "cuda" if torch.cuda.is_available() else ("mps" if mps is not None and mps.is_available() else "cpu")
     parts.append(f"device: {device}, {torch.get_num_threads()} CPU threads")
+    parts.append("CPU bf16: native" if cpu_has_native_bf16() else
+                 "CPU bf16: emulated (no avx512_bf16/amx_bf16; train.mixed_precision auto trains in fp32 on the CPU)")
     return "; ".join(parts)
 
 

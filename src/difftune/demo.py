@@ -21,8 +21,9 @@ from difftune.world.scene import Scene, caption
 BASE = "difftune:shapes"
 TRIGGER = "zorb"
 CONCEPT = "star"
-#: LoRA training steps (about 2.5 minutes on a 2-core CPU: 149 s measured; 1,200 steps gave the star on
-#: 11 of 16 images with this base, 1,600 on 13 of 16: docs/world.md).
+#: LoRA training steps (149 s on a 2-core CPU with AVX-512 BF16, in bf16; 472 s in fp32 on a 2-core AVX2
+#: CPU. 1,200 steps gave the star on 11 of 16 images with this base, 1,600 on 13 of 16 (12 in fp32):
+#: docs/world.md).
 STEPS = 1600
 #: Renders of shapes the base knows, with their captions, mixed into training in equal share with the
 #: stars (regularisation images): without them the LoRA forgets backgrounds and colours it never saw
@@ -110,7 +111,7 @@ def demo_config(data: Path, known: Path, out: Path, steps: int, settings: dict[s
                  "repeats": 4, "cache_latents": True, "cache_dir": str(data.parent / "cache"),
                  "datasets": [{"path": str(known), "weight": 1.0, "trigger": ""}]},
         "train": {"max_steps": steps, "learning_rate": 1e-3, "batch_size": 4, "lr_scheduler": "cosine",
-                  "warmup_steps": min(20, steps), "mixed_precision": "bf16", "checkpoint_every": 0, "log_every": 25,
+                  "warmup_steps": min(20, steps), "mixed_precision": "auto", "checkpoint_every": 0, "log_every": 25,
                   "seed": 0},
         "validation": {"prompts": [p.text for p in GRID_PROMPTS[:4]], "every": 0, "steps": 20, "guidance_scale": 5.0},
         "logging": {"report_to": "tensorboard"},

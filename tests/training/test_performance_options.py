@@ -157,6 +157,25 @@ def test_auto_mixed_precision_is_written_to_the_model_card(run_config, tiny_sd, 
     assert f"{expected} (auto)" in (tmp_path / "out" / "README.md").read_text()
 
 
+@pytest.mark.parametrize(("native", "asked", "warned"), [(False, "bf16", True), (True, "bf16", False),
+                                                     (False, "auto", False), (False, "no", False)])
+def test_bf16_asked_on_a_cpu_that_emulates_it_is_warned_about_and_kept(
+        run_config, tiny_sd, shapes_data, tmp_path, monkeypatch, native, asked, warned):
+    """On a CPU without avx512_bf16/amx_bf16 an explicit bf16 run is many times slower than fp32: the
+    run says so at its start, and still runs as asked (never quietly as something else)."""
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
+    cfg = load_config(data=run_config(tiny_sd, shapes_data, tmp_path / "out",
+                                      train={"max_steps": 1, "mixed_precision": asked}))
+    logs = []
+    train(cfg, log=logs.append)
+    warnings = [m for m in logs if "without native bf16" in m]
+    assert len(warnings) == warned, logs
+    if warned:
+        assert 'train.mixed_precision = "auto"' in warnings[0] and "emulates" in warnings[0]
+    expected = "bf16" if asked == "bf16" or native else "no"
+    assert any(f"mixed precision {expected}" in m for m in logs)
+
+
 def _scalar_reads_outside_the_optimizer(run_config, tiny_sd, data, out, steps: int) -> int:
     """Host reads of tensor values (``.item()``, ``float(t)``, ``if t:``) during a run, optimizer excluded.
 

@@ -1,5 +1,6 @@
-"""Runs in these tests train in-process with bf16 like a user's; accelerate keeps one mixed-precision
-setting per process, so each test starts and ends with none."""
+"""Runs in these tests train in-process with the precision a user's run picks (``auto``: bf16 where the
+CPU runs it natively, fp32 elsewhere); accelerate keeps one mixed-precision setting per process, so each
+test starts and ends with none."""
 
 import pytest
 

@@ -20,7 +20,7 @@ def _config(data, out, steps: int, resume: str | None = None) -> dict:
         "method": {"type": "lora", "rank": 16, "train_text_encoder": True},
         "data": {"path": str(data), "resolution": 64, "repeats": 4, "random_flip": False, "cache_latents": True},
         "train": {"max_steps": steps, "learning_rate": 1e-3, "batch_size": 4, "lr_scheduler": "constant",
-                  "mixed_precision": "bf16", "checkpoint_every": 100, "log_every": 50, "seed": 0,
+                  "mixed_precision": "auto", "checkpoint_every": 100, "log_every": 50, "seed": 0,
                   **({"resume": resume} if resume else {})},
         "output": {"dir": str(out)},
     }

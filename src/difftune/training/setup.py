@@ -54,7 +54,7 @@ from difftune.training.optim import (
     total_steps,
 )
 from difftune.training.performance import RunMonitor
-from difftune.training.precision import autocast_dtype, mixed_precision, weight_dtype
+from difftune.training.precision import autocast_dtype, emulated_bf16_warning, mixed_precision, weight_dtype
 from difftune.training.progress import RunProgress
 from difftune.training.run_folder import RunFolder
 from difftune.training.state import LossMeter, Run, RunPaths, RunResult, Trainee
@@ -178,6 +178,8 @@ def setup(config: Config, log=print, output: RunFolder | None = None) -> Run:
     monitor = RunMonitor(accelerator.device, compiled=config.train.compile)
     start_trackers(accelerator, config, paths.root.name)
     say(_banner(config, model, len(data.dataset), steps, lr, accelerator))
+    if warning := emulated_bf16_warning(config, accelerator.device):
+        say(warning)
     say(_options(config, model, optimizer, paths, accelerator.is_main_process))
     run = Run(config=config, paths=paths, accelerator=accelerator, say=say, model=model, data=data,
               held_out=held_out, optimizer=optimizer, scheduler=scheduler, guard=guard, monitor=monitor,
