@@ -1091,6 +1091,9 @@ def _main(args, parser, log, argv) -> int:
                  cache_text=not args.no_text_cache, instance_prompt=args.instance_prompt,
                  overrides=tuple(args.overrides),
                  threads=args.threads, precision=args.precision, log=log)
+    refused = _refused_task(s, tasks)
+    if refused:
+        parser.error(refused)
     examples = _examples_dir(args.diffusers_examples) if args.diffusers_examples else None
     try:
         report = run(s, tasks, examples, stop=not args.no_stop, previews=not args.no_previews,
@@ -1099,6 +1102,10 @@ def _main(args, parser, log, argv) -> int:
         log(f"quality: stopped ({exc or 'Ctrl-C'}); {s.work / 'results.json'} keeps the rows measured before; "
             "--from-results reports them")
         return 130
+    except ConfigError as exc:  # a --set that makes a task's config invalid: said, not a traceback
+        log(f"quality: a task's config was refused: {exc}\n{s.work / 'results.json'} keeps the rows measured "
+            "before; --from-results reports them")
+        return 2
     report["command"] = "python benchmarks/quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
     (s.work / "results.json").write_text(json.dumps(report, indent=2))
     print_report(report, log)
@@ -1107,6 +1114,20 @@ def _main(args, parser, log, argv) -> int:
 
         write_doc(report, args.doc, args.notes.read_text() if args.notes else "")
     return 0
+
+
+def _refused_task(s: Settings, tasks: Sequence[Task]) -> str | None:
+    """What difftune would refuse in a task's config with the ``--set`` overrides (e.g. a trained text
+    encoder beside the task's text cache), found before anything is trained or written."""
+    from difftune import load_config
+
+    for task in tasks:
+        try:
+            load_config(data=task_config(task, s, 0, s.work / "data" / task.key, s.work / "runs" / "check"),
+                        check_paths=False)
+        except ConfigError as exc:
+            return f"--set: task {task.name}'s config is refused: {exc}"
+    return None
 
 
 def _examples_dir(path: Path) -> Path:

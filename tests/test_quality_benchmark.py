@@ -208,6 +208,11 @@ def test_set_overrides_reach_every_difftune_run_and_bad_keys_are_refused(tmp_pat
         with pytest.raises(SystemExit) as exc:
             quality.main(["--set", bad, "--tasks", "style-lora", "--work", str(tmp_path / "w")])
         assert exc.value.code == 2 and said in capsys.readouterr().err
+    # a valid key that makes a task's config invalid (a trained text encoder beside the style task's text cache)
+    with pytest.raises(SystemExit) as exc:
+        quality.main(["--set", "method.train_text_encoder=true", "--tasks", "style-lora", "--work", str(tmp_path / "w")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "style-lora" in err and "data.cache_text" in err and "Traceback" not in err
     assert not (tmp_path / "w").exists()  # refused before anything ran
 
 
