@@ -19,7 +19,6 @@ STARTER_VALUES = {
     "data.resolution": 64,
     "train.max_steps": 400,
     "train.learning_rate": 1e-3,
-    "train.mixed_precision": "bf16",
     "validation.prompts": ["a blue zorb on a white background"],
     "validation.every": 200,
     "output.dir": "runs/my-lora",
