@@ -1091,6 +1091,11 @@ def _main(args, parser, log, argv) -> int:
                  cache_text=not args.no_text_cache, instance_prompt=args.instance_prompt,
                  overrides=tuple(args.overrides),
                  threads=args.threads, precision=args.precision, log=log)
+    from difftune.compat import cpu_has_native_bf16
+
+    if s.precision == "bf16" and not cpu_has_native_bf16():
+        log("quality: warning: --precision bf16 on a CPU without native bf16: torch emulates it, every run is "
+            "many times slower than in fp32 (--precision auto picks fp32 here)")
     refused = _refused_task(s, tasks)
     if refused:
         parser.error(refused)
