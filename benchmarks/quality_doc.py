@@ -9,6 +9,12 @@ import shutil
 from pathlib import Path
 
 
+def _job_line(k: int, job: dict) -> str:
+    """One ``--jobs`` worker's share and wall time, for the header."""
+    extras = [name for name, on in (("when to stop", job["stop"]), ("previews", job["previews"])) if on]
+    return f"  - job {k}: {', '.join(job['tasks'] + extras)} ({job['seconds'] / 60:.0f} min)"
+
+
 def write_doc(report: dict, path: Path, notes: str = "") -> Path:
     from quality import TASKS, goals, tables
 
@@ -23,8 +29,12 @@ def write_doc(report: dict, path: Path, notes: str = "") -> Path:
         *([f"- Command: `{report.get('command', '')}`"] if "parts" not in report else
           ["- Run as processes side by side (each its tasks), their reports merged:"]
           + [f"  - `{p['command']}` ({p['seconds'] / 60:.0f} min)" for p in report["parts"]]),
+        *[_job_line(k, job) for k, job in enumerate(report.get("job_plan", []))],
         f"- Date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; {report.get('cpu', platform.machine())}, "
-        f"{os.cpu_count()} cores, torch threads {report.get('threads', 2)}, training precision "
+        f"{os.cpu_count()} cores, "
+        + (f"{report['jobs']} processes side by side with torch threads {report.get('threads', 1)} each"
+           if report.get("jobs", 1) > 1 else f"torch threads {report.get('threads', 2)}")
+        + ", training precision "
         f"{ {'no': 'fp32', 'bf16': 'bf16 autocast'}.get(report.get('precision', 'bf16'))}; total wall time "
         f"{report['seconds'] / 60:.0f} min" + (" (the longest process)" if "parts" in report else ""),
         f"- Base: `{report['model']}`; training seeds {', '.join(map(str, report['seeds']))}"

@@ -20,7 +20,8 @@ def quick(tmp_path_factory):
     """One ``--quick`` run of every task, the when-to-stop run and the previews check."""
     work = tmp_path_factory.mktemp("quality")
     lines: list[str] = []
-    assert quality.main(["--quick", "--seeds", "0", "--threads", "1", "--work", str(work),
+    # as two jobs side by side (child processes, 1 thread each): proves --jobs and the merge end to end
+    assert quality.main(["--quick", "--seeds", "0", "--jobs", "2", "--work", str(work),
                          "--doc", str(work / "quality.md")],
                         log=lines.append) == 0
     return work, json.loads((work / "results.json").read_text()), "\n".join(lines)
@@ -39,11 +40,15 @@ def test_quick_run_scores_every_task_for_base_and_difftune(quick):
             if task.kind == "subject":
                 assert {"prior_kept", "drift", "diversity"} <= set(scores)
         assert Path(report["grids"][task.name]).is_file()
-        trained = work / "runs" / f"{task.name}-difftune-0"
+        (trained,) = work.glob(f"job-*/runs/{task.name}-difftune-0")  # in the folder of the job that ran it
         assert (trained / "README.md").is_file()  # the run finished and exported
         assert f"`{task.name}`" in printed  # a table per task
     doc = (work / "quality.md").read_text()
     assert all(f"`{t.name}`" in doc for t in quality.TASKS) and "## When to stop" in doc
+    assert report["jobs"] == 2 and report["threads"] == 1 and "2 processes side by side" in doc
+    planned = [name for job in report["job_plan"] for name in job["tasks"]]
+    assert sorted(planned) == sorted(quality.TASK_NAMES)  # every task in exactly one job
+    assert "[job 0]" in printed and "[job 1]" in printed  # each job's progress reaches the caller's log
 
 
 @pytest.mark.slow
@@ -101,7 +106,7 @@ def test_an_interrupted_or_short_run_is_never_scored(tmp_path):
     done = RunResult(tmp_path, [], steps=10)
     assert quality.finished(done, 10, tmp_path) is done
     assert quality.finished(RunResult(tmp_path, [], steps=6, stopped_early=True), 10, tmp_path)
-    with pytest.raises(quality.Interrupted, match="interrupted at step 6 of 10"):
+    with pytest.raises(quality.Interrupted, match="interrupted after step 6 of 10"):
         quality.finished(RunResult(tmp_path, [], steps=6, interrupted=15), 10, tmp_path)
     with pytest.raises(quality.Interrupted, match="ended at step 6 of 10"):
         quality.finished(RunResult(tmp_path, [], steps=6), 10, tmp_path)
@@ -182,6 +187,64 @@ def test_difftune_and_the_scripts_train_in_the_precision_this_machine_runs_nativ
     reports = [{"rows": rows, "seconds": 1.0, "precision": p, "model": "m"} for p in ("no", "bf16")]
     with pytest.raises(SystemExit, match="different precisions"):
         quality.merge_reports(reports)
+
+
+def test_jobs_share_the_tasks_evenly_and_each_job_gets_the_runs_settings(tmp_path):
+    import quality_jobs
+
+    s = quality.Settings(work=tmp_path, overrides=("method.rank=4",), precision="no", cache_text=False)
+    tasks = list(quality.TASKS)
+    plan = quality_jobs.plan_jobs(tasks, 2, s, stop=True, previews=True, reference=True)
+    assert sorted(t.name for job in plan for t in job.tasks) == sorted(quality.TASK_NAMES)
+    costs = [sum(quality_jobs.task_cost(t, s, True) for t in job.tasks) for job in plan]
+    assert max(costs) - min(costs) <= max(quality_jobs.task_cost(t, s, True) for t in tasks)  # balanced
+    assert [job.stop for job in plan].count(True) == 1 and [job.previews for job in plan].count(True) == 1
+    # never more jobs than tasks; no job without a task
+    lone = quality_jobs.plan_jobs(tasks[:1], 4, s, stop=True, previews=False, reference=False)
+    assert len(lone) == 1 and lone[0].stop and not lone[0].previews
+
+    class Args:
+        threads, diffusers_examples, budget_minutes = 1, tmp_path / "diffusers", None
+
+    job = next(j for j in plan if not j.stop)
+    argv = quality_jobs.job_argv(Args, s, job, tmp_path / "job-0")
+    said = dict(zip(argv[::2], argv[1::2], strict=False))
+    assert said["--tasks"] == ",".join(t.name for t in job.tasks) and said["--work"] == str(tmp_path / "job-0")
+    assert said["--precision"] == "no" and said["--threads"] == "1"
+    assert {"--no-text-cache", "--no-stop", "--worker"} <= set(argv)
+    assert argv[argv.index("--set") + 1] == "method.rank=4"
+    assert argv[argv.index("--diffusers-examples") + 1] == str(tmp_path / "diffusers")
+
+
+def test_stopping_jobs_ends_even_one_that_ignores_sigint():
+    import signal
+    import subprocess
+    import time
+
+    import quality_jobs
+
+    stubborn = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGINT, "
+                                 "signal.SIG_IGN); print('ready', flush=True); time.sleep(60)"],
+                                stdout=subprocess.PIPE, text=True)
+    polite = subprocess.Popen([sys.executable, "-c", "import time; print('ready', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert stubborn.stdout.readline() == polite.stdout.readline() == "ready\n"
+    started = time.monotonic()
+    quality_jobs.stop_jobs([stubborn, polite], grace=1.0)
+    assert polite.returncode == -signal.SIGINT  # ended by the first SIGINT (Python's KeyboardInterrupt)
+    assert stubborn.returncode == -signal.SIGTERM  # after the grace period
+    assert time.monotonic() - started < 10
+
+
+def test_a_model_that_is_no_folder_is_refused_before_anything_runs(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        quality.main(["--model", str(tmp_path / "nowhere"), "--tasks", "style-lora", "--work", str(tmp_path / "w")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "nowhere" in err and "Traceback" not in err
+    assert not (tmp_path / "w").exists()
+    with pytest.raises(SystemExit) as exc:
+        quality.main(["--jobs", "0", "--work", str(tmp_path / "w")])
+    assert exc.value.code == 2 and "--jobs" in capsys.readouterr().err
 
 
 def test_text_cache_is_on_where_the_method_allows_and_off_when_asked(tmp_path):

@@ -58,7 +58,7 @@ def test_chained_interruptions_give_bit_identical_adapter_and_losses(tmp_path, t
     # 1st segment: SIGINT during step 1; the step finishes, a checkpoint is written, nothing is exported.
     _interrupt_at_micro_batch(monkeypatch, 1)
     first = train(_cfg(run_config, tiny_sd, shapes_data, out), log=messages.append)
-    assert first.interrupted == signal.SIGINT and first.files == []
+    assert first.interrupted == signal.SIGINT and first.files == [] and first.steps == 1  # where it stopped
     assert not (out / ADAPTER).exists()
     assert any("stopped by SIGINT after step 1" in m and "--set train.resume=latest" in m for m in messages)
     info = json.loads((out / "checkpoints" / "step-1" / "info.json").read_text())
@@ -69,7 +69,7 @@ def test_chained_interruptions_give_bit_identical_adapter_and_losses(tmp_path, t
     # 2nd segment: resumed, stopped by SIGTERM at the epoch boundary (after step 2).
     _interrupt_at_micro_batch(monkeypatch, 0, signal.SIGTERM)
     second = train(_cfg(run_config, tiny_sd, shapes_data, out, resume="latest"))
-    assert second.interrupted == signal.SIGTERM
+    assert second.interrupted == signal.SIGTERM and second.steps == 2
     info = json.loads((out / "checkpoints" / "step-2" / "info.json").read_text())
     assert (info["data"]["epoch"], info["data"]["batch"]) == (1, 0)
     losses += second.losses
@@ -77,7 +77,7 @@ def test_chained_interruptions_give_bit_identical_adapter_and_losses(tmp_path, t
     # 3rd segment: runs to the end.
     monkeypatch.undo()
     third = train(_cfg(run_config, tiny_sd, shapes_data, out, resume="latest"))
-    assert third.interrupted is None
+    assert third.interrupted is None and third.steps == 5
     losses += third.losses
 
     assert [s for s, _ in losses] == [1, 2, 3, 4, 5]

@@ -21,6 +21,7 @@ def finish(run: Run) -> RunResult:
     run.progress.close()
     result = run.result
     result.skipped_steps = run.guard.skipped
+    result.steps = run.step  # where it ended: the last step, or where a signal or early stopping stopped it
     if result.interrupted:
         run.live.finish("stopped")
         run.accelerator.end_training()

@@ -52,6 +52,8 @@ class RunResult:
 
     output_dir: Path
     files: list[Path]
+    #: The step the run ended at: ``train.max_steps`` when it finished, earlier when a signal or early
+    #: stopping ended it.
     steps: int
     losses: list[tuple[int, float]] = field(default_factory=list)
     samples: list[Path] = field(default_factory=list)
