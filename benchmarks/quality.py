@@ -414,16 +414,9 @@ def finished(result, steps: int, out: Path):
 
 def cpu_name() -> str:
     """The CPU's model name and whether it runs bf16 natively (what decides ``--precision auto``)."""
-    import platform
+    from difftune.compat import cpu_has_native_bf16, cpu_model
 
-    from difftune.compat import cpu_has_native_bf16
-
-    try:
-        name = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                     if line.startswith("model name")), "")
-    except OSError:
-        name = ""
-    return f"{name or platform.machine()}, {'native' if cpu_has_native_bf16() else 'no native'} bf16"
+    return f"{cpu_model()}, {'native' if cpu_has_native_bf16() else 'no native'} bf16"
 
 
 def fresh_accelerate_state() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -90,9 +91,10 @@ def test_env_prints_every_version_for_a_bug_report(tmp_path):
     out = result.stdout
     assert f"- Python: {sys.version.split()[0]}" in out
     assert f"- torch: {torch.__version__}" in out and "device: cpu" in out and "CUDA: no" in out
-    from difftune.compat import cpu_has_native_bf16
+    from difftune.compat import cpu_has_native_bf16, cpu_model
 
     assert ("CPU bf16: native" if cpu_has_native_bf16() else "CPU bf16: emulated") in out
+    assert f"CPU: {cpu_model()}" in out
     for name, module in [("diffusers", diffusers), ("transformers", transformers), ("peft", peft)]:
         assert f"- {name}: {module.__version__}" in out
     assert "- accelerate: " in out and "- difftune: " in out
@@ -134,3 +136,21 @@ def test_the_no_torchvision_fallback_notice_is_not_shown():
     assert notice in loud.stderr  # what a user would see without the filter
     quiet = subprocess.run([sys.executable, "-c", code, "quiet"], capture_output=True, text=True, check=True)
     assert notice not in quiet.stderr, quiet.stderr
+
+
+@pytest.mark.parametrize("flags, native", [("fpu avx2 avx512f avx512_bf16", True), ("fpu avx2 amx_bf16", True),
+                                           ("fpu avx2 avx512f", False)])
+def test_cpu_model_and_native_bf16_are_read_from_cpuinfo(tmp_path, monkeypatch, flags, native):
+    from difftune import compat
+
+    info = tmp_path / "cpuinfo"
+    info.write_text(f"processor\t: 0\nmodel name\t: Test CPU 9000\nflags\t\t: {flags}\n\nprocessor\t: 1\n")
+    monkeypatch.setattr(compat, "Path", lambda p: info if p == "/proc/cpuinfo" else Path(p))
+    compat.cpu_has_native_bf16.cache_clear()
+    try:
+        assert compat.cpu_model() == "Test CPU 9000" and compat.cpu_has_native_bf16() is native
+        info.unlink()  # no /proc/cpuinfo (not Linux): the machine type, and no native bf16 assumed
+        compat.cpu_has_native_bf16.cache_clear()
+        assert compat.cpu_model() == platform.machine() and compat.cpu_has_native_bf16() is False
+    finally:
+        compat.cpu_has_native_bf16.cache_clear()

@@ -196,18 +196,25 @@ def _range_note(req: Requirement | None, version: str | None) -> str:
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
-@functools.lru_cache(maxsize=1)
-def cpu_has_native_bf16() -> bool:
-    """True on CPUs whose flags include AVX-512 BF16 or AMX-BF16 (read from /proc/cpuinfo)."""
+def _cpuinfo(field: str) -> str:
+    """The first ``field`` line of /proc/cpuinfo ("model name", "flags"); "" where there is none."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            return any(flag in flags for flag in BF16_CPU_FLAGS)
-    return False
+        return ""
+    return next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith(field)), "")
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_native_bf16() -> bool:
+    """True on CPUs whose flags include AVX-512 BF16 or AMX-BF16 (read from /proc/cpuinfo)."""
+    flags = set(_cpuinfo("flags").split())
+    return any(flag in flags for flag in BF16_CPU_FLAGS)
+
+
+def cpu_model() -> str:
+    """The CPU's model name (e.g. "AMD EPYC"), or the machine type where /proc/cpuinfo has none."""
+    return _cpuinfo("model name") or platform.machine()
 
 
 def _torch_line() -> str:
@@ -228,6 +235,7 @@ def _torch_line() -> str:
     parts.append("MPS: yes" if mps is not None and mps.is_available() else "MPS: no")
     device = "cuda" if torch.cuda.is_available() else ("mps" if mps is not None and mps.is_available() else "cpu")
     parts.append(f"device: {device}, {torch.get_num_threads()} CPU threads")
+    parts.append(f"CPU: {cpu_model()}")
     parts.append("CPU bf16: native" if cpu_has_native_bf16() else
                  "CPU bf16: emulated (no avx512_bf16/amx_bf16; train.mixed_precision auto trains in fp32 on the CPU)")
     return "; ".join(parts)
