@@ -2,7 +2,7 @@
 
     nice -n 5 python benchmarks/quality.py [--model difftune:shapes] [--quick] [--seeds 0,1,2]
         [--tasks style-lora,subject-lora-prior,...] [--work DIR] [--doc docs/quality.md]
-        [--diffusers-examples DIR] [--threads N] [--precision auto|no|bf16]
+        [--diffusers-examples DIR] [--jobs N] [--threads N] [--precision auto|no|bf16]
 
 Fixed tasks on the embedded base (``--model``, default ``difftune:shapes``; any SD 1.x diffusers
 folder works), each trained through difftune's library API (``difftune.load_config`` and
@@ -37,7 +37,9 @@ cannot be installed beside the CPU torch wheel). Their results are scored the sa
 ``--quick`` trains every task for a few steps and scores a handful of images: it proves the
 harness and the judge run (the test suite runs it) and says nothing about quality.
 Results go to ``--work`` (``results.json``, grids per task); ``--doc`` writes the Markdown report.
-Thread count: ``--threads`` (default 2) sets torch's intra-op threads for the whole run.
+Thread count: ``--threads`` (default 2; 1 with ``--jobs``) sets torch's intra-op threads of each process.
+Processes: ``--jobs N`` splits the tasks over N worker processes side by side (``quality_jobs.py``); on a
+2-core CPU, ``--jobs 2`` does the whole benchmark in about half the wall time of one process.
 Precision: ``--precision`` (default ``auto``: bf16 where this machine runs it natively, fp32 elsewhere,
 as ``train.mixed_precision = "auto"`` picks) for difftune's runs and the scripts' ``--mixed_precision``
 alike; on a CPU without AVX-512 BF16 / AMX, bf16 is emulated and tens of times slower.
