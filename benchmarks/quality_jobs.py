@@ -90,6 +90,15 @@ def job_argv(args, s, job: Job, work: Path) -> list[str]:
     return argv
 
 
+def oversubscribed(jobs: int, threads: int, cores: int) -> str | None:
+    """A warning when the jobs' threads outnumber the cores: torch's OpenMP threads that wait for a core
+    spin, and every job runs many times slower (seen here: two 2-thread trainings on 2 cores, 20×)."""
+    if jobs * threads <= cores:
+        return None
+    return (f"quality: warning: {jobs} jobs × {threads} torch threads on {cores} cores: threads that wait for a "
+            "core spin and every job runs many times slower; use --threads 1 or fewer --jobs")
+
+
 def _forward(stream, prefix: str, log) -> None:
     for line in stream:
         log(f"{prefix}{line.rstrip()}")
@@ -118,8 +127,11 @@ def run_jobs(s, args, tasks, examples, command: str) -> dict | int:
     plan = plan_jobs(tasks, args.jobs, s, stop=not args.no_stop, previews=not args.no_previews,
                      reference=examples is not None)
     s.work.mkdir(parents=True, exist_ok=True)
+    (s.work / "results.json").unlink(missing_ok=True)  # written once every job has finished
     log(f"quality: {len(plan)} jobs side by side, {args.threads} torch thread(s) each "
         f"(their logs: {s.work}/job-N.log)")
+    if warning := oversubscribed(len(plan), args.threads, os.cpu_count() or 1):
+        log(warning)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONUNBUFFERED": "1"}
     started = time.perf_counter()
     procs, forwarders, folders = [], [], []

@@ -214,6 +214,9 @@ def test_jobs_share_the_tasks_evenly_and_each_job_gets_the_runs_settings(tmp_pat
     assert {"--no-text-cache", "--no-stop", "--worker"} <= set(argv)
     assert argv[argv.index("--set") + 1] == "method.rank=4"
     assert argv[argv.index("--diffusers-examples") + 1] == str(tmp_path / "diffusers")
+    # more threads than cores is said at the start
+    assert quality_jobs.oversubscribed(2, 1, 2) is None
+    assert "2 jobs × 2 torch threads on 2 cores" in quality_jobs.oversubscribed(2, 2, 2)
 
 
 def test_stopping_jobs_ends_even_one_that_ignores_sigint():
