@@ -171,7 +171,11 @@ def run_jobs(s, args, tasks, examples, command: str) -> dict | int:
             "no report was written."
             + (f" What the jobs measured: python benchmarks/quality.py --from-results {kept}" if kept else ""))
         return 130 if stopped else 1
-    report = quality.merge_reports([json.loads(p.read_text()) for p in results])
+    reports = [json.loads(p.read_text()) for p in results]
+    report = quality.merge_reports(reports)
+    skipped = sorted({seed for r in reports for seed in r.get("skipped_seeds", [])})
+    if skipped:  # --budget-minutes: a job that left seeds out says so in the merged report too
+        report["skipped_seeds"] = skipped
     report.update(command=command, seconds=seconds, jobs=len(plan),
                   job_plan=[{"tasks": [t.name for t in j.tasks], "stop": j.stop, "previews": j.previews,
                              "seconds": part["seconds"]}
