@@ -272,9 +272,13 @@ TASKS: tuple[Task, ...] = (
     Task("subject-lora-prior", "subject", f"subject as 'a {TRIGGER} {CLASS_NOUN}', DreamBooth LoRA + prior preservation",
          NOUN_ITEMS, SUBJECT_LORA, 1e-3, SUBJECT_STEPS, prior=True, reference="dreambooth/train_dreambooth_lora.py",
          noun=CLASS_NOUN),
+    # The full fine-tune trains the text encoder too (as the subject LoRAs do, and diffusers'
+    # train_dreambooth.py --train_text_encoder): with the UNet alone, "a sks diamond" and "a diamond" reach
+    # it as nearly the same embedding, and half the class images drifted to the star (seed 0: the star on
+    # 50 % and drift 50 % UNet-only, 94 % and 0 % with the text encoder; benchmarks/quality_notes.md).
     Task("subject-full-prior", "subject",
          f"subject as 'a {TRIGGER} {CLASS_NOUN}', full fine-tune + prior preservation", NOUN_ITEMS,
-         {"type": "full"}, 5e-5, SUBJECT_STEPS, prior=True, noun=CLASS_NOUN),
+         {"type": "full", "train_text_encoder": True}, 5e-5, SUBJECT_STEPS, prior=True, noun=CLASS_NOUN),
     Task("colour-ti", "token", "new colour, textual inversion", colour_items,
          {"type": "textual_inversion", "token": [TOKEN], "initializer_token": ["orange"], "templates": "none"},
          5e-3, COLOUR_STEPS, reference="textual_inversion/textual_inversion.py"),

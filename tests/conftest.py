@@ -12,6 +12,27 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "offline")
+# Under pytest-xdist (the README's `-n 2`) each worker takes its share of the cores, before torch starts:
+# two workers of 2 OpenMP threads on 2 cores spin against each other (many times slower: seen here),
+# while these small models train about as fast on one thread as on two.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
+#: The longest test files, longest first (seconds under `-n 2`, one thread each, on a 2-core CPU): started
+#: first, so that `--dist loadfile` never leaves one worker on the 10-minute demo while the other waits.
+LONGEST_FILES = ("tests/world/test_demo.py",  # 600
+                 "tests/training/test_distributed.py",  # 250
+                 "tests/ui/test_browser.py",  # 140
+                 "tests/world/test_learning.py",  # 115
+                 "tests/training/test_fsdp_features.py")  # 120
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item) -> int:
+        path = Path(str(item.path)).resolve().relative_to(Path(str(config.rootpath)).resolve()).as_posix()
+        return LONGEST_FILES.index(path) if path in LONGEST_FILES else len(LONGEST_FILES)
+
+    items.sort(key=rank)  # stable: every other test keeps its order
 
 
 @pytest.fixture(scope="session")
