@@ -87,6 +87,12 @@ def write_doc(report: dict, path: Path, notes: str = "") -> Path:
                   "|---|---|---|"]
         for p in previews:
             lines.append(f"| {p['precision']} | {p['generate_max_diff']} | {p['plain_max_diff']} |")
+        if any(p["precision"] != "no" for p in previews):
+            lines += ["", "In fp32 training (`no`) the preview is what real use draws, pixel for pixel. In bf16 "
+                      "training the preview is drawn by the run itself: its frozen base weights held in bf16 "
+                      "(`model.dtype = \"auto\"` follows the training precision) and the sampling under bf16 "
+                      "autocast, where `generate` and diffusers load the base in fp32; the difference is those "
+                      "roundings, not a different image."]
         lines.append("")
     grids = report.get("grids", {})
     if grids:

@@ -19,7 +19,8 @@ if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
     os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 #: The longest test files, longest first (seconds under `-n 2`, one thread each, on a 2-core CPU): started
-#: first, so that `--dist loadfile` never leaves one worker on the 10-minute demo while the other waits.
+#: first, so that `--dist loadfile` never leaves one worker on the 10-minute demo while the other waits
+#: (xdist would otherwise start the files with the most tests first: `pytest_configure` turns that off).
 LONGEST_FILES = ("tests/world/test_demo.py",  # 600
                  "tests/training/test_distributed.py",  # 250
                  "tests/ui/test_browser.py",  # 140
@@ -27,10 +28,15 @@ LONGEST_FILES = ("tests/world/test_demo.py",  # 600
                  "tests/training/test_fsdp_features.py")  # 120
 
 
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):  # pytest-xdist is installed
+        config.option.loadscopereorder = False
+
+
 def pytest_collection_modifyitems(config, items):
     def rank(item) -> int:
-        path = Path(str(item.path)).resolve().relative_to(Path(str(config.rootpath)).resolve()).as_posix()
-        return LONGEST_FILES.index(path) if path in LONGEST_FILES else len(LONGEST_FILES)
+        path = Path(str(item.path)).as_posix()
+        return next((k for k, name in enumerate(LONGEST_FILES) if path.endswith("/" + name)), len(LONGEST_FILES))
 
     items.sort(key=rank)  # stable: every other test keeps its order
 
