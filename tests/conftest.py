@@ -35,7 +35,7 @@ def pytest_configure(config):
 
 def pytest_collection_modifyitems(config, items):
     def rank(item) -> int:
-        path = Path(str(item.path)).as_posix()
+        path = item.path.as_posix()
         return next((k for k, name in enumerate(LONGEST_FILES) if path.endswith("/" + name)), len(LONGEST_FILES))
 
     items.sort(key=rank)  # stable: every other test keeps its order
