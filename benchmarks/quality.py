@@ -251,7 +251,7 @@ class Task:
 
 #: Settings follow `difftune demo` on this base (rank 16, lr 1e-3; the subject's new word is learnt by a
 #: LoRA on the text encoder too). Steps per kind, so that three seeds of every task, with the reference
-#: scripts, come near the hour on 2 cores: style 800, subject LoRAs 500, full fine-tune 1,000, colour 800 (the
+#: scripts, take 88 min on a 2-core AVX2 CPU in fp32: style 800, subject LoRAs 500, full fine-tune 1,000, colour 800 (the
 #: subject LoRA + prior scored as well at 500 steps as at 1,000 over three seeds, the star 96 % / 92 %, drift
 #: 13 % / 15 %; style lost 9 points at 400, the full fine-tune was measured at 1,000). Pivotal tuning's LoRA learns at
 #: 1e-4 and its token at 1e-2 (600 steps, seed 0: with the LoRA at 1e-3 the colour came out on 25 % with
