@@ -420,6 +420,12 @@ def finished(result, steps: int, out: Path):
     return result
 
 
+def utc_now() -> str:
+    import datetime
+
+    return f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M}"
+
+
 def cpu_name() -> str:
     """The CPU's model name and whether it runs bf16 natively (what decides ``--precision auto``)."""
     from difftune.compat import cpu_has_native_bf16, cpu_model
@@ -826,6 +832,7 @@ def run(s: Settings, tasks: Sequence[Task], examples: Path | None = None, stop: 
     def save() -> None:  # after every row, so a run cut short still leaves what it measured
         report["rows"] = [r.__dict__ for r in bench.rows]
         report["seconds"] = time.perf_counter() - started
+        report["finished"] = utc_now()  # the run's date, kept when the doc is written again (--from-results)
         (s.work / "results.json").write_text(json.dumps(report, indent=2))
 
     def one_seed(seed: int) -> None:
@@ -1023,6 +1030,10 @@ def merge_reports(reports: list[dict]) -> dict:
     merged["tasks"] = [name for name in TASK_NAMES if name in ran]
     merged["seeds"] = sorted({row["seed"] for row in merged["rows"] if row["seed"] is not None})
     merged["seconds"] = max(p["seconds"] for p in merged["parts"])
+    dates = [r["finished"] for r in reports if r.get("finished")]
+    merged.pop("finished", None)
+    if len(dates) == len(reports):  # the last to finish; a report without its date leaves the merged one without
+        merged["finished"] = max(dates)
     merged.pop("command", None)
     return merged
 

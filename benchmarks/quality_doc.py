@@ -30,7 +30,7 @@ def write_doc(report: dict, path: Path, notes: str = "") -> Path:
           ["- Reports merged (`--from-results`), each run its own tasks:"]
           + [f"  - `{p['command']}` ({p['seconds'] / 60:.0f} min)" for p in report["parts"]]),
         *[_job_line(k, job) for k, job in enumerate(report.get("job_plan", []))],
-        f"- Date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; {report.get('cpu', platform.machine())}, "
+        f"- {_date_text(report)}; {report.get('cpu', platform.machine())}, "
         f"{os.cpu_count()} cores, "
         + (f"{report['jobs']} processes side by side with torch threads {report.get('threads', 1)} each"
            if report.get("jobs", 1) > 1 else f"torch threads {report.get('threads', 2)}")
@@ -110,3 +110,11 @@ def write_doc(report: dict, path: Path, notes: str = "") -> Path:
 def _seeds_text(report: dict) -> str:
     seeds = [str(x) for x in report.get("eval_seeds", (0, 1))]
     return ", ".join(seeds[:-1]) + " and " + seeds[-1] if len(seeds) > 1 else seeds[0]
+
+
+def _date_text(report: dict) -> str:
+    """When the run finished (from its results), never when this page was written from them."""
+    if report.get("finished"):
+        return f"Date: {report['finished']} UTC (the run finished)"
+    return (f"Date: not in the results (a run made before they kept it); page written "
+            f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC")

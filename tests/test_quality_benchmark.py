@@ -46,6 +46,7 @@ def test_quick_run_scores_every_task_for_base_and_difftune(quick):
     doc = (work / "quality.md").read_text()
     assert all(f"`{t.name}`" in doc for t in quality.TASKS) and "## When to stop" in doc
     assert report["jobs"] == 2 and report["threads"] == 1 and "2 processes side by side" in doc
+    assert f"- Date: {report['finished']} UTC (the run finished)" in doc
     planned = [name for job in report["job_plan"] for name in job["tasks"]]
     assert sorted(planned) == sorted(quality.TASK_NAMES)  # every task in exactly one job
     assert "[job 0]" in printed and "[job 1]" in printed  # each job's progress reaches the caller's log
@@ -124,6 +125,25 @@ def test_reports_of_runs_made_side_by_side_merge_in_task_order():
     assert len(merged["rows"]) == 3 and merged["rows"][0]["scores"] == {}  # the first report's row is kept
     assert merged["seconds"] == 120.0 and [p["command"] for p in merged["parts"]] == ["a", "b"]
     assert merged["when_to_stop"] == {"curve": []} and merged["grids"] == {"colour-ti": "a.png"}
+    assert "finished" not in merged  # b's date is unknown: no date is made up for the merged runs
+    a["finished"], b["finished"] = "2026-01-01 11:00", "2026-01-01 10:00"
+    assert quality.merge_reports([a, b])["finished"] == "2026-01-01 11:00"  # the last to finish
+
+
+def test_the_doc_gives_the_date_the_run_finished_not_the_day_it_was_written(tmp_path):
+    """A page written again from results (--from-results) keeps the run's date; results from before runs
+    kept their date say so instead of passing the writing date off as the run's."""
+    import quality_doc
+
+    report = {"rows": [{"task": "colour-ti", "tool": "difftune", "seed": 0,
+                        "scores": {"concept": 0.5, "others": 1.0, "train_seconds": 3.0}}],
+              "seconds": 60.0, "command": "a", "grids": {}, "steps": {"colour-ti": 3}, "model": "m", "seeds": [0],
+              "tasks": ["colour-ti"], "finished": "2025-03-04 05:06"}
+    doc = quality_doc.write_doc(report, tmp_path / "q.md").read_text()
+    assert "- Date: 2025-03-04 05:06 UTC (the run finished)" in doc
+    del report["finished"]
+    doc = quality_doc.write_doc(report, tmp_path / "q.md").read_text()
+    assert "- Date: not in the results" in doc and "2025-03-04" not in doc
 
 
 def test_subject_tasks_put_the_class_noun_in_captions_prompts_class_prompt_and_the_reference(tmp_path):
