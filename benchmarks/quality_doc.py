@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
 import os
 import platform
 import shutil
@@ -116,5 +115,6 @@ def _date_text(report: dict) -> str:
     """When the run finished (from its results), never when this page was written from them."""
     if report.get("finished"):
         return f"Date: {report['finished']} UTC (the run finished)"
-    return (f"Date: not in the results (a run made before they kept it); page written "
-            f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC")
+    from quality import utc_now
+
+    return f"Date: not in the results (a run made before they kept it); page written {utc_now()} UTC"
