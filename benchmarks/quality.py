@@ -315,6 +315,10 @@ class Settings:
     #: Train difftune's subject tasks on the one instance prompt ("a sks diamond") that the DreamBooth paper
     #: and diffusers' script use, instead of each image's caption ("a red sks diamond on a grey background").
     instance_prompt: bool = False
+    #: Draw difftune's class images from each subject caption with the trigger taken out
+    #: (``prior_preservation.instance_word``: "a red diamond on a grey background") instead of from the one
+    #: class prompt "a diamond".
+    prior_from_captions: bool = False
     steps_scale: float = 1.0
     #: ``--set KEY=VALUE`` overrides applied to every difftune run (the reference scripts' runs are not
     #: changed), e.g. ``train.max_grad_norm=none``.
@@ -381,9 +385,11 @@ def task_config(task: Task, s: Settings, seed: int, data: Path, out: Path, *, st
         # DreamBooth's protocol, and what diffusers' script reads: one instance prompt for every image
         config["data"].update(instance_prompt=f"a {task.word}", caption_source="instance_prompt")
     if task.prior:
+        drawn = ({"instance_word": TRIGGER, "class_data": str(task.class_folder(s.work)) + "-captions"}
+                 if s.prior_from_captions else
+                 {"class_prompt": task.class_prompt, "class_data": str(task.class_folder(s.work))})
         config["prior_preservation"] = {
-            "class_prompt": task.class_prompt, "class_data": str(task.class_folder(s.work)),
-            "num_class_images": s.class_count(), "sample_steps": s.sample_steps, "guidance_scale": GUIDANCE,
+            **drawn, "num_class_images": s.class_count(), "sample_steps": s.sample_steps, "guidance_scale": GUIDANCE,
             "sample_batch_size": 8}
     if validation:
         config["validation"] = validation
@@ -1051,6 +1057,9 @@ def main(argv: Sequence[str] | None = None, log=print) -> int:
     parser.add_argument("--instance-prompt", action="store_true",
                         help="train difftune's subject tasks on the instance prompt 'a sks diamond' (as diffusers' "
                              "script does), not on each image's caption")
+    parser.add_argument("--prior-from-captions", action="store_true",
+                        help="draw difftune's class images from each subject caption without the trigger "
+                             "(prior_preservation.instance_word) instead of from the class prompt")
     parser.add_argument("--work", type=Path, default=Path("quality-work"), help="folder for data, runs, grids")
     parser.add_argument("--doc", type=Path, help="write the Markdown report here (e.g. docs/quality.md)")
     parser.add_argument("--diffusers-examples", type=Path, help="diffusers checkout (or its examples/ folder)")
@@ -1114,6 +1123,7 @@ def _main(args, parser, log, argv) -> int:
     s = Settings(model=args.model, work=args.work, seeds=tuple(int(x) for x in args.seeds.split(",")),
                  quick=args.quick, steps_scale=args.steps_scale, num_class_images=args.class_images,
                  cache_text=not args.no_text_cache, instance_prompt=args.instance_prompt,
+                 prior_from_captions=args.prior_from_captions,
                  overrides=tuple(args.overrides),
                  threads=args.threads, precision=args.precision, log=log)
     from difftune.compat import cpu_has_native_bf16

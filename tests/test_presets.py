@@ -67,7 +67,7 @@ def test_sd1_preset_trains_on_the_embedded_base(path, tmp_path):
         "train.checkpoint_every=0", "validation.every=0", "validation.steps=2", "validation.loss_every=0",
         "logging.report_to=none", "train.mixed_precision=bf16",  # fp16 presets need a CUDA GPU
     ]
-    if load_config(path, check_paths=False).prior_preservation.class_prompt:
+    if load_config(path, check_paths=False).prior_preservation.enabled:
         overrides += [f"prior_preservation.class_data={tmp_path / 'class'}", "prior_preservation.num_class_images=2",
                       "prior_preservation.sample_steps=2"]
     config = load_config(path, overrides=overrides)

@@ -172,6 +172,11 @@ def test_subject_tasks_put_the_class_noun_in_captions_prompts_class_prompt_and_t
     prior = config["prior_preservation"]
     assert prior["class_prompt"] == "a diamond"
     assert Path(prior["class_data"]) == tmp_path / "class-images-diamond"
+    # --prior-from-captions: class images from each caption without the trigger, in a folder of their own
+    captions = quality.task_config(noun, quality.Settings(work=tmp_path, quick=True, prior_from_captions=True), 0,
+                                   tmp_path, tmp_path)["prior_preservation"]
+    assert captions["instance_word"] == "sks" and "class_prompt" not in captions
+    assert Path(captions["class_data"]) == tmp_path / "class-images-diamond-captions"
     style = next(t for t in quality.TASKS if t.name == "style-lora")
     assert config["data"]["cache_dir"] != quality.task_config(style, s, 0, tmp_path, tmp_path)["data"]["cache_dir"]
 
@@ -212,7 +217,8 @@ def test_difftune_and_the_scripts_train_in_the_precision_this_machine_runs_nativ
 def test_jobs_share_the_tasks_evenly_and_each_job_gets_the_runs_settings(tmp_path):
     import quality_jobs
 
-    s = quality.Settings(work=tmp_path, overrides=("method.rank=4",), precision="no", cache_text=False)
+    s = quality.Settings(work=tmp_path, overrides=("method.rank=4",), precision="no", cache_text=False,
+                         prior_from_captions=True)
     tasks = list(quality.TASKS)
     plan = quality_jobs.plan_jobs(tasks, 2, s, stop=True, previews=True, reference=True)
     assert sorted(t.name for job in plan for t in job.tasks) == sorted(quality.TASK_NAMES)
@@ -231,7 +237,7 @@ def test_jobs_share_the_tasks_evenly_and_each_job_gets_the_runs_settings(tmp_pat
     said = dict(zip(argv[::2], argv[1::2], strict=False))
     assert said["--tasks"] == ",".join(t.name for t in job.tasks) and said["--work"] == str(tmp_path / "job-0")
     assert said["--precision"] == "no" and said["--threads"] == "1"
-    assert {"--no-text-cache", "--no-stop", "--worker"} <= set(argv)
+    assert {"--no-text-cache", "--no-stop", "--worker", "--prior-from-captions"} <= set(argv)
     assert argv[argv.index("--set") + 1] == "method.rank=4"
     assert argv[argv.index("--diffusers-examples") + 1] == str(tmp_path / "diffusers")
     # more threads than cores is said at the start

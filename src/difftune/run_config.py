@@ -52,9 +52,10 @@ def check_method(config: Config) -> None:
     if spec.trains_denoiser_weights and config.model.offload != "none":
         raise ConfigError(f'model.offload: "{config.model.offload}" offloads frozen weights; with method.type = '
                           f"{config.method.type!r} every denoiser weight trains. Use a LoRA method or offload = \"none\"")
-    if config.prior_preservation.class_prompt and not spec.supports_prior_preservation:
+    if config.prior_preservation.enabled and not spec.supports_prior_preservation:
         supported = " or ".join(f'"{n}"' for n in METHODS.names() if METHODS.get(n).supports_prior_preservation)
         raise ConfigError(
-            f"prior_preservation.class_prompt: method.type = {config.method.type!r} does not use prior "
+            f"prior_preservation.{'class_prompt' if config.prior_preservation.class_prompt else 'instance_word'}: "
+            f"method.type = {config.method.type!r} does not use prior "
             f"preservation; use {supported}, or remove the [prior_preservation] section"
         )

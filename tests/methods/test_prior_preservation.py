@@ -70,14 +70,15 @@ def test_class_images_are_generated_once_and_reused(train_run, tmp_path):
         train={"max_steps": 2},
     )
     first = train_run("first", **settings)
-    made = sorted((tmp_path / "cls").iterdir())
+    made = prior.class_images(tmp_path / "cls")
     assert [p.name for p in made] == ["class-00000.png", "class-00001.png"]
+    assert prior.recorded_prompts(tmp_path / "cls") == {p.name: "a photo of a shape" for p in made}
     assert any("generating 2 class images" in m for m in first.messages)
     stamps = [p.stat().st_mtime_ns for p in made]
 
     second = train_run("second", **settings)
     assert not any("generating" in m for m in second.messages)
-    assert [p.stat().st_mtime_ns for p in sorted((tmp_path / "cls").iterdir())] == stamps
+    assert [p.stat().st_mtime_ns for p in prior.class_images(tmp_path / "cls")] == stamps
     assert "Prior preservation" in (second.output_dir / "README.md").read_text()
 
 
@@ -90,6 +91,90 @@ def test_prior_preservation_config_errors(run_config, tiny_sd, shapes_data, tmp_
                           "method": {"type": "textual_inversion", "token": "<a>", "initializer_token": "dog"}})
     with pytest.raises(ConfigError, match="prior_preservation.class_prompt: required"):
         load_config(data={**base, "prior_preservation": {"class_data": "x"}})
+    with pytest.raises(ConfigError, match="set either class_prompt .* or instance_word"):
+        load_config(data={**base, "prior_preservation": {"class_prompt": "a dog", "instance_word": "sks",
+                                                         "class_data": "x"}})
+    with pytest.raises(ConfigError, match="prior_preservation.class_data: required with instance_word"):
+        load_config(data={**base, "prior_preservation": {"instance_word": "sks"}})
+    with pytest.raises(ConfigError, match="prior_preservation.instance_word: empty"):
+        load_config(data={**base, "prior_preservation": {"instance_word": " ", "class_data": "x"}})
+    with pytest.raises(ConfigError, match="prior_preservation.instance_word: method.type = 'textual_inversion'"):
+        load_config(data={**base, "prior_preservation": {"instance_word": "sks", "class_data": "x"},
+                          "method": {"type": "textual_inversion", "token": "<a>", "initializer_token": "dog"}})
+
+
+def _captioned(folder, captions):
+    """Tiny images captioned with ``captions`` (one image each)."""
+    import json
+
+    make_tiny_dataset(folder, n=len(captions), size=32, captions=False)
+    (folder / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"img_{i:03d}.png", "text": c}) + "\n"
+                                                   for i, c in enumerate(captions)))
+    return folder
+
+
+def test_instance_word_is_taken_out_as_a_whole_word_and_the_punctuation_tidied():
+    assert prior.without_word("a red sks diamond on a grey background", "sks") == "a red diamond on a grey background"
+    assert prior.without_word("sks, a dog on grass", "sks") == "a dog on grass"
+    assert prior.without_word("a dog, sks", "sks") == "a dog"
+    assert prior.without_word("a photo of SKS dog.", "sks") == "a photo of dog."
+    assert prior.without_word("a sksy dog", "sks") is None  # not the word
+    assert prior.without_word("a dog", "sks") is None
+
+
+def test_class_prompts_come_from_each_caption_without_the_instance_word(run_config, tiny_sd, tmp_path):
+    data = _captioned(tmp_path / "data", ["a red sks dog on grass", "a blue sks dog", "a red sks dog on grass",
+                                          "a cat on a sofa"])
+    raw = run_config(tiny_sd, data, tmp_path / "out",
+                     prior_preservation={"instance_word": "sks", "class_data": str(tmp_path / "cls")})
+    messages = []
+    assert prior.class_prompts(load_config(data=raw), messages.append) == ["a red dog on grass", "a blue dog"]
+    assert messages == ["prior preservation: 1 image(s) without 'sks' in the caption are not the subject's; "
+                        "no class prompt is drawn from them"]
+    # The word given as data.trigger (added to the captions at training time) marks every image.
+    raw["data"]["trigger"] = "sks"
+    raw["data"]["path"] = str(_captioned(tmp_path / "plain", ["a red dog", "a dog, sitting"]))
+    assert prior.class_prompts(load_config(data=raw), messages.append) == ["a red dog", "a dog, sitting"]
+    assert prior.class_plan(["a", "b"], 5) == ["a", "b", "a", "b", "a"]
+
+
+def test_instance_word_found_in_no_caption_or_only_word_is_refused(run_config, tiny_sd, tmp_path):
+    section = {"instance_word": "sks", "class_data": str(tmp_path / "cls")}
+    raw = run_config(tiny_sd, _captioned(tmp_path / "a", ["a red dog", "a blue dog"]), tmp_path / "out",
+                     prior_preservation=section)
+    with pytest.raises(ConfigError, match="no caption contains 'sks'"):
+        prior.class_prompts(load_config(data=raw))
+    raw = run_config(tiny_sd, _captioned(tmp_path / "b", ["a red sks dog", "sks"]), tmp_path / "out",
+                     prior_preservation=section)
+    with pytest.raises(ConfigError, match="the caption of img_001.png is only 'sks'"):
+        prior.class_prompts(load_config(data=raw))
+
+
+def test_class_images_drawn_from_the_captions_are_captioned_with_their_prompt(train_run, tmp_path):
+    """Each class image is generated from, recorded with and trained on its own prompt; images drawn for
+    another prompt (an earlier run's class_prompt) stay in the folder and are not used."""
+    data = _captioned(tmp_path / "data", ["a red sks shape", "a blue sks shape on black", "a red sks shape"])
+    common = dict(data={"resolution": 32}, train={"max_steps": 2})
+    cls = tmp_path / "cls"
+    train_run("fixed", data_path=data, prior_preservation={"class_prompt": "a shape", "class_data": str(cls),
+                                                           "num_class_images": 2, "sample_steps": 2}, **common)
+    section = {"instance_word": "sks", "class_data": str(cls), "num_class_images": 3, "sample_steps": 2}
+    result = train_run("captions", data_path=data, prior_preservation=section, **common)
+    recorded = prior.recorded_prompts(cls)
+    assert sorted(recorded.values()) == ["a blue shape on black", "a red shape", "a red shape", "a shape", "a shape"]
+    assert any("generating 3 class images for 2 prompts from the captions" in m for m in result.messages)
+    assert any("2 image(s) in" in m and "are not used" in m for m in result.messages), result.messages
+    assert "the captions without `sks`" in (result.output_dir / "README.md").read_text()
+    config = load_config(result.output_dir / "config.toml")
+    examples = prior.class_examples(config, None, None, torch.device("cpu"), is_main=False)
+    assert sorted(ex.caption for ex in examples) == ["a blue shape on black", "a red shape", "a red shape"]
+    assert all(recorded[ex.name] == ex.caption for ex in examples)
+
+
+def test_a_broken_line_in_the_class_prompts_file_is_named(tmp_path):
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "class-00000.png", "text": "a dog"}\nnot json\n')
+    with pytest.raises(prior.DifftuneError, match=r"metadata.jsonl, line 2: not a"):
+        prior.recorded_prompts(tmp_path)
 
 
 def test_class_images_are_cached_with_the_instance_images(run_config, tiny_sd, shapes_data, tmp_path):
@@ -153,7 +238,7 @@ def test_difftune_cache_fills_class_images_that_training_then_reuses(train_run, 
     )
     filled = fill_caches(load_config(data=run_config(tiny_sd, shapes_data, tmp_path / "out", **sections)),
                          log=lambda _m: None)
-    assert len(list((tmp_path / "cls").iterdir())) == 2  # generated by `difftune cache`
+    assert len(prior.class_images(tmp_path / "cls")) == 2  # generated by `difftune cache`
     assert filled.latent_stats.misses == len(filled.scan.examples) + 2
     result = train_run("out", **sections)
     assert any(m.startswith("latent cache") and "0 computed" in m for m in result.messages), result.messages

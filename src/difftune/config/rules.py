@@ -163,13 +163,21 @@ def check_data_options(config: Config) -> None:
 def check_prior_preservation(config: Config, check_paths: bool) -> None:
     """``[prior_preservation]`` is complete (whether the method uses it is the method's rule)."""
     prior = config.prior_preservation
-    if prior.class_prompt:
+    if prior.class_prompt and prior.instance_word:
+        raise ConfigError("prior_preservation.instance_word: set either class_prompt (one prompt for every class "
+                          "image) or instance_word (class prompts from the captions without that word), not both")
+    if prior.instance_word is not None and not prior.instance_word.strip():
+        raise ConfigError("prior_preservation.instance_word: empty; give the word that marks the subject in the "
+                          "captions (e.g. \"sks\")")
+    if prior.enabled:
+        key = "class_prompt" if prior.class_prompt else "instance_word"
         if not prior.class_data:
-            raise ConfigError("prior_preservation.class_data: required with class_prompt (a folder for class images)")
+            raise ConfigError(f"prior_preservation.class_data: required with {key} (a folder for class images)")
         if check_paths and Path(prior.class_data).expanduser().is_file():
             raise ConfigError(f"prior_preservation.class_data: {prior.class_data} is a file, not a folder")
     elif prior.class_data:
-        raise ConfigError("prior_preservation.class_prompt: required when class_data is set")
+        raise ConfigError("prior_preservation.class_prompt: required when class_data is set (or instance_word, "
+                          "to draw the class images from the captions)")
 
 
 def check_samples(config: Config) -> None:

@@ -583,7 +583,15 @@ class PriorPreservationConfig:
     """DreamBooth prior preservation (with `lora` or `full`): class images keep the model's idea of the class."""
 
     class_prompt: str | None = opt(
-        None, "Prompt of the class, e.g. `a photo of dog`. Setting it turns prior preservation on."
+        None, "Prompt of the class, e.g. `a photo of dog`. Setting it (or `instance_word`) turns prior "
+        "preservation on."
+    )
+    instance_word: str | None = opt(
+        None,
+        "Instead of `class_prompt`: draw the class images from the instance captions with this word taken "
+        "out (`a red sks dog on grass` -> `a red dog on grass`), so that prior preservation guards the "
+        "colours, places and styles the captions teach as well as the class word. Every caption must "
+        "contain the word (or get it as `data.trigger`). Setting it turns prior preservation on.",
     )
     class_data: str | None = opt(
         None,
@@ -595,6 +603,11 @@ class PriorPreservationConfig:
     sample_steps: int = opt(25, "Inference steps per generated class image.", min=1, max=1000)
     guidance_scale: float = opt(7.0, "Classifier-free guidance scale for generated class images.", min=0.0)
     sample_batch_size: int = opt(4, "Class images generated per pipeline call.", min=1, max=256)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether prior preservation is on (a class prompt, or class prompts from the captions)."""
+        return bool(self.class_prompt or self.instance_word)
 
 
 @dataclass

@@ -1,13 +1,18 @@
 """DreamBooth prior preservation: class images, generated once with the base model, paired with instance images.
 
-Every micro-batch holds the instance images followed by as many class images, captioned with
-``prior_preservation.class_prompt``; ``Batch.loss_weights`` gives instance images weight 1 and
+Every micro-batch holds the instance images followed by as many class images, each captioned with
+the prompt it was drawn from (``prior_preservation.class_prompt``, or with ``instance_word`` an instance
+caption without that word); ``Batch.loss_weights`` gives instance images weight 1 and
 class images ``prior_preservation.loss_weight``. The loss is the mean of weight × loss over the
 batch, i.e. (instance loss + weight × prior loss) / 2.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import re
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -18,30 +23,112 @@ from difftune.config.schema import Config, PriorPreservationConfig
 from difftune.data.batch import Batch, Item, collate
 from difftune.data.dataset import ImageCaptionDataset
 from difftune.data.probe import Problem, probe_image
-from difftune.data.sources import IMAGE_SUFFIXES, Example
-from difftune.errors import DifftuneError
+from difftune.data.sources import IMAGE_SUFFIXES, Example, scan
+from difftune.errors import ConfigError, DifftuneError
 
 
 def class_images(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
 
 
-def generate_class_images(cfg: PriorPreservationConfig, family, components, device: torch.device,
-                          resolution: int, seed: int, log=print) -> list[Path]:
+#: The prompt of each generated class image, one JSON line per image (``file_name``, ``text``), written
+#: before the image itself: an interrupted run leaves at most a line without its image, never an image
+#: drawn from an unknown prompt. Images without a line are the user's own.
+PROMPTS_FILE = "metadata.jsonl"
+
+
+def recorded_prompts(folder: Path) -> dict[str, str]:
+    """``file name -> prompt`` of the class images difftune generated into ``folder``."""
+    path = folder / PROMPTS_FILE
+    if not path.is_file():
+        return {}
+    prompts = {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+            prompts[str(entry["file_name"])] = str(entry["text"])
+        except (ValueError, KeyError, TypeError):
+            raise DifftuneError(f"{path}, line {number}: not a {{\"file_name\", \"text\"}} JSON line ({line[:80]!r}); "
+                                "fix or delete that line (or the class folder, to generate the class images "
+                                "again)") from None
+    return prompts
+
+
+def without_word(caption: str, word: str) -> str | None:
+    """``caption`` with ``word`` taken out (whole word, any case) and the spacing and commas around it tidied;
+    ``None`` when the caption does not contain it."""
+    pattern = re.compile(rf"(?<!\w){re.escape(word)}(?!\w)", re.IGNORECASE)
+    if not pattern.search(caption):
+        return None
+    text = pattern.sub(" ", caption)
+    text = re.sub(r"\s+([,.;:])", r"\1", re.sub(r"\s{2,}", " ", text)).strip()
+    text = re.sub(r"^[,.;:]\s*|\s*,$", "", re.sub(r"([,;:])(\s*[,;:])+", r"\1", text)).strip()
+    return text
+
+
+def class_prompts(config: Config, log=print) -> list[str]:
+    """The prompts class images are drawn from: ``class_prompt``, or (``instance_word``) every distinct
+    instance caption with that word taken out, in the data's order."""
+    cfg = config.prior_preservation
+    if cfg.class_prompt:
+        return [cfg.class_prompt]
+    word = cfg.instance_word.strip()
+    prompts: list[str] = []
+    others = 0
+    for ex in scan(config.data).examples:
+        text = without_word(ex.caption, word)
+        if text is None and ex.trigger.strip().lower() == word.lower():  # the trigger is added at training time
+            text = ex.caption.strip()
+        if text is None:
+            others += 1
+        elif not text:
+            raise ConfigError(f"prior_preservation.instance_word: the caption of {ex.name} is only {word!r}; "
+                              "without it nothing is left to draw a class image from. Write what the image "
+                              "shows around the word (\"a photo of sks dog\"), or use class_prompt")
+        elif text not in prompts:
+            prompts.append(text)
+    if not prompts:
+        raise ConfigError(f"prior_preservation.instance_word: no caption contains {word!r} (nor is it data.trigger); "
+                          "give the word that marks the subject in the captions, or use class_prompt")
+    if others:
+        log(f"prior preservation: {others} image(s) without {word!r} in the caption are not the subject's; "
+            "no class prompt is drawn from them")
+    return prompts
+
+
+def class_plan(prompts: list[str], count: int) -> list[str]:
+    """The prompt of each of ``count`` class images: the prompts in turn (the first ones once more when
+    ``count`` is not a multiple)."""
+    return [prompts[i % len(prompts)] for i in range(count)]
+
+
+def generate_class_images(cfg: PriorPreservationConfig, prompts: list[str], family, components,
+                          device: torch.device, resolution: int, seed: int, log=print) -> list[Path]:
     """Generate the missing class images with the base model into ``cfg.class_data``; return the new files.
 
-    Call this before the method changes the model. Image ``i`` uses seed ``seed + i``, so a run that
-    was interrupted continues with the same images it would have made.
+    ``prompts`` are drawn in turn (:func:`class_plan`); the images the folder already has count for their
+    recorded prompt, or for ``class_prompt`` when they have none (the user's own). Call this before the
+    method changes the model. Planned image ``i`` uses seed ``seed + i``, so a run that was interrupted
+    continues with the same images it would have made.
     """
     folder = Path(cfg.class_data).expanduser()
     folder.mkdir(parents=True, exist_ok=True)
-    have = len(class_images(folder))
-    missing = cfg.num_class_images - have
-    if missing <= 0:
+    have = Counter(_prompt_of(path, recorded_prompts(folder), cfg) for path in class_images(folder))
+    todo = []
+    for i, prompt in enumerate(class_plan(prompts, cfg.num_class_images)):
+        if have[prompt] > 0:
+            have[prompt] -= 1
+        else:
+            todo.append((i, prompt))
+    if not todo:
         return []
-    log(f"prior preservation: generating {missing} class images for {cfg.class_prompt!r} into {folder}")
+    what = repr(prompts[0]) if len(prompts) == 1 else f"{len(prompts)} prompts from the captions"
+    log(f"prior preservation: generating {len(todo)} class images for {what} into {folder}")
     modules = (components.denoiser, components.vae, *components.text_encoders)
     for module in modules:
         module.to(device)
@@ -50,48 +137,75 @@ def generate_class_images(cfg: PriorPreservationConfig, family, components, devi
     written = []
     index = 0
     with torch.no_grad():
-        todo = list(range(have, cfg.num_class_images))
         for start in range(0, len(todo), cfg.sample_batch_size):
             chunk = todo[start:start + cfg.sample_batch_size]
-            generators = [torch.Generator(device="cpu").manual_seed(seed + i) for i in chunk]
+            generators = [torch.Generator(device="cpu").manual_seed(seed + i) for i, _ in chunk]
             images = pipe(
-                [cfg.class_prompt] * len(chunk), num_inference_steps=cfg.sample_steps,
+                [prompt for _, prompt in chunk], num_inference_steps=cfg.sample_steps,
                 guidance_scale=cfg.guidance_scale, height=resolution, width=resolution, generator=generators,
             ).images
-            for image in images:
+            for image, (_, prompt) in zip(images, chunk, strict=True):
                 while (folder / f"class-{index:05d}.png").exists():
                     index += 1
                 path = folder / f"class-{index:05d}.png"
-                image.save(path)
+                with open(folder / PROMPTS_FILE, "a", encoding="utf-8") as f:  # the prompt first (see PROMPTS_FILE)
+                    f.write(json.dumps({"file_name": path.name, "text": prompt}) + "\n")
+                partial = path.with_name(f".{path.name}.partial.png")
+                image.save(partial)
+                os.replace(partial, path)
                 written.append(path)
     del pipe
     return written
+
+
+def _prompt_of(path: Path, recorded: dict[str, str], cfg: PriorPreservationConfig) -> str | None:
+    """The prompt a class image stands for: the one it was generated from, else (the user's own images)
+    ``class_prompt`` (``None`` with ``instance_word``: an image of unknown prompt is not used)."""
+    return recorded.get(path.name, cfg.class_prompt)
 
 
 def class_examples(config: Config, family, components, device: torch.device, *, is_main: bool = True,
                    barrier=lambda: None, log=print) -> list[Example]:
     """The class examples of this run (``[]`` without prior preservation), generating missing ones first.
 
+    Each is captioned with the prompt it was drawn from. Images in the folder generated for a prompt this
+    run does not draw (another class prompt, or captions that changed) are left there and not used.
     Only the main process generates (on ``device``); ``barrier`` makes the others wait for it.
     """
     cfg = config.prior_preservation
-    if not cfg.class_prompt:
+    if not cfg.enabled:
         return []
+    prompts = class_prompts(config, log if is_main else (lambda _: None))
     if is_main:
-        generate_class_images(cfg, family, components, device, resolutions(config.data)[0], config.train.seed, log)
+        generate_class_images(cfg, prompts, family, components, device, resolutions(config.data)[0],
+                              config.train.seed, log)
     barrier()
-    paths = class_images(Path(cfg.class_data).expanduser())[: cfg.num_class_images]
-    if not paths:
+    folder = Path(cfg.class_data).expanduser()
+    recorded = recorded_prompts(folder)
+    wanted = Counter(class_plan(prompts, cfg.num_class_images))
+    chosen: list[tuple[Path, str]] = []
+    unused = 0
+    for path in class_images(folder):
+        prompt = _prompt_of(path, recorded, cfg)
+        if wanted[prompt] > 0:
+            wanted[prompt] -= 1
+            chosen.append((path, prompt))
+        else:
+            unused += 1
+    if not chosen:
         raise DifftuneError(f"prior_preservation.class_data: no images in {cfg.class_data}")
+    if unused and is_main:
+        log(f"prior preservation: {unused} image(s) in {folder} are not used (drawn for other prompts, or more "
+            "than num_class_images)")
     # Probed like training images: the size and byte digest key the latent cache, and a bad file
     # in a folder of the user's own class images is named and skipped.
     examples = []
-    for path in paths:
+    for path, prompt in chosen:
         info = probe_image(path, min_size=config.data.min_size, max_pixels=config.data.max_pixels)
         if isinstance(info, Problem):
             log(f"skipping class image {info.line}")
             continue
-        examples.append(Example(path, cfg.class_prompt, path.name, info.size, info.digest))
+        examples.append(Example(path, prompt, path.name, info.size, info.digest))
     if not examples:
         raise DifftuneError(f"prior_preservation.class_data: no usable images in {cfg.class_data} (see above)")
     return examples

@@ -135,9 +135,10 @@ def training_facts(run: Run) -> dict[str, object]:
         best_step, best_loss = min(result.val_losses, key=lambda sl: sl[1])
         facts["Held-out loss"] = (f"{result.val_losses[-1][1]:.5f} at the end, best {best_loss:.5f} at step "
                                   f"{best_step}" + (" (stopped early)" if result.stopped_early else ""))
-    if config.prior_preservation.class_prompt:
-        pp = config.prior_preservation
-        facts["Prior preservation"] = f"`{pp.class_prompt}`, {pp.num_class_images} class images, weight {pp.loss_weight}"
+    pp = config.prior_preservation
+    if pp.enabled:
+        drawn = f"`{pp.class_prompt}`" if pp.class_prompt else f"the captions without `{pp.instance_word}`"
+        facts["Prior preservation"] = f"{drawn}, {pp.num_class_images} class images, weight {pp.loss_weight}"
     return facts
 
 

@@ -104,7 +104,7 @@ def loads_once(config: Config, source: ModelSource) -> bool:
     device, shard it and receive their shards). Needs a diffusers folder or Hub id, an unquantised,
     not offloaded denoiser, and no class images to make (they are made with the denoiser)."""
     return (config.train.distributed == "fsdp" and source.kind != "single_file" and config.model.quantize == "none"
-            and config.model.offload == "none" and not config.prior_preservation.class_prompt)
+            and config.model.offload == "none" and not config.prior_preservation.enabled)
 
 
 def encodes_first(config: Config, source: ModelSource) -> bool:
@@ -117,7 +117,7 @@ def encodes_first(config: Config, source: ModelSource) -> bool:
     cfg = config.data
     return (cfg.cache_latents and cfg.cache_text and not config.method.train_text_encoder and not config.method.token
             and not METHODS.get(config.method.type).trains_denoiser_weights
-            and not config.prior_preservation.class_prompt and source.kind != "single_file")
+            and not config.prior_preservation.enabled and source.kind != "single_file")
 
 
 def _move_encoders(components: Components, device: torch.device) -> None:
