@@ -14,7 +14,8 @@ scored by the world's judge (``difftune.world.judge``) on prompts the training d
 - subject (DreamBooth LoRA with and without prior preservation, full fine-tune with prior
   preservation), as the DreamBooth paper sets it: the held-out ``star`` from 5 images, bound to the
   rare token ``sks`` before a class noun ("a red sks diamond on a grey background"); scored on
-  colours and backgrounds no training image had; prior preservation on the class prompt "a diamond"
+  colours and backgrounds no training image had; prior preservation (difftune's class images drawn
+  from each caption without ``sks``, "a red diamond on a grey background"; the script's from "a diamond")
   = diamonds judged against the base's for the same prompts and seeds (kept, or drifted to the
   subject: the class word taken over, the paper's language drift); diversity = distinct (size,
   position) of the subject when the prompt names neither;
@@ -70,7 +71,7 @@ STYLE = "outline"
 COLOUR = "brown"
 TOKEN = "<brn>"
 #: The subject tasks' class noun, written as the DreamBooth paper does ("a sks dog"): captions say
-#: "a red sks diamond", the class prompt is "a diamond", drift is measured on diamonds.
+#: "a red sks diamond", the class images are diamonds, drift is measured on diamonds.
 CLASS_NOUN = "diamond"
 RESOLUTION = 64
 
@@ -251,13 +252,14 @@ class Task:
 
 #: Settings follow `difftune demo` on this base (rank 16, lr 1e-3; the subject's new word is learnt by a
 #: LoRA on the text encoder too). Steps per kind, so that three seeds of every task, with the reference
-#: scripts, take 88 min on a 2-core AVX2 CPU in fp32: style 800, subject LoRAs 500, full fine-tune 1,000, colour 800 (the
-#: subject LoRA + prior scored as well at 500 steps as at 1,000 over three seeds, the star 96 % / 92 %, drift
-#: 13 % / 15 %; style lost 9 points at 400, the full fine-tune was measured at 1,000). Pivotal tuning's LoRA learns at
+#: scripts, fit in about 80 min on a 2-core AVX2 CPU in fp32: style 800, subject 500, colour 800 (the subject
+#: LoRA + prior scored as well at 500 steps as at 1,000 over three seeds, the star 96 % / 92 %, drift 13 % / 15 %;
+#: the full fine-tune at 500 with class images from the captions as well as at 1,000 from the class prompt;
+#: style lost 9 points at 400: benchmarks/quality_notes.md). Pivotal tuning's LoRA learns at
 #: 1e-4 and its token at 1e-2 (600 steps, seed 0: with the LoRA at 1e-3 the colour came out on 25 % with
 #: 75 % of the other attributes right; at 1e-4, 56 % / 94 %, and with the token at 1e-2, 62 % / 94 %).
 #: LoKr learns at 4e-3 (seed 0, 800 steps: the outline on 14 % at 1e-3, 50 % at 4e-3, 43 % at 1e-2).
-STYLE_STEPS, SUBJECT_STEPS, FULL_STEPS, COLOUR_STEPS = 800, 500, 1000, 800
+STYLE_STEPS, SUBJECT_STEPS, COLOUR_STEPS = 800, 500, 800
 SUBJECT_LORA = {"type": "lora", "rank": 16, "train_text_encoder": True}
 NOUN_ITEMS = partial(subject_items, f"{TRIGGER} {CLASS_NOUN}")
 TASKS: tuple[Task, ...] = (
@@ -268,7 +270,7 @@ TASKS: tuple[Task, ...] = (
     Task("style-lokr", "style", "style, LoKr", style_items, {"type": "lora", "rank": 16, "variant": "lokr"}, 4e-3,
          STYLE_STEPS),
     # DreamBooth as the paper sets it: every caption names the class noun after the token ("a red sks
-    # diamond"), prior preservation draws "a diamond", and language drift is measured on diamonds.
+    # diamond"), prior preservation draws diamonds, and language drift is measured on diamonds.
     Task("subject-lora", "subject", f"subject as 'a {TRIGGER} {CLASS_NOUN}', DreamBooth LoRA", NOUN_ITEMS,
          SUBJECT_LORA, 1e-3, SUBJECT_STEPS, noun=CLASS_NOUN),
     Task("subject-lora-prior", "subject", f"subject as 'a {TRIGGER} {CLASS_NOUN}', DreamBooth LoRA + prior preservation",
@@ -280,7 +282,7 @@ TASKS: tuple[Task, ...] = (
     # 50 % and drift 50 % UNet-only, 94 % and 0 % with the text encoder; benchmarks/quality_notes.md).
     Task("subject-full-prior", "subject",
          f"subject as 'a {TRIGGER} {CLASS_NOUN}', full fine-tune + prior preservation", NOUN_ITEMS,
-         {"type": "full", "train_text_encoder": True}, 5e-5, FULL_STEPS, prior=True, noun=CLASS_NOUN),
+         {"type": "full", "train_text_encoder": True}, 5e-5, SUBJECT_STEPS, prior=True, noun=CLASS_NOUN),
     Task("colour-ti", "token", "new colour, textual inversion", colour_items,
          {"type": "textual_inversion", "token": [TOKEN], "initializer_token": ["orange"], "templates": "none"},
          5e-3, COLOUR_STEPS, reference="textual_inversion/textual_inversion.py"),
@@ -316,9 +318,9 @@ class Settings:
     #: and diffusers' script use, instead of each image's caption ("a red sks diamond on a grey background").
     instance_prompt: bool = False
     #: Draw difftune's class images from each subject caption with the trigger taken out
-    #: (``prior_preservation.instance_word``: "a red diamond on a grey background") instead of from the one
-    #: class prompt "a diamond".
-    prior_from_captions: bool = False
+    #: (``prior_preservation.instance_word``: "a red diamond on a grey background"); ``--prior-class-prompt``:
+    #: from the one class prompt "a diamond", as diffusers' script does (benchmarks/quality_notes.md compares them).
+    prior_from_captions: bool = True
     steps_scale: float = 1.0
     #: ``--set KEY=VALUE`` overrides applied to every difftune run (the reference scripts' runs are not
     #: changed), e.g. ``train.max_grad_norm=none``.
@@ -833,7 +835,8 @@ def run(s: Settings, tasks: Sequence[Task], examples: Path | None = None, stop: 
     report = {"rows": [], "quick": s.quick, "seeds": [], "seeds_asked": list(s.seeds), "model": s.model,
               "tasks": [], "steps": {t.name: s.steps(t) for t in tasks}, "threads": s.threads, "precision": s.precision,
               "cpu": cpu_name(),
-              "eval_seeds": list(s.eval_seeds), "sample_steps": s.sample_steps}
+              "eval_seeds": list(s.eval_seeds), "sample_steps": s.sample_steps,
+              "class_images": "captions" if s.prior_from_captions else "class prompt"}
 
     def save() -> None:  # after every row, so a run cut short still leaves what it measured
         report["rows"] = [r.__dict__ for r in bench.rows]
@@ -1018,6 +1021,10 @@ def merge_reports(reports: list[dict]) -> dict:
     if len(precisions) > 1:  # fp32 and bf16 scores side by side in one table would compare unlike runs
         raise SystemExit(f"--from-results: these runs trained in different precisions ({', '.join(sorted(precisions))}); "
                          "merge only runs made with the same --precision")
+    drawn = {r.get("class_images", "class prompt") for r in reports}
+    if len(drawn) > 1:  # prior preservation's scores depend on what the class images were drawn from
+        raise SystemExit("--from-results: these runs drew difftune's class images differently (from the captions "
+                         "in one, from the class prompt in another: --prior-class-prompt); merge only runs made alike")
     merged = {**reports[0], "rows": [], "grids": {}, "steps": {}, "parts": []}
     seen = set()
     for r in reports:
@@ -1057,9 +1064,9 @@ def main(argv: Sequence[str] | None = None, log=print) -> int:
     parser.add_argument("--instance-prompt", action="store_true",
                         help="train difftune's subject tasks on the instance prompt 'a sks diamond' (as diffusers' "
                              "script does), not on each image's caption")
-    parser.add_argument("--prior-from-captions", action="store_true",
-                        help="draw difftune's class images from each subject caption without the trigger "
-                             "(prior_preservation.instance_word) instead of from the class prompt")
+    parser.add_argument("--prior-class-prompt", action="store_true",
+                        help="draw difftune's class images from the one class prompt 'a diamond' (as diffusers' "
+                             "script does) instead of from each subject caption without the trigger")
     parser.add_argument("--work", type=Path, default=Path("quality-work"), help="folder for data, runs, grids")
     parser.add_argument("--doc", type=Path, help="write the Markdown report here (e.g. docs/quality.md)")
     parser.add_argument("--diffusers-examples", type=Path, help="diffusers checkout (or its examples/ folder)")
@@ -1123,7 +1130,7 @@ def _main(args, parser, log, argv) -> int:
     s = Settings(model=args.model, work=args.work, seeds=tuple(int(x) for x in args.seeds.split(",")),
                  quick=args.quick, steps_scale=args.steps_scale, num_class_images=args.class_images,
                  cache_text=not args.no_text_cache, instance_prompt=args.instance_prompt,
-                 prior_from_captions=args.prior_from_captions,
+                 prior_from_captions=not args.prior_class_prompt,
                  overrides=tuple(args.overrides),
                  threads=args.threads, precision=args.precision, log=log)
     from difftune.compat import cpu_has_native_bf16

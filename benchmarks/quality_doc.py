@@ -58,7 +58,8 @@ def write_doc(report: dict, path: Path, notes: str = "") -> Path:
               "prompt states; *class images kept*: class-noun prompts (\"a diamond\", diamonds in seven colours "
               "and backgrounds) whose shape is the base's at the same seed; *drifted*: of those, turned into the "
               "subject; *subject poses*: distinct (size, position) of the subject when the prompt names neither; "
-              "*train time*: the training run's wall time (the script's: its whole process).", "", tables(report)]
+              "*train time*: the training run's wall time (the script's: its whole process). " + _class_images_text(report),
+              "", tables(report)]
     stop = report.get("when_to_stop")
     if stop:
         lines += ["## When to stop", "",
@@ -104,6 +105,15 @@ def write_doc(report: dict, path: Path, notes: str = "") -> Path:
             lines += [f"**{label}**", "", f"![{name}](quality/{target.name})", ""]
     path.write_text("\n".join(lines).rstrip() + "\n")
     return path
+
+
+def _class_images_text(report: dict) -> str:
+    """What prior preservation's class images were drawn from (results without the field predate the choice)."""
+    if report.get("class_images") == "captions":
+        return ("Prior preservation: difftune draws its class images from each subject caption with `sks` taken "
+                "out (`prior_preservation.instance_word`: \"a red diamond on a grey background\"), diffusers' "
+                "script from its one class prompt \"a diamond\"; 24 class images each.")
+    return "Prior preservation: difftune and diffusers' script draw their 24 class images from \"a diamond\"."
 
 
 def _seeds_text(report: dict) -> str:

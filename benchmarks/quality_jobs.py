@@ -81,7 +81,7 @@ def job_argv(args, s, job: Job, work: Path) -> list[str]:
     argv += ["--quick"] if s.quick else []
     argv += [] if s.cache_text else ["--no-text-cache"]
     argv += ["--instance-prompt"] if s.instance_prompt else []
-    argv += ["--prior-from-captions"] if s.prior_from_captions else []
+    argv += [] if s.prior_from_captions else ["--prior-class-prompt"]
     argv += ["--diffusers-examples", str(args.diffusers_examples)] if args.diffusers_examples else []
     argv += ["--budget-minutes", repr(args.budget_minutes)] if args.budget_minutes is not None else []
     for override in s.overrides:

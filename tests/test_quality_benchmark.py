@@ -128,6 +128,9 @@ def test_reports_of_runs_made_side_by_side_merge_in_task_order():
     assert "finished" not in merged  # b's date is unknown: no date is made up for the merged runs
     a["finished"], b["finished"] = "2026-01-01 11:00", "2026-01-01 10:00"
     assert quality.merge_reports([a, b])["finished"] == "2026-01-01 11:00"  # the last to finish
+    a["class_images"] = "captions"  # b predates the field: its class images came from the class prompt
+    with pytest.raises(SystemExit, match="drew difftune's class images differently"):
+        quality.merge_reports([a, b])
 
 
 def test_the_doc_gives_the_date_the_run_finished_not_the_day_it_was_written(tmp_path):
@@ -141,6 +144,10 @@ def test_the_doc_gives_the_date_the_run_finished_not_the_day_it_was_written(tmp_
               "tasks": ["colour-ti"], "finished": "2025-03-04 05:06"}
     doc = quality_doc.write_doc(report, tmp_path / "q.md").read_text()
     assert "- Date: 2025-03-04 05:06 UTC (the run finished)" in doc
+    assert "draw their 24 class images from \"a diamond\"" in doc  # results from before the choice
+    report["class_images"] = "captions"
+    doc = quality_doc.write_doc(report, tmp_path / "q.md").read_text()
+    assert "difftune draws its class images from each subject caption" in doc
     del report["finished"]
     doc = quality_doc.write_doc(report, tmp_path / "q.md").read_text()
     assert "- Date: not in the results" in doc and "2025-03-04" not in doc
@@ -162,7 +169,7 @@ def test_subject_tasks_put_the_class_noun_in_captions_prompts_class_prompt_and_t
     drift = quality.class_prompts(noun.noun)
     assert drift[0].text == "a diamond" and {p.expected["shape"] for p in drift} == {"diamond"}
 
-    s = quality.Settings(work=tmp_path, quick=True)
+    s = quality.Settings(work=tmp_path, quick=True, prior_from_captions=False)
     config = quality.task_config(noun, s, 0, tmp_path / "data", tmp_path / "out")
     # difftune trains on the captions; --instance-prompt gives it the one prompt diffusers' script gets (below)
     assert "instance_prompt" not in config["data"]
@@ -172,9 +179,9 @@ def test_subject_tasks_put_the_class_noun_in_captions_prompts_class_prompt_and_t
     prior = config["prior_preservation"]
     assert prior["class_prompt"] == "a diamond"
     assert Path(prior["class_data"]) == tmp_path / "class-images-diamond"
-    # --prior-from-captions: class images from each caption without the trigger, in a folder of their own
-    captions = quality.task_config(noun, quality.Settings(work=tmp_path, quick=True, prior_from_captions=True), 0,
-                                   tmp_path, tmp_path)["prior_preservation"]
+    # by default difftune's class images come from each caption without the trigger, in a folder of their own
+    captions = quality.task_config(noun, quality.Settings(work=tmp_path, quick=True), 0, tmp_path,
+                                   tmp_path)["prior_preservation"]
     assert captions["instance_word"] == "sks" and "class_prompt" not in captions
     assert Path(captions["class_data"]) == tmp_path / "class-images-diamond-captions"
     style = next(t for t in quality.TASKS if t.name == "style-lora")
@@ -218,7 +225,7 @@ def test_jobs_share_the_tasks_evenly_and_each_job_gets_the_runs_settings(tmp_pat
     import quality_jobs
 
     s = quality.Settings(work=tmp_path, overrides=("method.rank=4",), precision="no", cache_text=False,
-                         prior_from_captions=True)
+                         prior_from_captions=False)
     tasks = list(quality.TASKS)
     plan = quality_jobs.plan_jobs(tasks, 2, s, stop=True, previews=True, reference=True)
     assert sorted(t.name for job in plan for t in job.tasks) == sorted(quality.TASK_NAMES)
@@ -237,7 +244,7 @@ def test_jobs_share_the_tasks_evenly_and_each_job_gets_the_runs_settings(tmp_pat
     said = dict(zip(argv[::2], argv[1::2], strict=False))
     assert said["--tasks"] == ",".join(t.name for t in job.tasks) and said["--work"] == str(tmp_path / "job-0")
     assert said["--precision"] == "no" and said["--threads"] == "1"
-    assert {"--no-text-cache", "--no-stop", "--worker", "--prior-from-captions"} <= set(argv)
+    assert {"--no-text-cache", "--no-stop", "--worker", "--prior-class-prompt"} <= set(argv)
     assert argv[argv.index("--set") + 1] == "method.rank=4"
     assert argv[argv.index("--diffusers-examples") + 1] == str(tmp_path / "diffusers")
     # more threads than cores is said at the start
