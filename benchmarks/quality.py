@@ -398,6 +398,31 @@ def task_config(task: Task, s: Settings, seed: int, data: Path, out: Path, *, st
     return apply_overrides(config, list(s.overrides))
 
 
+def class_prompt_images(task: Task, s: Settings, seed: int) -> Path:
+    """The class images of ``task``'s one class prompt ("a diamond") in ``task.class_folder``, drawn by the
+    base with difftune's prior-preservation code as a run with ``class_prompt`` draws them (seeds ``seed + i``,
+    the same steps and guidance): what diffusers' script trains on. Drawn once per work folder."""
+    import dataclasses
+
+    import torch
+
+    from difftune import load_config
+    from difftune.data.prior import class_images, generate_class_images
+    from difftune.models import resolve_family
+
+    folder = task.class_folder(s.work)
+    if len(class_images(folder)) >= s.class_count():
+        return folder
+    one_prompt = dataclasses.replace(s, prior_from_captions=False)
+    config = load_config(data=task_config(task, one_prompt, seed, s.work / "data" / task.key, s.work / "unused"),
+                         check_paths=False)
+    family, source = resolve_family(config.model, config.train)
+    components = family.load(source, dtype=torch.float32)
+    generate_class_images(config.prior_preservation, [task.class_prompt], family, components, torch.device("cpu"),
+                          RESOLUTION, seed, log=lambda m: s.log(f"    {m}"))
+    return folder
+
+
 def train_task(task: Task, s: Settings, seed: int, out: Path, **kwargs):
     """Train ``task`` with difftune's library API; returns (RunResult, wall seconds)."""
     from difftune import load_config

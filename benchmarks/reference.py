@@ -78,8 +78,10 @@ def run_reference(task, s, seed: int, data: Path, out: Path, examples: Path) -> 
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    if task.prior and not task.class_folder(s.work).is_dir():
-        raise RuntimeError("the reference DreamBooth run reuses difftune's class images: run difftune first")
+    if task.prior:  # the script trains on the base's images of its class prompt, drawn before its clock starts
+        from quality import class_prompt_images
+
+        class_prompt_images(task, s, seed)
     args = reference_args(task, s, seed, data, out, examples)
     env = {**os.environ, "OMP_NUM_THREADS": str(s.threads), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     started = time.perf_counter()

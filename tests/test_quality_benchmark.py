@@ -196,6 +196,21 @@ def test_subject_tasks_put_the_class_noun_in_captions_prompts_class_prompt_and_t
     assert Path(args[args.index("--class_data_dir") + 1]).name == "ref-class"
 
 
+def test_the_script_gets_class_images_of_its_class_prompt_when_difftune_draws_from_the_captions(tmp_path):
+    """difftune's class images come from the captions (their own folder); diffusers' script trains on the
+    base's images of "a diamond", drawn into the class-prompt folder before its run, once."""
+    from difftune.data.prior import class_images, recorded_prompts
+
+    task = next(t for t in quality.TASKS if t.name == "subject-lora-prior")
+    s = quality.Settings(work=tmp_path, quick=True, precision="no", log=lambda _m: None)
+    folder = quality.class_prompt_images(task, s, 0)
+    assert folder == task.class_folder(tmp_path) and len(class_images(folder)) == s.class_count() == 1
+    assert set(recorded_prompts(folder).values()) == {"a diamond"}
+    stamp = class_images(folder)[0].stat().st_mtime_ns
+    quality.class_prompt_images(task, s, 1)  # already there: not drawn again
+    assert class_images(folder)[0].stat().st_mtime_ns == stamp and len(class_images(folder)) == 1
+
+
 @pytest.mark.parametrize("native", [True, False])
 def test_difftune_and_the_scripts_train_in_the_precision_this_machine_runs_natively(tmp_path, monkeypatch, native):
     """--precision auto: bf16 where the CPU runs it natively, fp32 where torch would emulate it (tens of times
