@@ -590,8 +590,9 @@ class PriorPreservationConfig:
         None,
         "Instead of `class_prompt`: draw the class images from the instance captions with this word taken "
         "out (`a red sks dog on grass` -> `a red dog on grass`), so that prior preservation guards the "
-        "colours, places and styles the captions teach as well as the class word. Every caption must "
-        "contain the word (or get it as `data.trigger`). Setting it turns prior preservation on.",
+        "colours, places and styles the captions teach as well as the class word. Captions without the "
+        "word (regularisation images) give none; `data.trigger` equal to it counts. Setting it turns prior "
+        "preservation on.",
     )
     class_data: str | None = opt(
         None,
