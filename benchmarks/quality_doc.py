@@ -112,8 +112,8 @@ def _class_images_text(report: dict) -> str:
     if report.get("class_images") == "captions":
         return ("Prior preservation: difftune draws its class images from each subject caption with `sks` taken "
                 "out (`prior_preservation.instance_word`: \"a red diamond on a grey background\"), diffusers' "
-                "script from its one class prompt \"a diamond\"; 24 class images each.")
-    return "Prior preservation: difftune and diffusers' script draw their 24 class images from \"a diamond\"."
+                "script from its one class prompt \"a diamond\"; as many class images each.")
+    return "Prior preservation: difftune and diffusers' script draw their class images from \"a diamond\"."
 
 
 def _seeds_text(report: dict) -> str:

@@ -144,7 +144,7 @@ def test_the_doc_gives_the_date_the_run_finished_not_the_day_it_was_written(tmp_
               "tasks": ["colour-ti"], "finished": "2025-03-04 05:06"}
     doc = quality_doc.write_doc(report, tmp_path / "q.md").read_text()
     assert "- Date: 2025-03-04 05:06 UTC (the run finished)" in doc
-    assert "draw their 24 class images from \"a diamond\"" in doc  # results from before the choice
+    assert "draw their class images from \"a diamond\"" in doc  # results from before the choice
     report["class_images"] = "captions"
     doc = quality_doc.write_doc(report, tmp_path / "q.md").read_text()
     assert "difftune draws its class images from each subject caption" in doc
