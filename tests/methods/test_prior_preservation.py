@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from difftune import load_config
-from difftune.data import prior
+from difftune.data import prior, sources
 from difftune.errors import ConfigError
 from difftune.tiny import make_tiny_dataset
 
@@ -150,16 +150,21 @@ def test_instance_word_found_in_no_caption_or_only_word_is_refused(run_config, t
         prior.class_prompts(load_config(data=raw))
 
 
-def test_class_images_drawn_from_the_captions_are_captioned_with_their_prompt(train_run, tmp_path):
+def test_class_images_drawn_from_the_captions_are_captioned_with_their_prompt(train_run, tmp_path, monkeypatch):
     """Each class image is generated from, recorded with and trained on its own prompt; images drawn for
-    another prompt (an earlier run's class_prompt) stay in the folder and are not used."""
+    another prompt (an earlier run's class_prompt) stay in the folder and are not used. The data folder
+    is scanned once: the class prompts and the training data share the scan."""
     data = _captioned(tmp_path / "data", ["a red sks shape", "a blue sks shape on black", "a red sks shape"])
     common = dict(data={"resolution": 32}, train={"max_steps": 2})
     cls = tmp_path / "cls"
     train_run("fixed", data_path=data, prior_preservation={"class_prompt": "a shape", "class_data": str(cls),
                                                            "num_class_images": 2, "sample_steps": 2}, **common)
     section = {"instance_word": "sks", "class_data": str(cls), "num_class_images": 3, "sample_steps": 2}
+    probed = []
+    probe = sources.probe_image
+    monkeypatch.setattr(sources, "probe_image", lambda path, **kw: probed.append(path.name) or probe(path, **kw))
     result = train_run("captions", data_path=data, prior_preservation=section, **common)
+    assert sorted(probed) == sorted(p.name for p in data.glob("*.png")), probed
     recorded = prior.recorded_prompts(cls)
     assert sorted(recorded.values()) == ["a blue shape on black", "a red shape", "a red shape", "a shape", "a shape"]
     assert any("generating 3 class images for 2 prompts from the captions" in m for m in result.messages)

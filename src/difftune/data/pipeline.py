@@ -51,16 +51,17 @@ class TrainingData:
 
 def build_training_data(config: Config, family=None, components=None, *, class_examples=(), rank: int = 0,
                         world: int = 1, barrier=lambda: None, log=print,
-                        progress: bool = False) -> TrainingData:
+                        progress: bool = False, scan: ScanResult | None = None) -> TrainingData:
     """Everything the loop needs from the data; fills the caches when enabled (split between the processes).
 
     The held-out split (``validation.holdout``) is taken before anything else, so held-out images
     are never trained on nor cached; ``class_examples`` (prior preservation) are paired with the
     training images. ``log`` receives messages (a multi-process run passes a no-op on the others).
+    ``scan``: the data's :func:`~difftune.data.sources.load_examples`, if the caller already made it.
     """
     cfg = config.data
     classes = list(class_examples)
-    scan = load_examples(cfg, log)
+    scan = scan or load_examples(cfg, log)
     train_examples, held_out = split(scan.examples, cfg, config.validation, config.train.seed)
     scan, sizes = at_every_resolution(dataclasses.replace(scan, examples=train_examples), cfg)
     buckets = sorted(set(sizes))

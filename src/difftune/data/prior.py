@@ -13,6 +13,7 @@ import json
 import os
 import re
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -71,16 +72,23 @@ def without_word(caption: str, word: str) -> str | None:
     return text
 
 
-def class_prompts(config: Config, log=print) -> list[str]:
+def prompts_from_captions(config: Config) -> bool:
+    """Whether the class prompts come from the instance captions (``instance_word``), so need the data scanned."""
+    cfg = config.prior_preservation
+    return cfg.enabled and not cfg.class_prompt
+
+
+def class_prompts(config: Config, log=print, examples: list[Example] | None = None) -> list[str]:
     """The prompts class images are drawn from: ``class_prompt``, or (``instance_word``) every distinct
-    instance caption with that word taken out, in the data's order."""
+    instance caption with that word taken out, in the data's order (``examples``: the data's, if scanned
+    already)."""
     cfg = config.prior_preservation
     if cfg.class_prompt:
         return [cfg.class_prompt]
     word = cfg.instance_word.strip()
     prompts: list[str] = []
     others = 0
-    for ex in scan(config.data).examples:
+    for ex in scan(config.data).examples if examples is None else examples:
         text = without_word(ex.caption, word)
         if text is None and ex.trigger.strip().lower() == word.lower():  # the trigger is added at training time
             text = ex.caption.strip()
@@ -118,13 +126,7 @@ def generate_class_images(cfg: PriorPreservationConfig, prompts: list[str], fami
     """
     folder = Path(cfg.class_data).expanduser()
     folder.mkdir(parents=True, exist_ok=True)
-    have = Counter(_prompt_of(path, recorded_prompts(folder), cfg) for path in class_images(folder))
-    todo = []
-    for i, prompt in enumerate(class_plan(prompts, cfg.num_class_images)):
-        if have[prompt] > 0:
-            have[prompt] -= 1
-        else:
-            todo.append((i, prompt))
+    todo = match_folder(folder, cfg, prompts).missing
     if not todo:
         return []
     what = repr(prompts[0]) if len(prompts) == 1 else f"{len(prompts)} prompts from the captions"
@@ -158,40 +160,67 @@ def generate_class_images(cfg: PriorPreservationConfig, prompts: list[str], fami
     return written
 
 
-def _prompt_of(path: Path, recorded: dict[str, str], cfg: PriorPreservationConfig) -> str | None:
-    """The prompt a class image stands for: the one it was generated from, else (the user's own images)
-    ``class_prompt`` (``None`` with ``instance_word``: an image of unknown prompt is not used)."""
-    return recorded.get(path.name, cfg.class_prompt)
+@dataclass
+class FolderMatch:
+    """The class folder against the plan of prompts (:func:`class_plan`)."""
+
+    #: ``(image, prompt)`` of the images this run uses, in file-name order.
+    used: list[tuple[Path, str]]
+    #: ``(plan index, prompt)`` of the planned images the folder lacks, in plan order.
+    missing: list[tuple[int, str]]
+    #: How many images the folder has beyond the plan (drawn for other prompts, or more than needed).
+    unused: int
+
+
+def match_folder(folder: Path, cfg: PriorPreservationConfig, prompts: list[str]) -> FolderMatch:
+    """Which of ``folder``'s images stand for which planned class image.
+
+    An image stands for its recorded prompt, else (the user's own images) ``class_prompt``; with
+    ``instance_word`` an image of unknown prompt is not used. The first images of a prompt, by file name,
+    fill that prompt's places in the plan; the places left over are missing.
+    """
+    recorded = recorded_prompts(folder)
+    plan = class_plan(prompts, cfg.num_class_images)
+    wanted = Counter(plan)
+    used: list[tuple[Path, str]] = []
+    unused = 0
+    for path in class_images(folder):
+        prompt = recorded.get(path.name, cfg.class_prompt)
+        if wanted[prompt] > 0:
+            wanted[prompt] -= 1
+            used.append((path, prompt))
+        else:
+            unused += 1
+    have = Counter(prompt for _, prompt in used)
+    missing = []
+    for i, prompt in enumerate(plan):
+        if have[prompt] > 0:
+            have[prompt] -= 1
+        else:
+            missing.append((i, prompt))
+    return FolderMatch(used, missing, unused)
 
 
 def class_examples(config: Config, family, components, device: torch.device, *, is_main: bool = True,
-                   barrier=lambda: None, log=print) -> list[Example]:
+                   barrier=lambda: None, log=print, examples: list[Example] | None = None) -> list[Example]:
     """The class examples of this run (``[]`` without prior preservation), generating missing ones first.
 
     Each is captioned with the prompt it was drawn from. Images in the folder generated for a prompt this
     run does not draw (another class prompt, or captions that changed) are left there and not used.
     Only the main process generates (on ``device``); ``barrier`` makes the others wait for it.
+    ``examples``: the training data's, if already scanned (class prompts from the captions).
     """
     cfg = config.prior_preservation
     if not cfg.enabled:
         return []
-    prompts = class_prompts(config, log if is_main else (lambda _: None))
+    prompts = class_prompts(config, log if is_main else (lambda _: None), examples)
     if is_main:
         generate_class_images(cfg, prompts, family, components, device, resolutions(config.data)[0],
                               config.train.seed, log)
     barrier()
     folder = Path(cfg.class_data).expanduser()
-    recorded = recorded_prompts(folder)
-    wanted = Counter(class_plan(prompts, cfg.num_class_images))
-    chosen: list[tuple[Path, str]] = []
-    unused = 0
-    for path in class_images(folder):
-        prompt = _prompt_of(path, recorded, cfg)
-        if wanted[prompt] > 0:
-            wanted[prompt] -= 1
-            chosen.append((path, prompt))
-        else:
-            unused += 1
+    match = match_folder(folder, cfg, prompts)
+    chosen, unused = match.used, match.unused
     if not chosen:
         raise DifftuneError(f"prior_preservation.class_data: no images in {cfg.class_data}")
     if unused and is_main:

@@ -19,7 +19,7 @@ from difftune.config.loader import config_to_dict, dump_toml
 from difftune.config.schema import Config
 from difftune.data import prior
 from difftune.data.pipeline import TrainingData, build_training_data, release_if_cached
-from difftune.data.sources import Example
+from difftune.data.sources import Example, ScanResult, load_examples
 from difftune.errors import ConfigError
 from difftune.fileio import atomic_write_text
 from difftune.methods import METHODS
@@ -69,6 +69,9 @@ class LoadedModel:
     class_examples: list[Example]
     #: The training data, if it was built while only the frozen parts were loaded (see :func:`load_model`).
     data: TrainingData | None = None
+    #: The data folder's scan, if the class prompts needed it (``prior_preservation.instance_word``): the
+    #: training data reuses it instead of probing every image again.
+    scan: ScanResult | None = None
 
 
 def load_model(config: Config, device: torch.device, *, is_main: bool = True, barrier=lambda: None,
@@ -95,8 +98,10 @@ def load_model(config: Config, device: torch.device, *, is_main: bool = True, ba
         components.denoiser_config = None
         return LoadedModel(family, components, [])
     components = family.load(source, dtype=weight_dtype(config))
-    classes = prior.class_examples(config, family, components, device, is_main=is_main, barrier=barrier, log=log)
-    return LoadedModel(family, components, classes)
+    scan = load_examples(config.data, log if is_main else None) if prior.prompts_from_captions(config) else None
+    classes = prior.class_examples(config, family, components, device, is_main=is_main, barrier=barrier, log=log,
+                                   examples=scan.examples if scan else None)
+    return LoadedModel(family, components, classes, scan=scan)
 
 
 def loads_once(config: Config, source: ModelSource) -> bool:
@@ -136,7 +141,7 @@ def fill_caches(config: Config, log=print) -> TrainingData:
     model = load_model(config, device, log=log)
     _move_encoders(model.components, device)
     return build_training_data(config, model.family, model.components, class_examples=model.class_examples,
-                               log=log, progress=True)
+                               log=log, progress=True, scan=model.scan)
 
 
 def setup(config: Config, log=print, output: RunFolder | None = None) -> Run:
@@ -320,7 +325,7 @@ def _enable_gradient_checkpointing(module: torch.nn.Module) -> None:
 def _data(config: Config, loaded: LoadedModel, accelerator, say) -> tuple[TrainingData, HeldOutLoss | None, str]:
     """This process's order of micro-batches (caches filled here), the held-out loss, the examples' fingerprint."""
     data = loaded.data or _build_data(config, loaded.family, loaded.components, loaded.class_examples,
-                                      accelerator, say)
+                                      accelerator, say, loaded.scan)
     held_out = None
     if data.held_out:
         held_out = HeldOutLoss(data.held_out, config.data, config.validation, config.train.seed,
@@ -330,10 +335,11 @@ def _data(config: Config, loaded: LoadedModel, accelerator, say) -> tuple[Traini
 
 
 def _build_data(config: Config, family: ModelFamily, components: Components, class_examples: list[Example],
-                accelerator, say) -> TrainingData:
+                accelerator, say, scan: ScanResult | None = None) -> TrainingData:
     return build_training_data(config, family, components, class_examples=class_examples,
                                rank=accelerator.process_index, world=accelerator.num_processes,
-                               barrier=accelerator.wait_for_everyone, log=say, progress=accelerator.is_main_process)
+                               barrier=accelerator.wait_for_everyone, log=say, progress=accelerator.is_main_process,
+                               scan=scan)
 
 
 def _wrap(config: Config, accelerator, loaded: LoadedModel, method: Method, objective, optimizer,
