@@ -695,13 +695,14 @@ def when_to_stop(s: Settings, seed: int = 0, every: int | None = None, steps: in
     holdout = write_dataset(s.work / "data" / "subject-holdout", subject_holdout_items())
     validation = {"prompts": [p.text for p in prompts], "every": every, "images_per_prompt": len(s.eval_seeds),
                   "seed": s.eval_seeds[0], "steps": s.sample_steps, "guidance_scale": GUIDANCE,
-                  "holdout": str(holdout), "loss_every": every, "loss_timesteps": 8}
+                  "holdout": str(holdout), "loss_every": every, "loss_timesteps": 8, "holdout_word": TRIGGER}
     out = s.work / "runs" / f"when-to-stop-{seed}"
     task_steps = dict(steps=steps, validation=validation)
     s.log(f"  when to stop: {steps} steps, judged every {every}")
     result, _seconds = _train_with_checkpoints(task, s, seed, out, every, **task_steps)
     judge = _judge(s)
     curve = []
+    gains = dict(result.val_gains)
     for step, loss in result.val_losses:
         folder = out / "samples" / f"step-{step}"
         if not folder.is_dir():
@@ -710,7 +711,7 @@ def when_to_stop(s: Settings, seed: int = 0, every: int | None = None, steps: in
         verdicts = judge(images)
         subject = verdicts[: n_subject * len(s.eval_seeds)]
         others = verdicts[n_subject * len(s.eval_seeds):]
-        curve.append({"step": step, "val_loss": loss,
+        curve.append({"step": step, "val_loss": loss, "word_gain": gains.get(step),
                       "fidelity": sum(v["shape"] == SUBJECT for v in subject) / len(subject),
                       "drift": sum(v["shape"] == SUBJECT for v in others) / max(len(others), 1)})
     return {**summarise_stop(curve, out / "checkpoints", patience), "task": task.name, "steps": steps}
@@ -757,14 +758,15 @@ def judge_best(curve: list[dict], drift_limit: float = 0.25) -> dict:
 
 
 def early_stop_step(curve: list[dict], patience: int) -> int | None:
-    """Where ``validation.patience = patience`` stops on these losses: difftune's own bookkeeping."""
-    from difftune.training.holdout import HeldOutLoss
+    """Where ``validation.patience = patience`` stops on these evaluations (by the word gain where the curve
+    has it, else the loss): difftune's own bookkeeping."""
+    from difftune.config.schema import DataConfig, ValidationConfig
+    from difftune.training.holdout import Evaluation, HeldOutLoss
 
-    keeper = HeldOutLoss.__new__(HeldOutLoss)  # only the bookkeeping, no dataset
-    keeper.cfg = argparse.Namespace(patience=patience)
-    keeper.history, keeper.best, keeper.evals_without_improvement, keeper.best_checkpoint = [], None, 0, None
+    word = TRIGGER if curve and curve[0].get("word_gain") is not None else ""
+    keeper = HeldOutLoss([], DataConfig(path="."), ValidationConfig(patience=patience, holdout_word=word), 0, 1)
     for point in curve:
-        keeper.record(point["step"], point["val_loss"])
+        keeper.record(Evaluation(point["step"], point["val_loss"], point.get("word_gain")))
         if keeper.should_stop:
             return point["step"]
     return None
@@ -775,14 +777,18 @@ def summarise_stop(curve: list[dict], checkpoints: Path, patience: int) -> dict:
 
     best = read_best(checkpoints) if checkpoints.is_dir() else None
     lowest = min(curve, key=lambda c: c["val_loss"]) if curve else None
+    gained = [c for c in curve if c.get("word_gain") is not None]
+    highest = max(gained, key=lambda c: c["word_gain"]) if gained else None
     judged = judge_best(curve) if curve else None
-    marked = best["step"] if best else (lowest["step"] if lowest else None)
+    fallback = highest or lowest  # what difftune marks, if the run kept no best.json
+    marked = best["step"] if best else (fallback["step"] if fallback else None)
 
     def at(step):
         return next((c for c in curve if c["step"] == step), None)
 
     return {"curve": curve, "patience": patience, "best_checkpoint_step": best["step"] if best else None,
-            "lowest_loss_step": lowest["step"] if lowest else None, "marked_step": marked,
+            "lowest_loss_step": lowest["step"] if lowest else None,
+            "highest_gain_step": highest["step"] if highest else None, "marked_step": marked,
             "judge_best_step": judged["step"] if judged else None,
             "early_stop_step": early_stop_step(curve, patience),
             "marked_scores": at(marked), "judge_best_scores": judged}
@@ -1026,9 +1032,11 @@ def print_report(report: dict, log=print) -> None:
     log(tables(report))
     stop = report.get("when_to_stop")
     if stop:
-        log(f"when to stop ({stop.get('task', 'subject')}, {stop.get('steps', '?')} steps): step, held-out loss, fidelity, drift")
+        log(f"when to stop ({stop.get('task', 'subject')}, {stop.get('steps', '?')} steps): step, held-out loss, "
+            "word gain, fidelity, drift")
         for c in stop["curve"]:
-            log(f"  {c['step']:5d}  {c['val_loss']:.5f}  {c['fidelity']:.0%}  {c['drift']:.0%}")
+            gain = "" if c.get("word_gain") is None else f"{c['word_gain']:+.5f}"
+            log(f"  {c['step']:5d}  {c['val_loss']:.5f}  {gain:>8}  {c['fidelity']:.0%}  {c['drift']:.0%}")
         log(f"  best checkpoint marked at step {stop['marked_step']}, early stopping (patience "
             f"{stop['patience']}) at {stop['early_stop_step']}, judge's best step {stop['judge_best_step']}")
     for p in report.get("previews", []):

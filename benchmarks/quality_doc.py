@@ -62,15 +62,22 @@ def write_doc(report: dict, path: Path, notes: str = "") -> Path:
               "", tables(report)]
     stop = report.get("when_to_stop")
     if stop:
+        gains = all(c.get("word_gain") is not None for c in stop["curve"])
         lines += ["## When to stop", "",
                   f"The subject task (DreamBooth LoRA + prior preservation, training seed 0) for "
                   f"{stop.get('steps', '?')} steps (twice the task's), held-out loss on 3 stars it never trains "
                   "on, previews scored by the judge at the same steps (fidelity on the subject prompts, drift on "
-                  "four of the class-noun prompts).", "",
-                  "| step | held-out loss | subject fidelity | drift |", "|---|---|---|---|"]
+                  "four of the class-noun prompts)."
+                  + (" The run sets `validation.holdout_word = \"sks\"`: the *word gain* (held-out loss without "
+                     "the word minus with it, on the lower half of the timesteps) picks the best checkpoint and "
+                     "drives early stopping." if gains else ""), "",
+                  "| step | held-out loss |" + (" word gain |" if gains else "") + " subject fidelity | drift |",
+                  "|---|---|" + ("---|" if gains else "") + "---|---|"]
         for c in stop["curve"]:
-            lines.append(f"| {c['step']} | {c['val_loss']:.5f} | {c['fidelity']:.0%} | {c['drift']:.0%} |")
-        lines += ["", f"- difftune's best checkpoint (`checkpoints/best.json`): step {stop['marked_step']}",
+            gain = f" {c['word_gain']:+.5f} |" if gains else ""
+            lines.append(f"| {c['step']} | {c['val_loss']:.5f} |{gain} {c['fidelity']:.0%} | {c['drift']:.0%} |")
+        by = "highest word gain" if gains else "lowest held-out loss"
+        lines += ["", f"- difftune's best checkpoint (`checkpoints/best.json`, {by}): step {stop['marked_step']}",
                   f"- early stopping with `validation.patience = {stop['patience']}`: "
                   + (f"step {stop['early_stop_step']}" if stop["early_stop_step"] else "would not stop"),
                   "- the judge's best step (highest fidelity with drift ≤ 25%"

@@ -57,10 +57,12 @@ def test_quick_when_to_stop_reads_losses_previews_and_best_checkpoint(quick):
     _work, report, _printed = quick
     stop = report["when_to_stop"]
     assert [c["step"] for c in stop["curve"]] == [2, 4]
-    best = min(stop["curve"], key=lambda c: c["val_loss"])["step"]
-    # the checkpoint difftune marks best is the lowest held-out loss among its checkpoints (every
-    # evaluated step is checkpointed here, the last step too)
-    assert stop["best_checkpoint_step"] == stop["lowest_loss_step"] == best
+    # the run sets validation.holdout_word: the checkpoint difftune marks best is the highest word gain
+    # among its checkpoints (every evaluated step is checkpointed here, the last step too)
+    assert all(isinstance(c["word_gain"], float) for c in stop["curve"])
+    best = max(stop["curve"], key=lambda c: c["word_gain"])["step"]
+    assert stop["best_checkpoint_step"] == stop["highest_gain_step"] == best
+    assert stop["lowest_loss_step"] == min(stop["curve"], key=lambda c: c["val_loss"])["step"]
     assert stop["judge_best_step"] in (2, 4)
 
 
@@ -90,6 +92,10 @@ def test_early_stop_step_follows_difftunes_patience_bookkeeping():
     assert quality.early_stop_step(curve, patience=2) == 40  # no improvement at 30 and 40
     assert quality.early_stop_step(curve, patience=3) == 80  # 50 improves; 60, 70 and 80 do not
     assert quality.early_stop_step(curve, patience=4) is None
+    # with the word gain (higher is better) it follows the gain, whatever the loss does
+    gains = [0.01, 0.02, 0.04, 0.03, 0.05, 0.045, 0.04, 0.06]
+    curve = [{**c, "word_gain": g} for c, g in zip(curve, gains, strict=True)]
+    assert quality.early_stop_step(curve, patience=2) == 70  # 50 is the best; 60 and 70 are not
 
 
 def test_summary_reads_the_best_checkpoint_that_the_run_marked(tmp_path):

@@ -203,9 +203,12 @@ def check_holdout(config: Config, check_paths: bool) -> None:
     if isinstance(val.holdout, str) and check_paths and not Path(val.holdout).expanduser().is_dir():
         raise ConfigError(f"validation.holdout: {val.holdout} is not a folder (give a fraction such as 0.1, or a folder)")
     if val.holdout is None:
-        for key in ("loss_every", "patience"):
+        for key in ("loss_every", "patience", "holdout_word"):
             if getattr(val, key):
                 raise ConfigError(f"validation.{key}: needs validation.holdout (a fraction such as 0.1, or a folder)")
+    if val.holdout_word and not val.holdout_word.strip():
+        raise ConfigError("validation.holdout_word: empty; give the word of the captions that names what the run "
+                          "teaches (e.g. \"sks\"), or leave it out")
 
 
 def _is_default(section, key: str) -> bool:

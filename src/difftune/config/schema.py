@@ -576,6 +576,13 @@ class ValidationConfig:
     patience: int = opt(
         0, "Stop early after this many held-out evaluations without improvement (0: never).", min=0
     )
+    holdout_word: str = opt(
+        "",
+        "A word of the held-out captions naming what the run teaches (the trigger, e.g. `sks`). Each held-out "
+        "image is also scored with the word taken out of its caption; how much the word lowers the loss (the "
+        "word gain) picks the best checkpoint and drives `patience` instead of the loss. For subjects, "
+        "whose held-out loss rises as they are learnt. Needs `holdout`.",
+    )
 
 
 @dataclass

@@ -131,10 +131,15 @@ def training_facts(run: Run) -> dict[str, object]:
         perf = result.performance
         facts["Speed"] = f"{perf['median_step_seconds']:.3f} s per step (median, {perf['steps']} steps)"
         facts["Peak memory"] = f"{perf['peak_memory_bytes'] / 2**30:.2f} GiB ({perf['peak_memory_kind']})"
+    early = " (stopped early)" if result.stopped_early else ""
     if result.val_losses:
         best_step, best_loss = min(result.val_losses, key=lambda sl: sl[1])
-        facts["Held-out loss"] = (f"{result.val_losses[-1][1]:.5f} at the end, best {best_loss:.5f} at step "
-                                  f"{best_step}" + (" (stopped early)" if result.stopped_early else ""))
+        facts["Held-out loss"] = (f"{result.val_losses[-1][1]:.5f} at the end, lowest {best_loss:.5f} at step "
+                                  f"{best_step}" + ("" if result.val_gains else early))
+    if result.val_gains:
+        best_step, best_gain = max(result.val_gains, key=lambda sg: sg[1])
+        facts[f"Held-out word gain (`{config.validation.holdout_word.strip()}`)"] = (
+            f"{result.val_gains[-1][1]:+.5f} at the end, best {best_gain:+.5f} at step {best_step}{early}")
     pp = config.prior_preservation
     if pp.enabled:
         drawn = f"`{pp.class_prompt}`" if pp.class_prompt else f"the captions without `{pp.instance_word}`"

@@ -81,13 +81,17 @@ def evaluate_held_out(run: Run) -> None:
     # Every process evaluates the same images, so all agree on early stopping without communicating.
     model = run.model
     with run.evaluating():
-        loss = run.held_out.evaluate(model.family, model.components, model.objective, model.method, run.device,
-                                     autocast_dtype(run.config))
-    improved = run.held_out.record(run.step, loss)
-    run.result.val_losses.append((run.step, loss))
-    run.live.metrics(run.step, val_loss=loss)
-    run.accelerator.log({"val/loss": loss}, step=run.step)
-    run.say(f"step {run.step}: held-out loss {loss:.5f}" + (" (best so far)" if improved else ""))
+        evaluation = run.held_out.evaluate(model.family, model.components, model.objective, model.method,
+                                           run.device, autocast_dtype(run.config), run.step)
+    improved = run.held_out.record(evaluation)
+    run.result.val_losses.append((run.step, evaluation.loss))
+    values = {"val_loss": evaluation.loss}
+    if evaluation.gain is not None:
+        run.result.val_gains.append((run.step, evaluation.gain))
+        values["val_word_gain"] = evaluation.gain
+    run.live.metrics(run.step, **values)
+    run.accelerator.log({k.replace("val_", "val/", 1): v for k, v in values.items()}, step=run.step)
+    run.say(f"step {run.step}: {evaluation.describe()}" + (" (best so far)" if improved else ""))
 
 
 def checkpoint_due(run: Run) -> bool:
@@ -126,8 +130,9 @@ def stopped_while_building(run: Run, stop: StopRequest) -> bool:
 
 
 def stop_early(run: Run) -> None:
-    """``validation.patience`` evaluations without a better held-out loss."""
+    """``validation.patience`` evaluations without a better held-out loss (or word gain)."""
     run.result.stopped_early = True
     best = run.held_out.best_folder(run.paths.checkpoints)
-    run.say(f"early stop at step {run.step}: no held-out improvement in {run.config.validation.patience} "
-            f"evaluations; best step {run.held_out.best[0]}" + (f" (checkpoint {best})" if best else ""))
+    run.say(f"early stop at step {run.step}: no better held-out {run.held_out.criterion} in "
+            f"{run.config.validation.patience} evaluations; best step {run.held_out.best.step}"
+            + (f" (checkpoint {best})" if best else ""))

@@ -59,6 +59,8 @@ class RunResult:
     samples: list[Path] = field(default_factory=list)
     #: (step, held-out loss) for each evaluation; empty without ``validation.holdout``.
     val_losses: list[tuple[int, float]] = field(default_factory=list)
+    #: (step, held-out word gain) for each evaluation; empty without ``validation.holdout_word``.
+    val_gains: list[tuple[int, float]] = field(default_factory=list)
     #: True if ``validation.patience`` stopped the run early.
     stopped_early: bool = False
     #: The signal number (SIGINT, SIGTERM) that stopped the run after a checkpoint; ``None`` if it finished.
