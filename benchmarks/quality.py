@@ -760,6 +760,12 @@ def judge_best(curve: list[dict], drift_limit: float = 0.25) -> dict:
 def early_stop_step(curve: list[dict], patience: int) -> int | None:
     """Where ``validation.patience = patience`` stops on these evaluations (by the word gain where the curve
     has it, else the loss): difftune's own bookkeeping."""
+    return early_stopping(curve, patience)[0]
+
+
+def early_stopping(curve: list[dict], patience: int) -> tuple[int | None, int | None]:
+    """``(stop step, best step marked by then)`` under ``validation.patience = patience`` (stop ``None``: it
+    would not stop; the best step is then the whole curve's)."""
     from difftune.config.schema import DataConfig, ValidationConfig
     from difftune.training.holdout import Evaluation, HeldOutLoss
 
@@ -768,8 +774,8 @@ def early_stop_step(curve: list[dict], patience: int) -> int | None:
     for point in curve:
         keeper.record(Evaluation(point["step"], point["val_loss"], point.get("word_gain")))
         if keeper.should_stop:
-            return point["step"]
-    return None
+            return point["step"], keeper.best.step
+    return None, keeper.best.step if keeper.best else None
 
 
 def summarise_stop(curve: list[dict], checkpoints: Path, patience: int) -> dict:
@@ -782,6 +788,7 @@ def summarise_stop(curve: list[dict], checkpoints: Path, patience: int) -> dict:
     judged = judge_best(curve) if curve else None
     fallback = highest or lowest  # what difftune marks, if the run kept no best.json
     marked = best["step"] if best else (fallback["step"] if fallback else None)
+    stop_step, stop_best = early_stopping(curve, patience)
 
     def at(step):
         return next((c for c in curve if c["step"] == step), None)
@@ -790,8 +797,8 @@ def summarise_stop(curve: list[dict], checkpoints: Path, patience: int) -> dict:
             "lowest_loss_step": lowest["step"] if lowest else None,
             "highest_gain_step": highest["step"] if highest else None, "marked_step": marked,
             "judge_best_step": judged["step"] if judged else None,
-            "early_stop_step": early_stop_step(curve, patience),
-            "marked_scores": at(marked), "judge_best_scores": judged}
+            "early_stop_step": stop_step, "early_stop_marked_step": stop_best,
+            "marked_scores": at(marked), "judge_best_scores": judged, "early_stop_marked_scores": at(stop_best)}
 
 
 # --- previews equal real use --------------------------------------------------------------------
@@ -1038,7 +1045,8 @@ def print_report(report: dict, log=print) -> None:
             gain = "" if c.get("word_gain") is None else f"{c['word_gain']:+.5f}"
             log(f"  {c['step']:5d}  {c['val_loss']:.5f}  {gain:>8}  {c['fidelity']:.0%}  {c['drift']:.0%}")
         log(f"  best checkpoint marked at step {stop['marked_step']}, early stopping (patience "
-            f"{stop['patience']}) at {stop['early_stop_step']}, judge's best step {stop['judge_best_step']}")
+            f"{stop['patience']}) at {stop['early_stop_step']} (best marked by then: "
+            f"{stop.get('early_stop_marked_step')}), judge's best step {stop['judge_best_step']}")
     for p in report.get("previews", []):
         log(f"previews ({p['precision']}): max pixel difference vs difftune generate {p['generate_max_diff']}, "
             f"vs plain diffusers {p['plain_max_diff']}")

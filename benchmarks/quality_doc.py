@@ -79,7 +79,9 @@ def write_doc(report: dict, path: Path, notes: str = "") -> Path:
         by = "highest word gain" if gains else "lowest held-out loss"
         lines += ["", f"- difftune's best checkpoint (`checkpoints/best.json`, {by}): step {stop['marked_step']}",
                   f"- early stopping with `validation.patience = {stop['patience']}`: "
-                  + (f"step {stop['early_stop_step']}" if stop["early_stop_step"] else "would not stop"),
+                  + (f"step {stop['early_stop_step']}, with the best checkpoint marked by then at step "
+                     f"{stop['early_stop_marked_step']}" if stop["early_stop_step"] and stop.get("early_stop_marked_step")
+                     else f"step {stop['early_stop_step']}" if stop["early_stop_step"] else "would not stop"),
                   "- the judge's best step (highest fidelity with drift ≤ 25%"
                   + ("" if any(c["drift"] <= 0.25 for c in stop["curve"]) else
                      "; no step had drift that low, so the highest fidelity at any drift")

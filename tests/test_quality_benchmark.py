@@ -96,6 +96,8 @@ def test_early_stop_step_follows_difftunes_patience_bookkeeping():
     gains = [0.01, 0.02, 0.04, 0.03, 0.05, 0.045, 0.04, 0.06]
     curve = [{**c, "word_gain": g} for c, g in zip(curve, gains, strict=True)]
     assert quality.early_stop_step(curve, patience=2) == 70  # 50 is the best; 60 and 70 are not
+    assert quality.early_stopping(curve, patience=2) == (70, 50)  # stops at 70, best marked by then: 50
+    assert quality.early_stopping(curve, patience=4) == (None, 80)  # never stops: the whole curve's best
 
 
 def test_summary_reads_the_best_checkpoint_that_the_run_marked(tmp_path):
