@@ -173,3 +173,13 @@ def test_resuming_reads_the_best_mark_of_the_run_so_far(train_run):
                         train={**sections["train"], "max_steps": 3, "resume": "latest"})
     assert [s for s, _ in resumed.val_losses] == [3]
     assert holdout.read_best(ckpts) == marked
+
+
+def test_an_unreadable_best_mark_is_not_carried_over_a_resume(run_config, tiny_sd, shapes_data, tmp_path):
+    cfg = load_config(data=run_config(tiny_sd, shapes_data, tmp_path / "o", validation={"holdout": 0.25}))
+    for text in ("{not json", "[1, 2]", '{"step": "two", "val_loss": 0.1}', '{"step": 2, "val_loss": null}'):
+        (tmp_path / holdout.BEST_FILE).write_text(text)
+        keeper = holdout.HeldOutLoss([], cfg.data, cfg.validation, 0, 1)
+        keeper.resume(tmp_path, 3)
+        assert keeper.best is None and keeper.best_checkpoint is None, text
+        assert keeper.record(holdout.Evaluation(4, 0.9))  # the next evaluation marks afresh

@@ -121,12 +121,16 @@ class HeldOutLoss:
             for indices in self.batches:
                 start = indices[0]
                 torch.manual_seed(derived_seed(self.seed, "holdout", start))
-                batch = method.prepare_batch(collate([self.dataset[(0, i)] for i in indices]))
+                collated = collate([self.dataset[(0, i)] for i in indices])
+                batch = method.prepare_batch(collated)
                 latents = batch_latents(family, components, batch, device).float()
                 conditioning = batch_conditioning(family, components, batch, device, trains_text=False)
-                plain = self._without_word(batch)
-                plain_conditioning = (batch_conditioning(family, components, plain, device, trains_text=False)
-                                      if plain is not None else None)
+                # The word comes out of the captions as written, before the method rewrites them (a textual
+                # inversion token into its vectors); prepared after the draws above, which stay as without it.
+                plain = self._without_word(collated)
+                if plain is not None:
+                    plain = method.prepare_batch(plain)
+                    plain_conditioning = batch_conditioning(family, components, plain, device, trains_text=False)
                 for k, t in enumerate(timesteps):
                     noise = torch.stack([
                         torch.randn(latents.shape[1:], generator=torch.Generator().manual_seed(
@@ -151,7 +155,7 @@ class HeldOutLoss:
         if not self.word:
             return None
         captions = [without_word(c, self.word) for c in batch.captions]
-        return dataclasses.replace(batch, captions=[c if c is not None else o for c, o in zip(captions, batch.captions,
+        return dataclasses.replace(batch, captions=[o if c is None else c for c, o in zip(captions, batch.captions,
                                                                                               strict=True)],
                                    conditioning=None)
 
@@ -187,11 +191,14 @@ class HeldOutLoss:
 
     def resume(self, checkpoints: Path, step: int) -> None:
         """A resumed run goes on from the best checkpoint marked before ``step`` (``best.json``), so a worse
-        later evaluation never takes its mark; marks made by the other criterion are not carried over."""
-        best = read_best(checkpoints)
-        if not best or best.get("step", step + 1) > step or best.get("by", "loss") != self.criterion:
+        later evaluation never takes its mark; marks made by the other criterion, after ``step``, or
+        unreadable (the next evaluation marks afresh) are not carried over."""
+        try:
+            best = read_best(checkpoints)
+        except (OSError, ValueError):
             return
-        if self._value(best) is None:
+        if (not isinstance(best, dict) or not isinstance(best.get("step"), int) or best["step"] > step
+                or best.get("by", "loss") != self.criterion or not isinstance(self._value(best), (int, float))):
             return
         self.best_checkpoint = best
         self.best = Evaluation(best["step"], best.get("val_loss", math.nan), best.get("word_gain"))
