@@ -757,20 +757,13 @@ def judge_best(curve: list[dict], drift_limit: float = 0.25) -> dict:
     return max(ok, key=lambda c: (c["fidelity"], -c["drift"], -c["step"]))
 
 
-def early_stop_step(curve: list[dict], patience: int) -> int | None:
-    """Where ``validation.patience = patience`` stops on these evaluations (by the word gain where the curve
-    has it, else the loss): difftune's own bookkeeping."""
-    return early_stopping(curve, patience)[0]
-
-
 def early_stopping(curve: list[dict], patience: int) -> tuple[int | None, int | None]:
-    """``(stop step, best step marked by then)`` under ``validation.patience = patience`` (stop ``None``: it
-    would not stop; the best step is then the whole curve's)."""
-    from difftune.config.schema import DataConfig, ValidationConfig
-    from difftune.training.holdout import Evaluation, HeldOutLoss
+    """``(stop step, best step marked by then)`` under ``validation.patience = patience``, by difftune's own
+    bookkeeping: the word gain where the curve has it, else the loss (stop ``None``: it would not stop; the
+    best step is then the whole curve's)."""
+    from difftune.training.holdout import GAIN, LOSS, BestKeeper, Evaluation
 
-    word = TRIGGER if curve and curve[0].get("word_gain") is not None else ""
-    keeper = HeldOutLoss([], DataConfig(path="."), ValidationConfig(patience=patience, holdout_word=word), 0, 1)
+    keeper = BestKeeper(GAIN if curve and curve[0].get("word_gain") is not None else LOSS, patience)
     for point in curve:
         keeper.record(Evaluation(point["step"], point["val_loss"], point.get("word_gain")))
         if keeper.should_stop:

@@ -86,17 +86,16 @@ def test_judge_best_prefers_fidelity_within_the_drift_limit_then_the_earliest_st
     assert quality.judge_best(curve, drift_limit=1.0)["step"] == 40
 
 
-def test_early_stop_step_follows_difftunes_patience_bookkeeping():
+def test_early_stopping_follows_difftunes_patience_bookkeeping():
     losses = [0.30, 0.25, 0.26, 0.27, 0.24, 0.28, 0.29, 0.31]
     curve = [{"step": 10 * (i + 1), "val_loss": v} for i, v in enumerate(losses)]
-    assert quality.early_stop_step(curve, patience=2) == 40  # no improvement at 30 and 40
-    assert quality.early_stop_step(curve, patience=3) == 80  # 50 improves; 60, 70 and 80 do not
-    assert quality.early_stop_step(curve, patience=4) is None
+    assert quality.early_stopping(curve, patience=2) == (40, 20)  # no improvement at 30 and 40
+    assert quality.early_stopping(curve, patience=3) == (80, 50)  # 50 improves; 60, 70 and 80 do not
+    assert quality.early_stopping(curve, patience=4) == (None, 50)
     # with the word gain (higher is better) it follows the gain, whatever the loss does
     gains = [0.01, 0.02, 0.04, 0.03, 0.05, 0.045, 0.04, 0.06]
     curve = [{**c, "word_gain": g} for c, g in zip(curve, gains, strict=True)]
-    assert quality.early_stop_step(curve, patience=2) == 70  # 50 is the best; 60 and 70 are not
-    assert quality.early_stopping(curve, patience=2) == (70, 50)  # stops at 70, best marked by then: 50
+    assert quality.early_stopping(curve, patience=2) == (70, 50)  # 50 is the best; 60 and 70 are not
     assert quality.early_stopping(curve, patience=4) == (None, 80)  # never stops: the whole curve's best
 
 

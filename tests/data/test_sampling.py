@@ -11,7 +11,7 @@ import pytest
 from difftune import load_config
 from difftune.config.schema import DataConfig
 from difftune.data.buckets import make_buckets, nearest_bucket
-from difftune.data.captions import final_caption
+from difftune.data.captions import final_caption, without_word
 from difftune.data.dataset import ImageCaptionDataset
 from difftune.data.sampling import BucketBatches, EpochPlan, ResumableBatches, batch_order, item_sizes
 from difftune.data.sources import scan
@@ -157,3 +157,12 @@ def test_cache_text_conflicts_are_config_errors():
     with pytest.raises(ConfigError, match="data.background"):
         load_config(data={"model": {"path": "m"}, "data": {"path": "d", "background": "blurple"}},
                     check_paths=False)
+
+
+def test_a_word_is_taken_out_as_a_whole_word_and_the_punctuation_tidied():
+    assert without_word("a red sks diamond on a grey background", "sks") == "a red diamond on a grey background"
+    assert without_word("sks, a dog on grass", "sks") == "a dog on grass"
+    assert without_word("a dog, sks", "sks") == "a dog"
+    assert without_word("a photo of SKS dog.", "sks") == "a photo of dog."
+    assert without_word("a sksy dog", "sks") is None  # not the word
+    assert without_word("a dog", "sks") is None

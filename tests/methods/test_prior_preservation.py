@@ -113,15 +113,6 @@ def _captioned(folder, captions):
     return folder
 
 
-def test_instance_word_is_taken_out_as_a_whole_word_and_the_punctuation_tidied():
-    assert prior.without_word("a red sks diamond on a grey background", "sks") == "a red diamond on a grey background"
-    assert prior.without_word("sks, a dog on grass", "sks") == "a dog on grass"
-    assert prior.without_word("a dog, sks", "sks") == "a dog"
-    assert prior.without_word("a photo of SKS dog.", "sks") == "a photo of dog."
-    assert prior.without_word("a sksy dog", "sks") is None  # not the word
-    assert prior.without_word("a dog", "sks") is None
-
-
 def test_class_prompts_come_from_each_caption_without_the_instance_word(run_config, tiny_sd, tmp_path):
     data = _captioned(tmp_path / "data", ["a red sks dog on grass", "a blue sks dog", "a red sks dog on grass",
                                           "a cat on a sofa"])

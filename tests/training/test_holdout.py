@@ -45,8 +45,9 @@ def test_same_weights_give_the_same_held_out_loss(run_config, tiny_sd, shapes_da
 def test_early_stopping_bookkeeping(run_config, tiny_sd, shapes_data, tmp_path):
     cfg = load_config(data=run_config(tiny_sd, shapes_data, tmp_path / "o",
                                       validation={"holdout": 0.25, "patience": 2}))
-    evaluator = holdout.HeldOutLoss([], cfg.data, cfg.validation, cfg.train.seed, cfg.train.batch_size)
+    evaluator = holdout.HeldOutLoss([], cfg.data, cfg.validation, cfg.train.seed, cfg.train.batch_size).keeper
     E = holdout.Evaluation
+    assert evaluator.by == "loss" and evaluator.patience == 2
     assert evaluator.record(E(1, 1.0)) and not evaluator.should_stop
     assert not evaluator.record(E(2, 1.1)) and not evaluator.should_stop
     assert evaluator.record(E(3, 0.9))
@@ -58,9 +59,9 @@ def test_with_a_holdout_word_the_highest_word_gain_is_best(run_config, tiny_sd, 
     """The loss may rise while the word gain rises: the gain decides the best evaluation and early stopping."""
     cfg = load_config(data=run_config(tiny_sd, shapes_data, tmp_path / "o",
                                       validation={"holdout": 0.25, "patience": 2, "holdout_word": "sks"}))
-    evaluator = holdout.HeldOutLoss([], cfg.data, cfg.validation, cfg.train.seed, cfg.train.batch_size)
+    evaluator = holdout.HeldOutLoss([], cfg.data, cfg.validation, cfg.train.seed, cfg.train.batch_size).keeper
     E = holdout.Evaluation
-    assert evaluator.criterion == "word gain"
+    assert evaluator.by == "word gain"
     assert evaluator.record(E(1, 0.08, 0.01))
     assert evaluator.record(E(2, 0.16, 0.04))  # loss doubled, gain up: better
     assert not evaluator.record(E(3, 0.07, 0.02)) and not evaluator.record(E(4, 0.06, float("nan")))
@@ -114,25 +115,28 @@ def test_holdout_word_config_errors(run_config, tiny_sd, shapes_data, tmp_path):
                                     validation={"holdout": 0.25, "holdout_word": "  "}))
 
 
-def test_a_resumed_run_keeps_the_best_checkpoint_marked_before(run_config, tiny_sd, shapes_data, tmp_path):
+def test_a_resumed_run_keeps_the_best_checkpoint_marked_before(tmp_path):
     """A worse evaluation after a resume must not take the mark of a better one made before it."""
-    cfg = load_config(data=run_config(tiny_sd, shapes_data, tmp_path / "o", validation={"holdout": 0.25}))
     ckpts = tmp_path / "checkpoints"
     ckpts.mkdir()
-    first = holdout.HeldOutLoss([], cfg.data, cfg.validation, 0, 1)
+    first = holdout.BestKeeper("loss")
     first.record(holdout.Evaluation(2, 0.5))
     first.mark_checkpoint(ckpts, ckpts / "step-2", 2, first.checkpoint_facts(2))
-    resumed = holdout.HeldOutLoss([], cfg.data, cfg.validation, 0, 1)
+    resumed = holdout.BestKeeper("loss")
     resumed.resume(ckpts, 3)
+    assert resumed.best == holdout.Evaluation(2, 0.5) and resumed.best_folder(ckpts) == ckpts / "step-2"
     assert not resumed.record(holdout.Evaluation(4, 0.9))
     resumed.mark_checkpoint(ckpts, ckpts / "step-4", 4, resumed.checkpoint_facts(4))
     assert holdout.read_best(ckpts)["step"] == 2
     assert resumed.record(holdout.Evaluation(5, 0.4))
     resumed.mark_checkpoint(ckpts, ckpts / "step-5", 5, resumed.checkpoint_facts(5))
     assert holdout.read_best(ckpts)["step"] == 5
-    earlier = holdout.HeldOutLoss([], cfg.data, cfg.validation, 0, 1)
+    earlier = holdout.BestKeeper("loss")
     earlier.resume(ckpts, 3)  # resumed from a checkpoint before the marked one: the mark is not its past
     assert earlier.best is None
+    other = holdout.BestKeeper("word gain")
+    other.resume(ckpts, 6)  # marked by the loss: not this run's criterion
+    assert other.best is None and other.marked is None
 
 
 def test_run_logs_held_out_loss_and_marks_the_best_checkpoint(train_run):
@@ -173,13 +177,16 @@ def test_resuming_reads_the_best_mark_of_the_run_so_far(train_run):
                         train={**sections["train"], "max_steps": 3, "resume": "latest"})
     assert [s for s, _ in resumed.val_losses] == [3]
     assert holdout.read_best(ckpts) == marked
+    card = (resumed.output_dir / "README.md").read_text()  # the card names the mark, not this segment's best
+    assert "lowest -1.00000 at step 1" in card, card
 
 
-def test_an_unreadable_best_mark_is_not_carried_over_a_resume(run_config, tiny_sd, shapes_data, tmp_path):
-    cfg = load_config(data=run_config(tiny_sd, shapes_data, tmp_path / "o", validation={"holdout": 0.25}))
-    for text in ("{not json", "[1, 2]", '{"step": "two", "val_loss": 0.1}', '{"step": 2, "val_loss": null}'):
+def test_an_unreadable_best_mark_is_not_carried_over_a_resume(tmp_path):
+    for text in ("{not json", "[1, 2]", '{"step": 2, "val_loss": 0.1}', '{"checkpoint": "step-2", "step": "two", '
+                 '"val_loss": 0.1}', '{"checkpoint": "step-2", "step": 2, "val_loss": null}',
+                 '{"checkpoint": "step-2", "step": 2, "val_loss": NaN}'):
         (tmp_path / holdout.BEST_FILE).write_text(text)
-        keeper = holdout.HeldOutLoss([], cfg.data, cfg.validation, 0, 1)
+        keeper = holdout.BestKeeper("loss")
         keeper.resume(tmp_path, 3)
-        assert keeper.best is None and keeper.best_checkpoint is None, text
+        assert keeper.best is None and keeper.marked is None, text
         assert keeper.record(holdout.Evaluation(4, 0.9))  # the next evaluation marks afresh

@@ -284,3 +284,42 @@ def test_a_first_time_user_trains_a_lora_from_the_browser(browser, ui_root):
             cli_run.wait()
         served.close()
     print(f"\nui screenshots: {SHOTS}")
+
+
+def _subject_run(run: Path, best: dict | None) -> None:
+    """A finished run's files as a DreamBooth run with ``validation.holdout_word`` writes them: the held-out
+    loss lowest at step 250, the word gain highest at 500 (the quality benchmark's subject task, docs/quality.md)."""
+    losses = [0.085, 0.079, 0.15, 0.16, 0.21, 0.25, 0.22, 0.24]
+    gains = [0.012, 0.017, 0.030, 0.056, 0.055, -0.010, 0.024, -0.014]
+    rows = [{"step": s, "loss": 0.1} for s in range(25, 1001, 25)]
+    rows += [{"step": 125 * (i + 1), "val_loss": v, "val_word_gain": g} for i, (v, g) in enumerate(zip(losses, gains,
+                                                                                                        strict=True))]
+    (run / "logs").mkdir(parents=True)
+    (run / "logs" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run / "logs" / "progress.json").write_text(json.dumps({"status": "done", "step": 1000, "total_steps": 1000}))
+    (run / "config.toml").write_text(tiny_config("runs/stars", validation='holdout_word = "sks"'))
+    (run / "checkpoints" / "step-500").mkdir(parents=True)
+    if best is not None:
+        (run / "checkpoints" / "best.json").write_text(json.dumps(best))
+
+
+def test_the_run_chart_marks_the_checkpoint_the_run_marked_best(browser, ui_root):
+    """With a holdout word the best checkpoint is the highest word gain, not the lowest held-out loss: the chart
+    draws the gain and puts its marker where best.json points."""
+    _subject_run(ui_root / "runs" / "stars", {"checkpoint": "step-500", "step": 500, "val_loss": 0.16,
+                                              "word_gain": 0.056, "by": "word gain"})
+    served = Served(ui_root)
+    page = Page(browser, served.url)
+    try:
+        assert served.client.get("/api/run?run=runs/stars&offset=0")["best"]["step"] == 500
+        page.go("watch/runs/stars")
+        page.wait(lambda: int(page.find("#watch-loss").get_attribute("data-points")) >= 56, "the curves")
+        chart = page.text("#watch-loss")
+        assert "word gain" in chart and "best word gain 0.056 @ 500 (checkpoint)" in chart, chart
+        assert len(page.all("#watch-loss circle.best")) == 1
+        assert "@ 250" not in chart  # the lowest held-out loss is not what the run marked
+        page.shot("11-watch-word-gain")
+        logs = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+        assert logs == [], logs
+    finally:
+        served.close()

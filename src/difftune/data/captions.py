@@ -1,8 +1,9 @@
-"""Caption augmentation: dropout, tag shuffling and the trigger word, seeded per item."""
+"""Caption augmentation (dropout, tag shuffling and the trigger word, seeded per item) and editing."""
 
 from __future__ import annotations
 
 import random
+import re
 
 from difftune.config.schema import DataConfig
 
@@ -38,3 +39,15 @@ def possible_captions(caption: str, trigger: str, cfg: DataConfig) -> list[str]:
     if cfg.caption_dropout > 0:
         out.append("")
     return out
+
+
+def without_word(caption: str, word: str) -> str | None:
+    """``caption`` with ``word`` taken out (whole word, any case) and the spacing and commas around it tidied;
+    ``None`` when the caption does not contain it."""
+    pattern = re.compile(rf"(?<!\w){re.escape(word)}(?!\w)", re.IGNORECASE)
+    if not pattern.search(caption):
+        return None
+    text = pattern.sub(" ", caption)
+    text = re.sub(r"\s+([,.;:])", r"\1", re.sub(r"\s{2,}", " ", text)).strip()
+    text = re.sub(r"^[,.;:]\s*|\s*,$", "", re.sub(r"([,;:])(\s*[,;:])+", r"\1", text)).strip()
+    return text

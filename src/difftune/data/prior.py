@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from torch.utils.data import Dataset
 from difftune.config.resolve import resolutions
 from difftune.config.schema import Config, PriorPreservationConfig
 from difftune.data.batch import Batch, Item, collate
+from difftune.data.captions import without_word
 from difftune.data.dataset import ImageCaptionDataset
 from difftune.data.probe import Problem, probe_image
 from difftune.data.sources import IMAGE_SUFFIXES, Example, scan
@@ -58,18 +58,6 @@ def recorded_prompts(folder: Path) -> dict[str, str]:
                                 "fix or delete that line (or the class folder, to generate the class images "
                                 "again)") from None
     return prompts
-
-
-def without_word(caption: str, word: str) -> str | None:
-    """``caption`` with ``word`` taken out (whole word, any case) and the spacing and commas around it tidied;
-    ``None`` when the caption does not contain it."""
-    pattern = re.compile(rf"(?<!\w){re.escape(word)}(?!\w)", re.IGNORECASE)
-    if not pattern.search(caption):
-        return None
-    text = pattern.sub(" ", caption)
-    text = re.sub(r"\s+([,.;:])", r"\1", re.sub(r"\s{2,}", " ", text)).strip()
-    text = re.sub(r"^[,.;:]\s*|\s*,$", "", re.sub(r"([,;:])(\s*[,;:])+", r"\1", text)).strip()
-    return text
 
 
 def prompts_from_captions(config: Config) -> bool:

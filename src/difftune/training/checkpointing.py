@@ -171,7 +171,7 @@ def save(run: Run, step: int | None = None, *, scheduler_state: dict | None = No
     info = checkpoint_info(run.config, step, run.fingerprint, len(run.data.scan.examples), run.data.order,
                            run.micro_batch_at(step), run.world, run.guard.skipped if skipped is None else skipped,
                            __version__)
-    info.holdout = run.held_out.checkpoint_facts(step) if run.held_out else None
+    info.holdout = run.held_out.keeper.checkpoint_facts(step) if run.held_out else None
     info.lr_segments = run.lr_segments or None
     root = run.paths.checkpoints
     state = _training_state(run, step, scheduler_state) if run.is_main else None
@@ -189,9 +189,9 @@ def save(run: Run, step: int | None = None, *, scheduler_state: dict | None = No
                             f"({exc.strerror or exc}); {kept}") from None
     if run.is_main:
         if run.held_out:
-            run.held_out.mark_checkpoint(root, folder, step, info.holdout)
+            run.held_out.keeper.mark_checkpoint(root, folder, step, info.holdout)
         ckpt.prune(root, run.config.train.checkpoints_keep,
-                   protect=run.held_out.best_folder(root) if run.held_out else None)
+                   protect=run.held_out.keeper.best_folder(root) if run.held_out else None)
         run.say(f"checkpoint: {folder}")
     run.accelerator.wait_for_everyone()
     return folder

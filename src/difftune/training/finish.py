@@ -10,6 +10,7 @@ from difftune.publish.model_card import write_model_card
 from difftune.training.accelerator import check_replicas_agree
 from difftune.training.checkpointing import refuse_non_finite
 from difftune.training.distributed import gathered
+from difftune.training.holdout import LOSS
 from difftune.training.precision import autocast_dtype, mixed_precision
 from difftune.training.state import Run, RunResult
 from difftune.training.validation import run_validation
@@ -131,15 +132,15 @@ def training_facts(run: Run) -> dict[str, object]:
         perf = result.performance
         facts["Speed"] = f"{perf['median_step_seconds']:.3f} s per step (median, {perf['steps']} steps)"
         facts["Peak memory"] = f"{perf['peak_memory_bytes'] / 2**30:.2f} GiB ({perf['peak_memory_kind']})"
-    early = " (stopped early)" if result.stopped_early else ""
-    if result.val_losses:
-        best_step, best_loss = min(result.val_losses, key=lambda sl: sl[1])
-        facts["Held-out loss"] = (f"{result.val_losses[-1][1]:.5f} at the end, lowest {best_loss:.5f} at step "
-                                  f"{best_step}" + ("" if result.val_gains else early))
-    if result.val_gains:
-        best_step, best_gain = max(result.val_gains, key=lambda sg: sg[1])
-        facts[f"Held-out word gain (`{config.validation.holdout_word.strip()}`)"] = (
-            f"{result.val_gains[-1][1]:+.5f} at the end, best {best_gain:+.5f} at step {best_step}{early}")
+    keeper = run.held_out.keeper if run.held_out else None
+    if keeper and keeper.history:  # the best carries over a resume (best.json); the history is this segment's
+        end, best = keeper.history[-1], keeper.best
+        marked = f" at step {best.step}" + (" (stopped early)" if result.stopped_early else "") if best else ""
+        facts["Held-out loss"] = f"{end.loss:.5f} at the end" + (
+            f", lowest {best.loss:.5f}{marked}" if best and keeper.by == LOSS else "")
+        if end.gain is not None:
+            facts[f"Held-out word gain (`{config.validation.holdout_word.strip()}`)"] = (
+                f"{end.gain:+.5f} at the end" + (f", best {best.gain:+.5f}{marked}" if best else ""))
     pp = config.prior_preservation
     if pp.enabled:
         drawn = f"`{pp.class_prompt}`" if pp.class_prompt else f"the captions without `{pp.instance_word}`"

@@ -27,8 +27,8 @@ import torch
 from difftune.config.resolve import resolutions
 from difftune.config.schema import DataConfig, ValidationConfig
 from difftune.data.batch import collate
+from difftune.data.captions import without_word
 from difftune.data.dataset import ImageCaptionDataset
-from difftune.data.prior import without_word
 from difftune.data.sources import Example
 from difftune.errors import ConfigError
 from difftune.fileio import atomic_write_text
@@ -37,6 +37,8 @@ from difftune.training.loss import batch_conditioning, batch_latents, diffusion_
 from difftune.training.precision import autocast
 
 BEST_FILE = "best.json"
+#: What picks the best checkpoint: the lowest held-out loss, or (``holdout_word``) the highest word gain.
+LOSS, GAIN = "loss", "word gain"
 
 
 @dataclass(frozen=True)
@@ -57,7 +59,7 @@ class Evaluation:
 
 
 class HeldOutLoss:
-    """Evaluates the held-out loss and keeps the early-stopping and best-checkpoint bookkeeping."""
+    """Evaluates the held-out loss (and the word gain); :attr:`keeper` keeps the best evaluation."""
 
     def __init__(self, examples: list[Example], data: DataConfig, validation: ValidationConfig, seed: int,
                  batch_size: int) -> None:
@@ -78,28 +80,7 @@ class HeldOutLoss:
             raise ConfigError(f"validation.holdout_word: {self.word!r} is in none of the held-out images' captions "
                               f"(e.g. {_full_caption(examples[0])!r}); give the word that names what the run "
                               "teaches, as the captions write it, or leave holdout_word empty")
-        self.history: list[Evaluation] = []
-        self.best: Evaluation | None = None
-        self.evals_without_improvement = 0
-        self.best_checkpoint: dict | None = None
-
-    @property
-    def criterion(self) -> str:
-        """What picks the best checkpoint: ``"word gain"`` (higher is better) or ``"loss"`` (lower)."""
-        return "word gain" if self.word else "loss"
-
-    def _better(self, a: float | None, b: float | None) -> bool:
-        """Whether criterion value ``a`` beats ``b`` (``None``: no value yet)."""
-        if a is None or not math.isfinite(a):
-            return False
-        return b is None or (a > b if self.word else a < b)
-
-    def _value(self, facts: dict | Evaluation | None) -> float | None:
-        if facts is None:
-            return None
-        if isinstance(facts, Evaluation):
-            return facts.gain if self.word else facts.loss
-        return facts.get("word_gain" if self.word else "val_loss")
+        self.keeper = BestKeeper(GAIN if self.word else LOSS, validation.patience)
 
     def due(self, step: int, total: int) -> bool:
         every = self.cfg.loss_every
@@ -159,10 +140,36 @@ class HeldOutLoss:
                                                                                               strict=True)],
                                    conditioning=None)
 
+
+class BestKeeper:
+    """The best evaluation so far by one criterion (:data:`LOSS`: lowest; :data:`GAIN`: highest), the
+    evaluations since it last improved (early stopping), and the checkpoint marked best (``best.json``)."""
+
+    def __init__(self, by: str, patience: int = 0) -> None:
+        self.by = by
+        self.patience = patience
+        self.history: list[Evaluation] = []
+        self.best: Evaluation | None = None
+        self.evals_without_improvement = 0
+        #: The checkpoint marked best: its folder's name and its evaluation.
+        self.marked: tuple[str, Evaluation] | None = None
+
+    def value(self, evaluation: Evaluation | None) -> float | None:
+        if evaluation is None:
+            return None
+        return evaluation.gain if self.by == GAIN else evaluation.loss
+
+    def better(self, a: Evaluation | None, b: Evaluation | None) -> bool:
+        """Whether ``a`` beats ``b`` (``None``: no evaluation yet)."""
+        value, other = self.value(a), self.value(b)
+        if value is None or not math.isfinite(value):
+            return False
+        return other is None or (value > other if self.by == GAIN else value < other)
+
     def record(self, evaluation: Evaluation) -> bool:
-        """Note an evaluation; True if it is the best so far (by :attr:`criterion`)."""
+        """Note an evaluation; True if it is the best so far."""
         self.history.append(evaluation)
-        if self._better(self._value(evaluation), self._value(self.best)):
+        if self.better(evaluation, self.best):
             self.best = evaluation
             self.evals_without_improvement = 0
             return True
@@ -171,46 +178,65 @@ class HeldOutLoss:
 
     @property
     def should_stop(self) -> bool:
-        return bool(self.cfg.patience) and self.evals_without_improvement >= self.cfg.patience
+        return bool(self.patience) and self.evals_without_improvement >= self.patience
 
     def checkpoint_facts(self, step: int) -> dict | None:
         """Held-out facts for a checkpoint's info.json (``None`` if no evaluation happened at ``step``)."""
         if not self.history or self.history[-1].step != step:
             return None
         latest = self.history[-1]
-        is_best = self.best_checkpoint is None or self._better(self._value(latest), self._value(self.best_checkpoint))
-        return latest.facts() | {"best": is_best}
+        return latest.facts() | {"best": self.marked is None or self.better(latest, self.marked[1])}
 
     def mark_checkpoint(self, checkpoints: Path, folder: Path, step: int, facts: dict | None) -> None:
-        """Point ``checkpoints/best.json`` at ``folder`` if it holds the best evaluation so far (:attr:`criterion`)."""
+        """Point ``checkpoints/best.json`` at ``folder`` if it holds the best evaluation so far."""
         if not facts or not facts["best"]:
             return
-        self.best_checkpoint = {"checkpoint": folder.name, "step": step,
-                                **{k: v for k, v in facts.items() if k != "best"}, "by": self.criterion}
-        atomic_write_text(checkpoints / BEST_FILE, json.dumps(self.best_checkpoint, indent=2))
+        self.marked = (folder.name, self.history[-1])
+        record = {"checkpoint": folder.name, "step": step, **{k: v for k, v in facts.items() if k != "best"},
+                  "by": self.by}
+        atomic_write_text(checkpoints / BEST_FILE, json.dumps(record, indent=2))
 
     def resume(self, checkpoints: Path, step: int) -> None:
-        """A resumed run goes on from the best checkpoint marked before ``step`` (``best.json``), so a worse
+        """A resumed run goes on from the checkpoint marked best before ``step`` (``best.json``), so a worse
         later evaluation never takes its mark; marks made by the other criterion, after ``step``, or
         unreadable (the next evaluation marks afresh) are not carried over."""
         try:
-            best = read_best(checkpoints)
+            record = read_best(checkpoints)
         except (OSError, ValueError):
             return
-        if (not isinstance(best, dict) or not isinstance(best.get("step"), int) or best["step"] > step
-                or best.get("by", "loss") != self.criterion or not isinstance(self._value(best), (int, float))):
+        evaluation = _marked_evaluation(record)
+        if (evaluation is None or evaluation.step > step or record.get("by", LOSS) != self.by
+                or not self.better(evaluation, None)):  # its value missing or not finite
             return
-        self.best_checkpoint = best
-        self.best = Evaluation(best["step"], best.get("val_loss", math.nan), best.get("word_gain"))
+        self.marked = (record["checkpoint"], evaluation)
+        self.best = evaluation
 
     def best_folder(self, checkpoints: Path) -> Path | None:
-        return checkpoints / self.best_checkpoint["checkpoint"] if self.best_checkpoint else None
+        return checkpoints / self.marked[0] if self.marked else None
 
 
 def read_best(checkpoints: Path) -> dict | None:
     """The ``best.json`` record of a run's checkpoints folder, if any."""
     path = checkpoints / BEST_FILE
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _marked_evaluation(record) -> Evaluation | None:
+    """The evaluation a ``best.json`` record holds (``None``: not a record this version writes)."""
+    if not isinstance(record, dict) or not isinstance(record.get("checkpoint"), str):
+        return None
+    step, loss, gain = record.get("step"), record.get("val_loss"), record.get("word_gain")
+    if not _is_int(step) or not _is_number(loss) or not (gain is None or _is_number(gain)):
+        return None
+    return Evaluation(step, float(loss), None if gain is None else float(gain))
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _full_caption(example: Example) -> str:

@@ -49,7 +49,7 @@ def train(config: Config, log=print) -> RunResult:
             if outcome.stop_requested and run.step < run.total_steps:
                 interrupt(run, stop)
                 break
-            if run.held_out and run.held_out.should_stop:
+            if run.held_out and run.held_out.keeper.should_stop:
                 stop_early(run)
                 break
             run.monitor.restart_clock()  # validation, evaluation and checkpoints are not part of the step time
@@ -83,7 +83,7 @@ def evaluate_held_out(run: Run) -> None:
     with run.evaluating():
         evaluation = run.held_out.evaluate(model.family, model.components, model.objective, model.method,
                                            run.device, autocast_dtype(run.config), run.step)
-    improved = run.held_out.record(evaluation)
+    improved = run.held_out.keeper.record(evaluation)
     run.result.val_losses.append((run.step, evaluation.loss))
     values = {"val_loss": evaluation.loss}
     if evaluation.gain is not None:
@@ -132,7 +132,8 @@ def stopped_while_building(run: Run, stop: StopRequest) -> bool:
 def stop_early(run: Run) -> None:
     """``validation.patience`` evaluations without a better held-out loss (or word gain)."""
     run.result.stopped_early = True
-    best = run.held_out.best_folder(run.paths.checkpoints)
-    run.say(f"early stop at step {run.step}: no better held-out {run.held_out.criterion} in "
-            f"{run.config.validation.patience} evaluations; best step {run.held_out.best.step}"
+    keeper = run.held_out.keeper
+    best = keeper.best_folder(run.paths.checkpoints)
+    run.say(f"early stop at step {run.step}: no better held-out {keeper.by} in "
+            f"{run.config.validation.patience} evaluations; best step {keeper.best.step}"
             + (f" (checkpoint {best})" if best else ""))

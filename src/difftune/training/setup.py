@@ -174,7 +174,7 @@ def setup(config: Config, log=print, output: RunFolder | None = None) -> Run:
         say(f"resumed from {folder} at step {state.step}")
         lr_segments = checkpointing.learning_rate_segments(info, lr * ratio, lr, say)
         if held_out is not None:
-            held_out.resume(paths.checkpoints, state.step)
+            held_out.keeper.resume(paths.checkpoints, state.step)
     guard = NonFiniteGuard(config.train.max_nan_steps, info.skipped_steps if info else 0)
     model, optimizer = _wrap(config, accelerator, loaded, method, objective, optimizer, say, strategy, skeletons)
     if state is not None:

@@ -14,6 +14,7 @@ import re
 import tomllib
 from pathlib import Path
 
+from difftune.training.holdout import read_best
 from difftune.training.progress import METRICS_FILE, read_metrics, read_progress
 from difftune.ui.paths import Root
 
@@ -101,12 +102,12 @@ def metrics(run: Path, offset: int = 0) -> tuple[list[dict], int]:
 
 
 def tensorboard_metrics(logs: Path) -> list[dict]:
-    """``train/loss``, ``train/lr`` and ``val/loss`` from TensorBoard event files, as metric rows."""
+    """``train/loss``, ``train/lr``, ``val/loss`` and ``val/word_gain`` from TensorBoard event files, as metric rows."""
     try:
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     except ImportError:
         return []
-    names = {"train/loss": "loss", "train/lr": "lr", "val/loss": "val_loss"}
+    names = {"train/loss": "loss", "train/lr": "lr", "val/loss": "val_loss", "val/word_gain": "val_word_gain"}
     rows: dict[int, dict] = {}
     for folder in sorted({p.parent for p in logs.rglob("events.out.tfevents.*")}):
         acc = EventAccumulator(str(folder), size_guidance={"scalars": 0})
@@ -144,10 +145,14 @@ def detail(root: Root, run: Path, offset: int = 0) -> dict:
     performance = None
     with contextlib.suppress(OSError, ValueError):
         performance = json.loads((run / "logs" / "performance.json").read_text())
+    best = None  # the checkpoint the run marked best (by the held-out loss or the word gain)
+    with contextlib.suppress(OSError, ValueError):
+        best = read_best(run / "checkpoints")
     adapter = adapter_file(run)
     config = read_config(run)
     return {
         "run": root.rel(run), "progress": read_progress(run / "logs"), "metrics": rows, "offset": next_offset,
+        "best": best if isinstance(best, dict) and isinstance(best.get("step"), int) else None,
         "samples": samples(run), "checkpoints": checkpoints(run), "config": config_text,
         "prompts": (config.get("validation") or {}).get("prompts", []),
         "performance": performance, "adapter": root.rel(adapter) if adapter else None,

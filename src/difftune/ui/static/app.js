@@ -113,18 +113,26 @@ function lineChart(svg, series, { ylabel = "" } = {}) {
   });
   svg.append(legend);
 }
-// metric rows -> {loss: [[step, v]], lr: [...], val_loss: [...]}; a later row for a step wins (after a resume)
+// metric rows -> {loss: [[step, v]], lr: [...], val_loss: [...], val_word_gain: [...]}; a later row for a step
+// wins (after a resume)
 function metricSeries(rows) {
-  const out = { loss: new Map(), lr: new Map(), val_loss: new Map() };
+  const out = { loss: new Map(), lr: new Map(), val_loss: new Map(), val_word_gain: new Map() };
   for (const r of rows) for (const k of Object.keys(out)) if (k in r) out[k].set(r.step, r[k]);
-  const sorted = (m) => [...m.entries()].sort((a, b) => a[0] - b[0]);
-  return { loss: sorted(out.loss), lr: sorted(out.lr), val_loss: sorted(out.val_loss) };
+  return Object.fromEntries(Object.entries(out).map(([k, v]) => [k, [...v.entries()].sort((a, b) => a[0] - b[0])]));
 }
-function bestOf(points) {
-  const p = points.filter((q) => q[1] !== null);
-  if (!p.length) return null;
-  const best = p.reduce((a, b) => (b[1] < a[1] ? b : a));
-  return [best[0], best[1], `best ${fmt(best[1])} @ ${best[0]}`];
+// The held-out series of a run; the marker sits where the run marked its best checkpoint (best.json: the lowest
+// held-out loss, or the highest word gain with validation.holdout_word), else where the curve is best.
+function heldOutSeries(m, best, name, color, gainColor = color) {
+  const gain = m.val_word_gain.length > 0;
+  const points = gain ? m.val_word_gain : m.val_loss;
+  const finite = points.filter((q) => q[1] !== null && Number.isFinite(q[1]));
+  const marked = best && finite.find((q) => q[0] === best.step);
+  const top = finite.length ? finite.reduce((a, b) => ((gain ? b[1] > a[1] : b[1] < a[1]) ? b : a)) : null;
+  const at = marked || top;
+  const mark = at && [at[0], at[1], `best ${gain ? "word gain " + fmt(at[1]) : fmt(at[1])} @ ${at[0]}${marked ? " (checkpoint)" : ""}`];
+  const series = [{ name: `${name}held-out loss`, color, points: m.val_loss, dashed: true, mark: gain ? null : mark }];
+  if (gain) series.push({ name: `${name}word gain`, color: gainColor, points: m.val_word_gain, dashed: true, mark });
+  return series.filter((s) => s.points.length);
 }
 
 // --- Data --------------------------------------------------------------------------------------
@@ -419,8 +427,8 @@ async function refreshWatch() {
   const m = metricSeries(watch.rows);
   lineChart($("#watch-loss"), [
     { name: "train loss", color: COLORS[0], points: m.loss },
-    { name: "held-out loss", color: COLORS[1], points: m.val_loss, dashed: true, mark: bestOf(m.val_loss) },
-  ].filter((s) => s.points.length || s.name === "train loss"));
+    ...heldOutSeries(m, d.best, "", COLORS[1], COLORS[4]),
+  ]);
   lineChart($("#watch-lr"), [{ name: "learning rate", color: COLORS[2], points: m.lr }]);
   renderSamples(d);
   $("#watch-checkpoints").replaceChildren(el("p", {}, "Checkpoints: " + (d.checkpoints.join(", ") || "none yet")));
@@ -471,7 +479,7 @@ async function runCompare() {
   res.runs.forEach((r, i) => {
     const m = metricSeries(r.metrics);
     series.push({ name: r.run, color: COLORS[i % COLORS.length], points: m.loss });
-    if (m.val_loss.length) series.push({ name: r.run + " held-out", color: COLORS[i % COLORS.length], points: m.val_loss, dashed: true, mark: bestOf(m.val_loss) });
+    series.push(...heldOutSeries(m, r.best, r.run + " ", COLORS[i % COLORS.length]));
   });
   lineChart(svg, series);
   // the same prompt and seed across runs (columns) and steps (rows)
