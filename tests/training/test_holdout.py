@@ -184,9 +184,20 @@ def test_resuming_reads_the_best_mark_of_the_run_so_far(train_run):
 def test_an_unreadable_best_mark_is_not_carried_over_a_resume(tmp_path):
     for text in ("{not json", "[1, 2]", '{"step": 2, "val_loss": 0.1}', '{"checkpoint": "step-2", "step": "two", '
                  '"val_loss": 0.1}', '{"checkpoint": "step-2", "step": 2, "val_loss": null}',
-                 '{"checkpoint": "step-2", "step": 2, "val_loss": NaN}'):
+                 '{"checkpoint": "step-2", "step": 2, "val_loss": NaN}',
+                 '{"checkpoint": "step-2", "step": 2, "val_loss": Infinity}',
+                 '{"checkpoint": "step-2", "step": true, "val_loss": 0.1}',
+                 '{"checkpoint": "step-2", "step": 2, "val_loss": 0.1, "word_gain": NaN, "by": "word gain"}'):
         (tmp_path / holdout.BEST_FILE).write_text(text)
-        keeper = holdout.BestKeeper("loss")
+        assert holdout.read_mark(tmp_path) is None, text  # what the web app's chart gets too
+        keeper = holdout.BestKeeper("word gain" if "word_gain" in text else "loss")
         keeper.resume(tmp_path, 3)
         assert keeper.best is None and keeper.marked is None, text
-        assert keeper.record(holdout.Evaluation(4, 0.9))  # the next evaluation marks afresh
+        assert keeper.record(holdout.Evaluation(4, 0.9, 0.01))  # the next evaluation marks afresh
+
+
+def test_a_best_mark_is_read_back_as_its_evaluation(tmp_path):
+    record = {"checkpoint": "step-500", "step": 500, "val_loss": 0.16, "word_gain": 0.056, "by": "word gain"}
+    (tmp_path / holdout.BEST_FILE).write_text(json.dumps(record))
+    assert holdout.read_mark(tmp_path) == (record, holdout.Evaluation(500, 0.16, 0.056))
+    assert holdout.read_mark(tmp_path / "nowhere") is None

@@ -200,14 +200,12 @@ class BestKeeper:
         """A resumed run goes on from the checkpoint marked best before ``step`` (``best.json``), so a worse
         later evaluation never takes its mark; marks made by the other criterion, after ``step``, or
         unreadable (the next evaluation marks afresh) are not carried over."""
-        try:
-            record = read_best(checkpoints)
-        except (OSError, ValueError):
+        mark = read_mark(checkpoints)
+        if mark is None:
             return
-        evaluation = _marked_evaluation(record)
-        if (evaluation is None or evaluation.step > step or record.get("by", LOSS) != self.by
-                or not self.better(evaluation, None)):  # its value missing or not finite
-            return
+        record, evaluation = mark
+        if evaluation.step > step or record.get("by", LOSS) != self.by or not self.better(evaluation, None):
+            return  # a later mark, the other criterion's, or its value missing
         self.marked = (record["checkpoint"], evaluation)
         self.best = evaluation
 
@@ -221,22 +219,28 @@ def read_best(checkpoints: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _marked_evaluation(record) -> Evaluation | None:
-    """The evaluation a ``best.json`` record holds (``None``: not a record this version writes)."""
+def read_mark(checkpoints: Path) -> tuple[dict, Evaluation] | None:
+    """The checkpoint marked best: ``best.json``'s record and the evaluation it holds; ``None`` if there is
+    none, or it is unreadable or not a record this version writes (a step that is not a whole number, a
+    loss or gain that is not a finite number: the next evaluation marks afresh)."""
+    try:
+        record = read_best(checkpoints)
+    except (OSError, ValueError):
+        return None
     if not isinstance(record, dict) or not isinstance(record.get("checkpoint"), str):
         return None
     step, loss, gain = record.get("step"), record.get("val_loss"), record.get("word_gain")
-    if not _is_int(step) or not _is_number(loss) or not (gain is None or _is_number(gain)):
+    if not _is_int(step) or not _is_finite(loss) or not (gain is None or _is_finite(gain)):
         return None
-    return Evaluation(step, float(loss), None if gain is None else float(gain))
+    return record, Evaluation(step, float(loss), None if gain is None else float(gain))
 
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def _is_finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _full_caption(example: Example) -> str:

@@ -14,7 +14,7 @@ import re
 import tomllib
 from pathlib import Path
 
-from difftune.training.holdout import read_best
+from difftune.training.holdout import read_mark
 from difftune.training.progress import METRICS_FILE, read_metrics, read_progress
 from difftune.ui.paths import Root
 
@@ -145,14 +145,12 @@ def detail(root: Root, run: Path, offset: int = 0) -> dict:
     performance = None
     with contextlib.suppress(OSError, ValueError):
         performance = json.loads((run / "logs" / "performance.json").read_text())
-    best = None  # the checkpoint the run marked best (by the held-out loss or the word gain)
-    with contextlib.suppress(OSError, ValueError):
-        best = read_best(run / "checkpoints")
+    mark = read_mark(run / "checkpoints")  # the checkpoint the run marked best (held-out loss or word gain)
     adapter = adapter_file(run)
     config = read_config(run)
     return {
         "run": root.rel(run), "progress": read_progress(run / "logs"), "metrics": rows, "offset": next_offset,
-        "best": best if isinstance(best, dict) and isinstance(best.get("step"), int) else None,
+        "best": mark[0] if mark else None,
         "samples": samples(run), "checkpoints": checkpoints(run), "config": config_text,
         "prompts": (config.get("validation") or {}).get("prompts", []),
         "performance": performance, "adapter": root.rel(adapter) if adapter else None,
