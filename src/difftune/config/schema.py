@@ -118,7 +118,8 @@ class MethodConfig:
     targets: list[str] = opt(
         [],
         "Module names (suffixes) that get LoRA layers in the denoiser. Empty means the family's "
-        "default: the attention projections (`to_q`, `to_k`, `to_v`, `to_out.0` for SD).",
+        "default: the attention projections (`to_q`, `to_k`, `to_v`, `to_out.0` for SD). For a style, add the "
+        "ResNet convolutions `conv1`, `conv2` (kohya's LoCon; docs/methods.md, \"Styles\").",
     )
     train_text_encoder: bool = opt(
         False, "Also train the text encoder(s): LoRA layers for `lora` and `pivotal`, all weights for `full`."
