@@ -242,7 +242,9 @@ def test_degraded_launches_are_refused(world):
                                          str(free_port())), *DIFFTUNE, str(cfg), "--set", f"output.dir={busy}"],
                               capture_output=True, text=True, timeout=300, env=ENV)
     assert proc.returncode != 0
-    assert proc.stderr.count(f"output.dir: {busy} is in use by a running difftune run") == 2
+    # Each rank refuses; under load torchrun may end the second before it prints (seen in a loaded CI run), so
+    # at least one says so, and nothing is written.
+    assert proc.stderr.count(f"output.dir: {busy} is in use by a running difftune run") >= 1
     assert sorted(p.name for p in busy.iterdir()) == [LOCK]
 
 
