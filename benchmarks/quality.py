@@ -254,10 +254,10 @@ class Task:
 
 #: Settings follow `difftune demo` on this base (rank 16, lr 1e-3; the subject's new word is learnt by a
 #: LoRA on the text encoder too). Steps per kind, so that three seeds of every task, with the reference
-#: scripts, took 52 min on a 2-core AVX2 CPU in fp32 (about 80 at an earlier run's machine speed): style 800, subject 500, colour 800 (the subject
+#: scripts, took 52 min on a 2-core AVX2 CPU in fp32 (77 with the style tasks below, on a slower day): subject 500, colour 800 (the subject
 #: LoRA + prior scored as well at 500 steps as at 1,000 over three seeds, the star 96 % / 92 %, drift 13 % / 15 %;
 #: the full fine-tune at 500 with class images from the captions as well as at 1,000 from the class prompt;
-#: style lost 9 points at 400: benchmarks/quality_notes.md). Pivotal tuning's LoRA learns at
+#: attention-only style lost 9 points at 400: benchmarks/quality_notes.md). Pivotal tuning's LoRA learns at
 #: 1e-4 and its token at 1e-2 (600 steps, seed 0: with the LoRA at 1e-3 the colour came out on 25 % with
 #: 75 % of the other attributes right; at 1e-4, 56 % / 94 %, and with the token at 1e-2, 62 % / 94 %).
 #: Style: the attention projections alone drew the outline on 64 % at best (800 steps; longer, slower,
