@@ -783,9 +783,10 @@ def early_stopping(curve: list[dict], patience: int) -> tuple[int | None, int | 
 
 
 def summarise_stop(curve: list[dict], checkpoints: Path, patience: int) -> dict:
-    from difftune.training.holdout import read_best
+    from difftune.training.holdout import read_mark
 
-    best = read_best(checkpoints) if checkpoints.is_dir() else None
+    mark = read_mark(checkpoints) if checkpoints.is_dir() else None  # None too if best.json is unreadable
+    best = mark[0] if mark else None
     lowest = min(curve, key=lambda c: c["val_loss"]) if curve else None
     gained = [c for c in curve if c.get("word_gain") is not None]
     highest = max(gained, key=lambda c: c["word_gain"]) if gained else None

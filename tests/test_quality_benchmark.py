@@ -106,6 +106,12 @@ def test_summary_reads_the_best_checkpoint_that_the_run_marked(tmp_path):
     summary = quality.summarise_stop(curve, tmp_path, patience=2)
     assert summary["best_checkpoint_step"] == 20 and summary["judge_best_step"] == 20
     assert summary["marked_scores"]["fidelity"] == 0.9
+    # a best.json that is not a record (cut short, hand-edited) is not believed: the marked step falls back
+    # to what difftune would mark from the curve (the lowest held-out loss)
+    (tmp_path / "best.json").write_text('{"checkpoint": "checkpoint-10", "step": "ten"')
+    curve[0]["val_loss"] = 0.20
+    summary = quality.summarise_stop(curve, tmp_path, patience=2)
+    assert summary["best_checkpoint_step"] is None and summary["marked_step"] == 10
 
 
 def test_an_interrupted_or_short_run_is_never_scored(tmp_path):
