@@ -785,7 +785,7 @@ def early_stopping(curve: list[dict], patience: int) -> tuple[int | None, int | 
 def summarise_stop(curve: list[dict], checkpoints: Path, patience: int) -> dict:
     from difftune.training.holdout import read_mark
 
-    mark = read_mark(checkpoints) if checkpoints.is_dir() else None  # None too if best.json is unreadable
+    mark = read_mark(checkpoints)  # None without a best.json, or with one that is unreadable
     best = mark[0] if mark else None
     lowest = min(curve, key=lambda c: c["val_loss"]) if curve else None
     gained = [c for c in curve if c.get("word_gain") is not None]
