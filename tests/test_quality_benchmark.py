@@ -225,10 +225,12 @@ def test_the_script_gets_class_images_of_its_class_prompt_when_difftune_draws_fr
 
 
 @pytest.mark.parametrize("native", [True, False])
-def test_difftune_and_the_scripts_train_in_the_precision_this_machine_runs_natively(tmp_path, monkeypatch, native):
-    """--precision auto: bf16 where the CPU runs it natively, fp32 where torch would emulate it (tens of times
-    slower); difftune's config and the script's --mixed_precision get the same; reports of different
-    precisions are not merged into one table."""
+def test_difftune_and_the_scripts_train_in_the_precision_auto_picks_for_the_model_here(tmp_path, monkeypatch, native):
+    """--precision auto, as train.mixed_precision = "auto" picks for the model on this machine: fp32 for the
+    small embedded base even where the CPU runs bf16 natively (bf16 is the slower there), bf16 for a model
+    large enough to gain from it, fp32 where torch would emulate bf16 (tens of times slower); difftune's
+    config and the script's --mixed_precision get the same; reports of different precisions are not merged
+    into one table."""
     from reference import reference_args
 
     from difftune.training import precision
@@ -236,6 +238,8 @@ def test_difftune_and_the_scripts_train_in_the_precision_this_machine_runs_nativ
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     style = next(t for t in quality.TASKS if t.name == "style-lora")
+    assert quality.Settings(work=tmp_path, quick=True).precision == "no"  # the embedded base: fp32 either way
+    monkeypatch.setattr(precision, "BF16_MIN_CPU_WORK", 1.0)  # as if it were a large model
     s = quality.Settings(work=tmp_path, quick=True)
     expected = "bf16" if native else "no"
     assert s.precision == expected

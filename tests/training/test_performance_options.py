@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -140,11 +141,65 @@ def test_auto_mixed_precision_follows_the_hardware(monkeypatch):
     assert precision.resolve_mixed_precision("auto", cuda=False) == "bf16"
     assert precision.resolve_mixed_precision("no", cuda=False) == "no"
     assert precision.resolve_mixed_precision("auto", model_dtype="fp16", cuda=False) == "no"
+    # a small denoiser (work = parameters x latent positions below the threshold) keeps fp32 even here:
+    # casting to bf16 costs more than its faster products save (docs/performance.md, "Precision")
+    small, large = precision.BF16_MIN_CPU_WORK / 2, precision.BF16_MIN_CPU_WORK * 2
+    assert precision.resolve_mixed_precision("auto", cuda=False, cpu_work=small) == "no"
+    assert precision.resolve_mixed_precision("auto", cuda=False, cpu_work=large) == "bf16"
+    assert precision.resolve_mixed_precision("auto", model_dtype="bf16", cuda=False, cpu_work=small) == "bf16"
+    assert precision.resolve_mixed_precision("bf16", cuda=False, cpu_work=small) == "bf16"  # asked for: kept
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
     assert precision.resolve_mixed_precision("auto", cuda=False) == "no"
+    assert precision.resolve_mixed_precision("auto", cuda=False, cpu_work=large) == "no"
     assert precision.resolve_mixed_precision("bf16", cuda=False) == "bf16"
     cfg = load_config(data={"model": {"path": "m"}, "data": {"path": "d"}}, check_paths=False)
     assert cfg.train.mixed_precision == "auto"
+
+
+def test_auto_mixed_precision_reads_the_denoisers_size_from_its_files(tiny_sd, tmp_path, monkeypatch):
+    """``auto`` on a native-bf16 CPU: the denoiser's parameters come from the safetensors headers of a local
+    folder or single file (nothing loaded), times the latent positions; a Hub id cannot be counted offline
+    and is taken as large."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+
+    from difftune.config.schema import ModelConfig
+
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd / "unet")
+    params = sum(p.numel() for p in unet.parameters())
+    work = precision.denoiser_work(ModelConfig(path=str(tiny_sd)), 64)
+    assert work == params * (64 / 8) ** 2
+    assert precision.denoiser_work(ModelConfig(path=str(tiny_sd)), [32, 128]) == params * (128 / 8) ** 2
+    # a weight variant counts its own files only, not the plain ones beside them
+    variant = tmp_path / "variant"
+    shutil.copytree(tiny_sd, variant)
+    save_file({"w": torch.zeros(3, 5)}, variant / "unet" / "diffusion_pytorch_model.fp16.safetensors")
+    assert precision.denoiser_work(ModelConfig(path=str(variant), variant="fp16"), 8) == 15
+    assert precision.denoiser_work(ModelConfig(path=str(variant)), 8) == params
+    single = tmp_path / "model.safetensors"
+    save_file({"a": torch.zeros(4, 4), "b": torch.zeros(10)}, single)
+    family, source = precision_family(single)
+    assert family.denoiser_parameters(source) == 26
+    hub = ModelConfig(path="someone/some-model", family="sd1")
+    assert precision.denoiser_work(hub, 512) is None
+    assert precision.resolve_mixed_precision("auto", cuda=False, cpu_work=None) == "bf16"
+    # end to end: the tiny model trains in fp32 under auto, unless the threshold says it is large enough
+    cfg = load_config(data={"model": {"path": str(tiny_sd)}, "data": {"path": "d", "resolution": 64}},
+                      check_paths=False)
+    assert precision.mixed_precision(cfg) == "no"
+    assert precision.weight_dtype(cfg) == torch.float32
+    monkeypatch.setattr(precision, "BF16_MIN_CPU_WORK", work)
+    assert precision.mixed_precision(cfg) == "bf16"
+    assert precision.weight_dtype(cfg) == torch.bfloat16
+
+
+def precision_family(path):
+    from difftune.models import get_family
+    from difftune.models.base import ModelSource
+
+    return get_family("sd1"), ModelSource(path=str(path), kind="single_file")
 
 
 def test_auto_mixed_precision_is_written_to_the_model_card(run_config, tiny_sd, shapes_data, tmp_path):
@@ -152,7 +207,7 @@ def test_auto_mixed_precision_is_written_to_the_model_card(run_config, tiny_sd, 
                                       train={"max_steps": 1, "mixed_precision": "auto"}))
     logs = []
     train(cfg, log=logs.append)
-    expected = precision.resolve_mixed_precision("auto")
+    expected = precision.mixed_precision(cfg)
     assert any(f"mixed precision {expected}" in m for m in logs)
     assert f"{expected} (auto)" in (tmp_path / "out" / "README.md").read_text()
 

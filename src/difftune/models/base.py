@@ -110,6 +110,8 @@ class ModelFamily(ABC):
     #: Keys of an embedding file for ComfyUI / A1111 / Forge, one per text encoder: ComfyUI picks the key
     #: named by each tokenizer's ``embedding_key`` (``clip_l``, ``clip_h``, ``clip_g``, ``t5xxl``).
     tool_embedding_keys: tuple[str, ...] = ("clip_l",)
+    #: How many pixels one latent position covers along each side (the VAE's downscale).
+    latent_downscale: int = 8
 
     def __init__(self, model: ModelConfig | None = None, train: TrainConfig | None = None) -> None:
         #: The run's ``[model]`` section: load options (``vae``, ``quantize``). Schema defaults if not given.
@@ -134,6 +136,28 @@ class ModelFamily(ABC):
         if single_file_type is not None:
             return single_file_type in cls.single_file_types
         return source.pipeline_class_name in cls.pipeline_class_names
+
+    def denoiser_parameters(self, source: ModelSource) -> int | None:
+        """How many numbers the denoiser of ``source`` holds, read from safetensors headers (no tensor is
+        loaded): the denoiser's folder, or the whole file of a single-file checkpoint (an over-count: it holds
+        the VAE and text encoders too). ``None`` where it cannot be told without downloading (a Hub id, or
+        weights not in safetensors)."""
+        from difftune.adapters.safe_load import read_header
+
+        if source.kind == "single_file":
+            files = [Path(source.path)] if str(source.path).endswith(".safetensors") else []
+        elif source.kind == "folder":
+            infix = f".{source.variant}." if source.variant else None
+            files = [f for f in sorted((Path(source.path) / self.denoiser_name).glob("*.safetensors"))
+                     if (infix in f.name if infix else f.name.count(".") == 1)]
+        else:
+            files = []
+        if not files:
+            return None
+        try:
+            return sum(t.numel for f in files for t in read_header(f).tensors.values())
+        except (OSError, DifftuneError):
+            return None  # loading says what is wrong with the file
 
     @abstractmethod
     def load(self, source: ModelSource, *, dtype: torch.dtype, which: str = "all") -> Components:

@@ -8,11 +8,24 @@ import contextlib
 import torch
 
 from difftune.compat import cpu_has_native_bf16
-from difftune.config.schema import Config
+from difftune.config.schema import Config, ModelConfig
+from difftune.errors import DifftuneError
+
+#: ``auto`` on a CPU with native bf16 picks bf16 only for a denoiser with at least this much work per
+#: image: its parameters times its latent positions ((resolution / 8)²). Below it, casting every activation
+#: and weight to bf16 costs more than the faster products save. Measured with LoRA forward + backward, batch 4,
+#: one thread, AMD EPYC with AVX-512 BF16 (bf16 time / fp32 time): the embedded 4.6 M base at 64 px 1.4 (at
+#: 128 px 1.46, at 256 px 0.84), an 18 M UNet at 64 / 128 / 256 px 1.57 / 1.11 / 0.72, a 73 M UNet at
+#: 128 px 0.67, a 220 M UNet at 128 and 256 px 0.73 and 0.72 (docs/performance.md, "Precision").
+BF16_MIN_CPU_WORK = 5e9
 
 
-def resolve_mixed_precision(value: str, model_dtype: str = "auto", cuda: bool | None = None) -> str:
-    """The concrete autocast setting (``no``, ``fp16`` or ``bf16``) for ``train.mixed_precision``."""
+def resolve_mixed_precision(value: str, model_dtype: str = "auto", cuda: bool | None = None,
+                            cpu_work: float | None = None) -> str:
+    """The concrete autocast setting (``no``, ``fp16`` or ``bf16``) for ``train.mixed_precision``.
+
+    ``cpu_work`` is the denoiser's parameters times its latent positions (:func:`denoiser_work`); on a CPU
+    ``auto`` keeps fp32 below :data:`BF16_MIN_CPU_WORK`. ``None`` (not known) counts as a large model."""
     if value != "auto":
         return value
     cuda = torch.cuda.is_available() if cuda is None else cuda
@@ -20,7 +33,30 @@ def resolve_mixed_precision(value: str, model_dtype: str = "auto", cuda: bool | 
         return "fp16" if cuda else "no"
     if cuda:
         return "bf16" if torch.cuda.is_bf16_supported() else "no"
-    return "bf16" if cpu_has_native_bf16() else "no"
+    if not cpu_has_native_bf16():
+        return "no"
+    small = cpu_work is not None and cpu_work < BF16_MIN_CPU_WORK
+    return "no" if small and model_dtype == "auto" else "bf16"
+
+
+_WORK: dict[tuple, float | None] = {}
+
+
+def denoiser_work(model: ModelConfig, resolution: int | list[int]) -> float | None:
+    """Parameters of ``model``'s denoiser times its latent positions at the largest ``resolution``, or
+    ``None`` when the parameter count cannot be read without downloading (cached per model and size)."""
+    from difftune.models import resolve_family
+
+    size = max(resolution) if isinstance(resolution, list) else resolution
+    key = (model.path, model.revision, model.variant, model.config, model.family, size)
+    if key not in _WORK:
+        try:
+            family, source = resolve_family(model)
+        except DifftuneError:
+            return None  # loading reports it
+        params = family.denoiser_parameters(source)
+        _WORK[key] = None if params is None else params * (size / family.latent_downscale) ** 2
+    return _WORK[key]
 
 
 def emulated_bf16_warning(config: Config, device: torch.device) -> str | None:
@@ -35,8 +71,11 @@ def emulated_bf16_warning(config: Config, device: torch.device) -> str | None:
 
 
 def mixed_precision(config: Config) -> str:
-    """``train.mixed_precision`` with ``auto`` resolved for this machine: ``no``, ``fp16`` or ``bf16``."""
-    return resolve_mixed_precision(config.train.mixed_precision, config.model.dtype)
+    """``train.mixed_precision`` with ``auto`` resolved for this machine and model: ``no``, ``fp16`` or ``bf16``."""
+    value = config.train.mixed_precision
+    work = (denoiser_work(config.model, config.data.resolution)
+            if value == "auto" and not torch.cuda.is_available() and cpu_has_native_bf16() else None)
+    return resolve_mixed_precision(value, config.model.dtype, cpu_work=work)
 
 
 def autocast_dtype(config: Config) -> torch.dtype | None:
