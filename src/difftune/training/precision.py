@@ -39,24 +39,23 @@ def resolve_mixed_precision(value: str, model_dtype: str = "auto", cuda: bool | 
     return "no" if small and model_dtype == "auto" else "bf16"
 
 
-_WORK: dict[tuple, float | None] = {}
-
-
 def denoiser_work(model: ModelConfig, resolution: int | list[int]) -> float | None:
     """Parameters of ``model``'s denoiser times its latent positions at the largest ``resolution``, or
-    ``None`` when the parameter count cannot be read without downloading (cached per model and size)."""
+    ``None`` when the parameter count cannot be read from local files (a Hub id is not fetched for it)."""
+    from pathlib import Path
+
+    from difftune.bases import resolve as resolve_builtin
     from difftune.models import resolve_family
 
+    try:
+        if not Path(resolve_builtin(model.path)).exists():
+            return None
+        family, source = resolve_family(model)
+    except DifftuneError:
+        return None  # loading reports it
+    params = family.denoiser_parameters(source)
     size = max(resolution) if isinstance(resolution, list) else resolution
-    key = (model.path, model.revision, model.variant, model.config, model.family, size)
-    if key not in _WORK:
-        try:
-            family, source = resolve_family(model)
-        except DifftuneError:
-            return None  # loading reports it
-        params = family.denoiser_parameters(source)
-        _WORK[key] = None if params is None else params * (size / family.latent_downscale) ** 2
-    return _WORK[key]
+    return None if params is None else params * (size / family.latent_downscale) ** 2
 
 
 def emulated_bf16_warning(config: Config, device: torch.device) -> str | None:
