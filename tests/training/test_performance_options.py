@@ -178,6 +178,9 @@ def test_auto_mixed_precision_reads_the_denoisers_size_from_its_files(tiny_sd, t
     save_file({"w": torch.zeros(3, 5)}, variant / "unet" / "diffusion_pytorch_model.fp16.safetensors")
     assert precision.denoiser_work(ModelConfig(path=str(variant), variant="fp16"), 8) == 15
     assert precision.denoiser_work(ModelConfig(path=str(variant)), 8) == params
+    # a file that is not safetensors inside is not counted (loading says what is wrong with it)
+    (variant / "unet" / "diffusion_pytorch_model.fp16.safetensors").write_bytes(b"not a safetensors file")
+    assert precision.denoiser_work(ModelConfig(path=str(variant), variant="fp16"), 8) is None
     single = tmp_path / "model.safetensors"
     save_file({"a": torch.zeros(4, 4), "b": torch.zeros(10)}, single)
     family, source = precision_family(single)
@@ -209,7 +212,24 @@ def test_auto_mixed_precision_is_written_to_the_model_card(run_config, tiny_sd, 
     train(cfg, log=logs.append)
     expected = precision.mixed_precision(cfg)
     assert any(f"mixed precision {expected}" in m for m in logs)
-    assert f"{expected} (auto)" in (tmp_path / "out" / "README.md").read_text()
+    assert f"{expected} (auto" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_auto_says_why_it_kept_fp32_for_a_small_denoiser(run_config, tiny_sd, shapes_data, tmp_path, monkeypatch):
+    """On a CPU with native bf16 a user who sees fp32 chosen is told why, in the log and the model card."""
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    cfg = load_config(data=run_config(tiny_sd, shapes_data, tmp_path / "out",
+                                      train={"max_steps": 1, "mixed_precision": "auto"}))
+    logs = []
+    train(cfg, log=logs.append)
+    why = "no (auto: fp32 is faster than bf16 for a denoiser this small on the CPU)"
+    assert any(m.strip() == f"precision: mixed {why}" for m in "\n".join(logs).splitlines()), logs
+    assert why in (tmp_path / "out" / "README.md").read_text()
+    asked = load_config(data=run_config(tiny_sd, shapes_data, tmp_path / "out2", train={"mixed_precision": "bf16"}))
+    assert precision.precision_label(asked) == "bf16"  # asked for: no reason to give
+    monkeypatch.setattr(precision, "BF16_MIN_CPU_WORK", 1.0)  # as if it were large
+    assert precision.precision_label(cfg) == "bf16 (auto)"
 
 
 @pytest.mark.parametrize(("native", "asked", "warned"), [(False, "bf16", True), (True, "bf16", False),

@@ -113,9 +113,9 @@ def active_options(config: Config, facts: RunFacts | None = None) -> list[str]:
         family = f"{config.model.family} (model.family)"
     else:
         family = "auto (detected from the model's files when training starts)"
+    # the run passes the resolved precision with its reason (training.precision.precision_label)
     precision = facts.precision or config.train.mixed_precision
-    lines = [f"family: {family}", _method_line(config, facts),
-             f"precision: mixed {precision}" + (" (auto)" if config.train.mixed_precision == "auto" else ""),
+    lines = [f"family: {family}", _method_line(config, facts), f"precision: mixed {precision}",
              *_loss_lines(config, facts)]
     if facts.sampling:
         lines.append("sampling: " + ", ".join(f"{k} = {v}" for k, v in facts.sampling.items()))

@@ -142,7 +142,9 @@ class ModelFamily(ABC):
         loaded): the denoiser's folder, or the whole file of a single-file checkpoint (an over-count: it holds
         the VAE and text encoders too). ``None`` where it cannot be told without downloading (a Hub id, or
         weights not in safetensors)."""
-        from difftune.adapters.safe_load import read_header
+        import math
+
+        from safetensors import SafetensorError, safe_open
 
         if source.kind == "single_file":
             files = [Path(source.path)] if str(source.path).endswith(".safetensors") else []
@@ -154,10 +156,15 @@ class ModelFamily(ABC):
             files = []
         if not files:
             return None
+        total = 0
         try:
-            return sum(t.numel for f in files for t in read_header(f).tensors.values())
-        except (OSError, DifftuneError):
+            for f in files:
+                with safe_open(str(f), framework="pt") as handle:  # the header only; no tensor is read
+                    names = handle.keys()  # a safe_open handle is not iterable
+                    total += sum(math.prod(handle.get_slice(name).get_shape()) for name in names)
+        except (OSError, SafetensorError):
             return None  # loading says what is wrong with the file
+        return total
 
     @abstractmethod
     def load(self, source: ModelSource, *, dtype: torch.dtype, which: str = "all") -> Components:

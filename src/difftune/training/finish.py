@@ -11,7 +11,7 @@ from difftune.training.accelerator import check_replicas_agree
 from difftune.training.checkpointing import refuse_non_finite
 from difftune.training.distributed import gathered
 from difftune.training.holdout import LOSS
-from difftune.training.precision import autocast_dtype, mixed_precision
+from difftune.training.precision import autocast_dtype, precision_label
 from difftune.training.state import Run, RunResult
 from difftune.training.validation import run_validation
 from difftune.version import __version__
@@ -123,7 +123,7 @@ def training_facts(run: Run) -> dict[str, object]:
         "Batch": f"{t.batch_size} × {t.gradient_accumulation} accumulation × {run.world} process(es)",
         "Resolution": config.data.resolution,
         "Dataset": run.data.card_entry(),
-        "Mixed precision": mixed_precision(config) + (" (auto)" if t.mixed_precision == "auto" else ""),
+        "Mixed precision": precision_label(config),
         "Min-SNR γ": t.snr_gamma if t.snr_gamma is not None else "off",
         "Noise offset": t.noise_offset,
         "Seed": t.seed,

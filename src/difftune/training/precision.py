@@ -77,6 +77,18 @@ def mixed_precision(config: Config) -> str:
     return resolve_mixed_precision(value, config.model.dtype, cpu_work=work)
 
 
+def precision_label(config: Config, resolved: str | None = None) -> str:
+    """The resolved precision for logs and the model card, with why where ``auto`` chose it: ``bf16
+    (auto)``, or ``no (auto: fp32 is faster than bf16 for a denoiser this small on the CPU)``."""
+    resolved = resolved or mixed_precision(config)
+    if config.train.mixed_precision != "auto":
+        return resolved
+    small = (resolved == "no" and config.model.dtype == "auto" and not torch.cuda.is_available()
+             and cpu_has_native_bf16())
+    return f"{resolved} (auto: fp32 is faster than bf16 for a denoiser this small on the CPU)" if small else \
+        f"{resolved} (auto)"
+
+
 def autocast_dtype(config: Config) -> torch.dtype | None:
     return {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[mixed_precision(config)]
 

@@ -54,7 +54,13 @@ from difftune.training.optim import (
     total_steps,
 )
 from difftune.training.performance import RunMonitor
-from difftune.training.precision import autocast_dtype, emulated_bf16_warning, mixed_precision, weight_dtype
+from difftune.training.precision import (
+    autocast_dtype,
+    emulated_bf16_warning,
+    mixed_precision,
+    precision_label,
+    weight_dtype,
+)
 from difftune.training.progress import RunProgress
 from difftune.training.run_folder import RunFolder
 from difftune.training.state import LossMeter, Run, RunPaths, RunResult, Trainee
@@ -380,7 +386,7 @@ def run_facts(config: Config, model: Trainee) -> RunFacts:
     targets = getattr(model.method, "denoiser_targets", None)
     prediction = getattr(model.objective, "prediction_type", "velocity")
     return RunFacts(family=model.family.title, objective=model.family.objective, prediction=prediction,
-                    targets=targets() if targets else None, precision=mixed_precision(config),
+                    targets=targets() if targets else None, precision=precision_label(config),
                     sampling=model.objective.sampling or None)
 
 
