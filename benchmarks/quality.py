@@ -349,10 +349,9 @@ class Settings:
             self.eval_seeds = self.eval_seeds[:1]
         if self.precision == "auto":
             from difftune.config.schema import ModelConfig
-            from difftune.training.precision import denoiser_work, resolve_mixed_precision
+            from difftune.training.precision import resolve_for_model
 
-            work = denoiser_work(ModelConfig(path=self.model), RESOLUTION)
-            self.precision = resolve_mixed_precision("auto", cpu_work=work)
+            self.precision = resolve_for_model("auto", ModelConfig(path=self.model), RESOLUTION)
 
     @property
     def sample_steps(self) -> int:

@@ -7,6 +7,7 @@ these methods; they never test a family's name.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -142,10 +143,6 @@ class ModelFamily(ABC):
         loaded): the denoiser's folder, or the whole file of a single-file checkpoint (an over-count: it holds
         the VAE and text encoders too). ``None`` where it cannot be told without downloading (a Hub id, or
         weights not in safetensors)."""
-        import math
-
-        from safetensors import SafetensorError, safe_open
-
         if source.kind == "single_file":
             files = [Path(source.path)] if str(source.path).endswith(".safetensors") else []
         elif source.kind == "folder":
@@ -154,17 +151,11 @@ class ModelFamily(ABC):
                      if (infix in f.name if infix else f.name.count(".") == 1)]
         else:
             files = []
-        if not files:
-            return None
-        total = 0
         try:
-            for f in files:
-                with safe_open(str(f), framework="pt") as handle:  # the header only; no tensor is read
-                    names = handle.keys()  # a safe_open handle is not iterable
-                    total += sum(math.prod(handle.get_slice(name).get_shape()) for name in names)
-        except (OSError, SafetensorError):
+            counts = [_tensor_numbers(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+        except OSError:
             return None  # loading says what is wrong with the file
-        return total
+        return None if not counts or None in counts else sum(counts)
 
     @abstractmethod
     def load(self, source: ModelSource, *, dtype: torch.dtype, which: str = "all") -> Components:
@@ -296,3 +287,19 @@ class ModelFamily(ABC):
         cfg = dict(components.denoiser.config)
         text = json.dumps({k: v for k, v in cfg.items() if not k.startswith("_")}, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=64)
+def _tensor_numbers(path: str, size: int, mtime_ns: int) -> int | None:
+    """How many numbers a safetensors file holds, from its header (no tensor is read); ``None`` if it is not
+    a safetensors file. Cached per file version (``size``, ``mtime_ns``): a run asks for it several times."""
+    import math
+
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt") as handle:
+            names = handle.keys()  # a safe_open handle is not iterable
+            return sum(math.prod(handle.get_slice(name).get_shape()) for name in names)
+    except (OSError, SafetensorError):
+        return None

@@ -69,22 +69,27 @@ def emulated_bf16_warning(config: Config, device: torch.device) -> str | None:
             'fp32. Set train.mixed_precision = "auto" (picks fp32 on this CPU, bf16 where it is native) or "no".')
 
 
+def resolve_for_model(value: str, model: ModelConfig, resolution: int | list[int]) -> str:
+    """``value`` (``train.mixed_precision``) resolved for this machine and ``model`` at ``resolution``: the
+    denoiser's size is read only where it can change the answer (``auto`` on a CPU with native bf16)."""
+    weighs_size = value == "auto" and not torch.cuda.is_available() and cpu_has_native_bf16()
+    work = denoiser_work(model, resolution) if weighs_size else None
+    return resolve_mixed_precision(value, model.dtype, cpu_work=work)
+
+
 def mixed_precision(config: Config) -> str:
     """``train.mixed_precision`` with ``auto`` resolved for this machine and model: ``no``, ``fp16`` or ``bf16``."""
-    value = config.train.mixed_precision
-    work = (denoiser_work(config.model, config.data.resolution)
-            if value == "auto" and not torch.cuda.is_available() and cpu_has_native_bf16() else None)
-    return resolve_mixed_precision(value, config.model.dtype, cpu_work=work)
+    return resolve_for_model(config.train.mixed_precision, config.model, config.data.resolution)
 
 
-def precision_label(config: Config, resolved: str | None = None) -> str:
+def precision_label(config: Config) -> str:
     """The resolved precision for logs and the model card, with why where ``auto`` chose it: ``bf16
     (auto)``, or ``no (auto: fp32 is faster than bf16 for a denoiser this small on the CPU)``."""
-    resolved = resolved or mixed_precision(config)
+    resolved = mixed_precision(config)
     if config.train.mixed_precision != "auto":
         return resolved
-    small = (resolved == "no" and config.model.dtype == "auto" and not torch.cuda.is_available()
-             and cpu_has_native_bf16())
+    # the only way auto says fp32 where it would say bf16 for a model of unknown size is the size rule
+    small = resolved == "no" and resolve_mixed_precision("auto", config.model.dtype) == "bf16"
     return f"{resolved} (auto: fp32 is faster than bf16 for a denoiser this small on the CPU)" if small else \
         f"{resolved} (auto)"
 
